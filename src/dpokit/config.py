@@ -1,0 +1,275 @@
+"""One typed, validated `Config` that the CLI, YAML files and Python code all fill.
+
+Every field is a flag (`lr` -> `--lr`, `max_prompt_length` -> `--max-prompt-length`) and a YAML key (either
+spelling). The command line wins over the YAML file, the YAML file over the defaults. Unknown YAML keys and
+invalid values are rejected with one line that names the key or flag; all problems are reported at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DPOError
+
+
+DEFAULT_LR = 1e-6  # TRL's DPOConfig default, right for fine-tuning pretrained models
+SYNTHETIC_LR = 1e-4  # the built-in task trains a small model from random init
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class Config:
+    """Everything a `dpo train` run needs. Field docs double as `--help` text."""
+
+    # --- model ---------------------------------------------------------------------------------------------
+    model: str = _opt("tiny", "model: a preset (tiny, seed), a local Hugging Face folder, or a hub name")
+    tokenizer: str | None = _opt(None, "tokenizer folder or hub name (default: the model's own)")
+    dtype: str = _opt("float32", "weights and compute dtype", choices=("float32", "bfloat16"))
+    device: str = _opt("auto", "device: auto, cpu, cuda, cuda:N")
+    attn_implementation: str = _opt("sdpa", "attention kernel passed to transformers (sdpa, eager, flex_attention)")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass to save memory")
+    compile: bool = _opt(False, "torch.compile the policy (opt-in)")
+
+    # --- data ----------------------------------------------------------------------------------------------
+    data: str = _opt("synthetic", "training data: 'synthetic', a JSON/JSONL/Parquet/CSV file or folder, or a hub dataset")
+    data_split: str = _opt("train", "split to read from --data when it has several")
+    eval_data: str | None = _opt(None, "held-out data (default: --eval-fraction of --data)")
+    eval_split: str | None = _opt(None, "split to read from --eval-data (or from --data when given)")
+    eval_fraction: float = _opt(0.1, "share of --data held out for evaluation when no --eval-data (0 turns it off)")
+    format: str | None = _opt(None, "force a data format instead of detecting it",
+                              choices=("explicit", "implicit", "conversational", "ranked", "unpaired"))
+    columns: str | None = _opt(None, "rename columns, e.g. chosen=good,rejected=bad,prompt=question")
+    pairs: str = _opt("best-worst", "how to pair several ranked responses per prompt",
+                      choices=("best-worst", "all", "adjacent"))
+    max_pairs: int | None = _opt(None, "use at most this many pairs from --data")
+    skip_invalid: bool = _opt(False, "skip malformed records (counted and reported) instead of stopping")
+    max_length: int = _opt(1024, "max tokens of prompt + completion")
+    max_prompt_length: int | None = _opt(512, "max prompt tokens (truncated per --truncation-mode)")
+    max_completion_length: int | None = _opt(None, "max completion tokens (completions are cut at the end)")
+    truncation_mode: str = _opt("keep_end", "which part of a long prompt to keep", choices=("keep_end", "keep_start"))
+    cache: bool = _opt(True, "cache tokenized data on disk (--no-cache redoes it)")
+    cache_dir: str | None = _opt(None, "where tokenized data is cached (default: ~/.cache/dpokit)")
+
+    # --- loss ----------------------------------------------------------------------------------------------
+    loss: str = _opt("sigmoid", "loss name, or several comma-separated (see README's loss table)")
+    loss_weights: str | None = _opt(None, "comma-separated weights for several losses (default: all 1)")
+    beta: float = _opt(0.1, "DPO beta: strength of the KL penalty toward the reference")
+    label_smoothing: float = _opt(0.0, "assumed label-flip rate (conservative DPO, robust DPO)")
+    rpo_alpha: float | None = _opt(None, "weight of the NLL term on chosen completions (RPO)")
+    use_weighting: bool = _opt(False, "WPO: weight each pair by its on-policy probability")
+    ld_alpha: float | None = _opt(None, "LD-DPO: weight of the log-probs of tokens past the shorter completion")
+    f_divergence: str = _opt("reverse_kl", "f-DPO divergence",
+                             choices=("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"))
+    f_alpha_divergence_coef: float = _opt(1.0, "alpha of the alpha-divergence (f-DPO)")
+    discopop_tau: float = _opt(0.05, "temperature of the DiscoPOP loss")
+    use_margin: bool = _opt(False, "use per-pair margin/score fields as an offset (ODPO-style margin-aware DPO)")
+    simpo_gamma: float = _opt(0.5, "SimPO target reward margin gamma (note: gamma, not gamma/beta)")
+    orpo_lambda: float = _opt(0.1, "ORPO weight of the odds-ratio term")
+    cpo_alpha: float = _opt(1.0, "CPO weight of the NLL term on chosen")
+    kto_desirable_weight: float = _opt(1.0, "KTO weight of desirable (label true) completions")
+    kto_undesirable_weight: float = _opt(1.0, "KTO weight of undesirable (label false) completions")
+
+    # --- reference -----------------------------------------------------------------------------------------
+    ref_model: str | None = _opt(None, "reference model folder (default: a frozen copy of the starting policy)")
+    precompute_ref: bool = _opt(False, "compute reference log-probs once before training, then free the reference")
+    ref_sync_every: int | None = _opt(None, "TR-DPO: update the reference from the policy every N steps")
+    ref_sync_alpha: float = _opt(1.0, "TR-DPO: ref = a*policy + (1-a)*ref at each sync (1 = hard copy)")
+
+    # --- LoRA ----------------------------------------------------------------------------------------------
+    lora_r: int = _opt(0, "LoRA rank (0 = full fine-tuning)")
+    lora_alpha: float = _opt(16.0, "LoRA alpha")
+    lora_dropout: float = _opt(0.0, "LoRA dropout")
+    lora_target_modules: str = _opt("all-linear", "comma-separated module names for LoRA, or all-linear")
+    lora_adapter: str | None = _opt(None, "start from this existing PEFT adapter folder")
+    merge_lora: bool = _opt(False, "also save the LoRA adapter merged into the base model")
+
+    # --- layout and speed ----------------------------------------------------------------------------------
+    prefix_sharing: bool = _opt(True, "forward each prompt once for its chosen and rejected completions")
+    packing: bool = _opt(True, "pack several pairs per row, no padding (needs --prefix-sharing)")
+    max_tokens_per_batch: int | None = _opt(None, "build batches by token budget instead of pair count")
+    logprob_chunk_size: int = _opt(1024, "completion tokens per LM-head chunk (bounds logits memory)")
+
+    # --- optimisation --------------------------------------------------------------------------------------
+    lr: float | None = _opt(None, f"AdamW learning rate (default: {DEFAULT_LR}; {SYNTHETIC_LR} on the synthetic task)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    adam_beta1: float = _opt(0.9, "AdamW beta1")
+    adam_beta2: float = _opt(0.999, "AdamW beta2")
+    batch_size: int = _opt(8, "pairs per optimizer micro-step, per process")
+    grad_accum: int = _opt(1, "micro-steps per optimizer step")
+    epochs: float = _opt(1.0, "passes over the training data (ignored when --max-steps is set)")
+    max_steps: int | None = _opt(None, "optimizer steps to run (overrides --epochs)")
+    warmup_steps: int = _opt(0, "linear warmup steps")
+    lr_schedule: str = _opt("linear", "decay after warmup", choices=("linear", "cosine", "constant"))
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 turns it off)")
+    seed: int = _opt(42, "seed for model init, data order and dropout")
+
+    # --- logging, eval, checkpoints ------------------------------------------------------------------------
+    output: str = _opt("runs/dpo", "output folder")
+    log_every: int = _opt(1, "log training metrics every N steps")
+    eval_every: int | None = _opt(None, "evaluate every N steps (default: before and after training only)")
+    eval_batch_size: int | None = _opt(None, "pairs per eval batch (default: --batch-size)")
+    save_every: int | None = _opt(None, "save a resumable checkpoint every N steps (and at the end)")
+    save_total_limit: int | None = _opt(None, "keep only the newest K checkpoints")
+    resume: str | None = _opt(None, "resume from the latest checkpoint in --output, or from PATH", nargs="?", const="latest")
+    max_bad_steps: int = _opt(5, "stop after K consecutive steps with a non-finite loss or gradient")
+    num_workers: int = _opt(0, "dataloader worker processes")
+    report_to: str = _opt("none", "metric sinks besides metrics.jsonl: none, tensorboard, wandb (comma-separated)")
+    fsdp: bool = _opt(False, "shard the model with FSDP2 under torchrun (default: DDP)")
+    progress: bool = _opt(True, "show a progress bar (off automatically when stderr is not a terminal)")
+
+    def __post_init__(self) -> None:
+        if self.lr is None:
+            self.lr = SYNTHETIC_LR if self.data == "synthetic" else DEFAULT_LR
+        problems = list(self._problems())
+        if problems:
+            raise DPOError("; ".join(problems))
+
+    def _problems(self) -> typing.Iterator[str]:
+        for name in ("lr", "beta", "batch_size", "grad_accum", "max_length", "log_every", "logprob_chunk_size"):
+            if getattr(self, name) <= 0:
+                yield f"--{_flag(name)} must be positive, got {getattr(self, name)}"
+        for name in ("max_steps", "max_prompt_length", "max_completion_length", "eval_every", "save_every",
+                     "save_total_limit", "max_pairs", "max_tokens_per_batch", "eval_batch_size", "ref_sync_every"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                yield f"--{_flag(name)} must be positive, got {value}"
+        if self.epochs <= 0:
+            yield f"--epochs must be positive, got {self.epochs}"
+        if not 0.0 <= self.eval_fraction < 1.0:
+            yield f"--eval-fraction must be in [0, 1), got {self.eval_fraction}"
+        if not 0.0 <= self.label_smoothing <= 0.5:
+            yield f"--label-smoothing must be in [0, 0.5], got {self.label_smoothing}"
+        if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0 or self.num_workers < 0:
+            yield "--warmup-steps, --max-grad-norm, --weight-decay and --num-workers must not be negative"
+        if not 0.0 < self.ref_sync_alpha <= 1.0:
+            yield f"--ref-sync-alpha must be in (0, 1], got {self.ref_sync_alpha}"
+        if self.lora_r < 0:
+            yield f"--lora-r must be >= 0, got {self.lora_r}"
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                yield f"--{_flag(f.name)} must be one of {', '.join(choices)}, got {value!r}"
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            yield (f"--max-prompt-length ({self.max_prompt_length}) must be below --max-length ({self.max_length}) "
+                   "to leave room for the completion")
+
+    @property
+    def loss_names(self) -> list[str]:
+        return [name.strip() for name in self.loss.split(",") if name.strip()]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    # --- construction from YAML and the command line -------------------------------------------------------
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> Config:
+        """Build from a YAML file; `overrides` (already typed) win over the file."""
+        return cls(**{**_read_yaml(path), **overrides})
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> Config:
+        """Build from `dpo train` arguments (with `--config FILE.yaml` underneath)."""
+        parser = argparse.ArgumentParser(prog="dpo train")
+        add_arguments(parser)
+        return from_namespace(parser.parse_args(argv))
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _base_type(annotation: Any) -> type:
+    """`int | None` -> int; the type argparse converts a flag's text to."""
+    hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint  # type: ignore[no-any-return]
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config field. Defaults are left unset (SUPPRESS) so that YAML values are not overridden."""
+    parser.add_argument("--config", metavar="FILE.yaml", help="read settings from a YAML file (flags win)")
+    for f in dataclasses.fields(Config):
+        kind = _base_type(f.type)
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        flag = f"--{_flag(f.name)}"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text,
+                                choices=f.metadata.get("choices"), nargs=f.metadata.get("nargs"),
+                                const=f.metadata.get("const"), metavar=None if f.metadata.get("choices") else f.name.upper())
+
+
+def from_namespace(args: argparse.Namespace) -> Config:
+    """Config from parsed flags: YAML file (if `--config`) underneath, flags on top."""
+    given = {k: v for k, v in vars(args).items() if k in FIELDS}
+    base = _read_yaml(args.config) if getattr(args, "config", None) else {}
+    return Config(**{**base, **given})
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise DPOError(f"{path}: config file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise DPOError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise DPOError(f"{path}: expected a mapping of setting: value, got {type(loaded).__name__}")
+    values: dict[str, Any] = {}
+    for key, value in loaded.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            raise DPOError(f"{path}: unknown setting {key!r} (see `dpo train --help` for the list)")
+        values[name] = _coerce(path, key, FIELDS[name], value)
+    return values
+
+
+def _coerce(path: Path, key: Any, f: dataclasses.Field[Any], value: Any) -> Any:
+    """Check a YAML value against the field's type; YAML's own typing (1e-6 is a str in YAML 1.1) is forgiven."""
+    kind = _base_type(f.type)
+    if value is None:
+        if f.default is None or f.name == "resume":
+            return None
+        raise DPOError(f"{path}: setting {key!r} must not be empty")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value) if not isinstance(value, list) else value
+    elif kind is str and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    raise DPOError(f"{path}: setting {key!r} must be {kind.__name__}, got {value!r}")

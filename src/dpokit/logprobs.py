@@ -1,0 +1,156 @@
+"""Sequence log-probs: run the backbone once, apply the LM head only where a completion token is scored.
+
+`SequenceScorer` wraps a causal LM. Its forward runs the decoder over the whole batch, gathers the hidden
+states at `Batch.score_index` (completion positions only: prompt and padding never reach the LM head), and
+computes `log_softmax(h @ W.T)[target]` in chunks of `chunk_size` tokens, so that the `[tokens, vocab]` logits
+exist for one chunk at a time, in the forward and (by recomputation) in the backward pass. Wrapping the model in
+an `nn.Module` is what lets DDP and FSDP2 wrap the scorer and see every parameter used.
+
+`naive_sequence_logps` is the textbook computation (full logits, `log_softmax`, `gather`, mask) kept for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .batching import Batch
+
+
+@dataclass
+class PairLogps:
+    """Per-pair summed completion log-probs and completion lengths, all `[pairs]`."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+    # WPO (Zhou et al. 2024): mean over tokens of log p(y_t) - log sum_v p(v)^2, no grad; only when asked for.
+    chosen_wpo: torch.Tensor | None = None
+    rejected_wpo: torch.Tensor | None = None
+
+    def detach(self) -> PairLogps:
+        return PairLogps(*(t.detach() if t is not None else None for t in
+                           (self.chosen, self.rejected, self.chosen_lengths, self.rejected_lengths,
+                            self.chosen_wpo, self.rejected_wpo)))
+
+
+class SequenceScorer(torch.nn.Module):
+    """`forward(batch tensors) -> token log-probs [scored]` for a Hugging Face causal LM (or a PEFT wrap of one)."""
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 1024) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                score_index: torch.Tensor, target_ids: torch.Tensor, with_wpo: bool = False,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        decoder = self.model.get_decoder()
+        head = self.model.get_output_embeddings()
+        if attention_mask.dim() == 4 and self._attn_implementation() == "eager":
+            attention_mask = _additive(attention_mask, self._dtype())
+        hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                         use_cache=False).last_hidden_state           # [rows, seq, hidden]
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_index)  # [scored, hidden]
+        softcap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
+        return chunked_target_logps(hidden, head, target_ids, self.chunk_size, softcap, with_wpo)
+
+    def _attn_implementation(self) -> str | None:
+        return getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def chunked_target_logps(hidden: torch.Tensor, head: torch.nn.Module, target_ids: torch.Tensor, chunk_size: int,
+                         softcap: float | None = None, with_wpo: bool = False,
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`log_softmax(head(hidden))[target]` per row of `hidden`, chunk by chunk; `[scored]` in float32.
+
+    Under autograd each chunk is checkpointed: the backward pass recomputes that chunk's logits instead of
+    keeping all of them, so peak memory is O(chunk x vocab) rather than O(tokens x vocab).
+    """
+    logps, wpo = [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start:start + chunk_size], target_ids[start:start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            logps.append(checkpoint(_head_logps, h, head, t, softcap, use_reentrant=False))
+        else:
+            logps.append(_head_logps(h, head, t, softcap))
+        if with_wpo:
+            with torch.no_grad():
+                log_probs = _head_log_softmax(h, head, softcap)          # [chunk, vocab]
+                wpo.append(logps[-1].detach() - torch.logsumexp(2 * log_probs, dim=-1))
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    return (torch.cat(logps) if logps else empty), ((torch.cat(wpo) if wpo else empty) if with_wpo else None)
+
+
+def _head_log_softmax(h: torch.Tensor, head: torch.nn.Module, softcap: float | None) -> torch.Tensor:
+    logits = head(h).float()                                             # [chunk, vocab]
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.log_softmax(-1)
+
+
+def _head_logps(h: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = head(h).float()                                             # [chunk, vocab]
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def pair_logps(batch: Batch, token_logps: torch.Tensor, token_wpo: torch.Tensor | None = None,
+               ld_alpha: float | None = None) -> PairLogps:
+    """Sum token log-probs per completion, then pick each pair's chosen and rejected.
+
+    `ld_alpha` (LD-DPO, Liu et al. 2024, Eq. 11): tokens past the shorter completion of the pair count with
+    weight alpha, so the length difference stops dominating the reward.
+    """
+    n = batch.num_sequences
+    lengths = torch.zeros(n, device=token_logps.device).index_add_(
+        0, batch.sequence_index, torch.ones_like(token_logps))
+    sums = token_logps.new_zeros(n).index_add(0, batch.sequence_index, token_logps)
+    chosen_len, rejected_len = lengths[batch.chosen_index], lengths[batch.rejected_index]
+    chosen, rejected = sums[batch.chosen_index], sums[batch.rejected_index]
+    if ld_alpha is not None:
+        # log p of each sequence's first m tokens, from a [sequences, max_len] table of running sums.
+        width = int(batch.token_position.max()) + 1 if token_logps.numel() else 1
+        table = token_logps.new_zeros(n, width).index_put(
+            (batch.sequence_index, batch.token_position), token_logps).cumsum(-1)
+        shorter = torch.minimum(chosen_len, rejected_len).long()                   # [pairs]
+        chosen_public = table[batch.chosen_index, shorter - 1]
+        rejected_public = table[batch.rejected_index, shorter - 1]
+        chosen = chosen_public + ld_alpha * (chosen - chosen_public)
+        rejected = rejected_public + ld_alpha * (rejected - rejected_public)
+    chosen_wpo = rejected_wpo = None
+    if token_wpo is not None:
+        wpo = token_wpo.new_zeros(n).index_add(0, batch.sequence_index, token_wpo) / lengths.clamp(min=1)
+        chosen_wpo, rejected_wpo = wpo[batch.chosen_index], wpo[batch.rejected_index]
+    return PairLogps(chosen, rejected, chosen_len, rejected_len, chosen_wpo, rejected_wpo)
+
+
+def sequence_logps(scorer: torch.nn.Module, batch: Batch, *, ld_alpha: float | None = None,
+                   with_wpo: bool = False) -> PairLogps:
+    """Per-pair completion log-probs of `batch` under the model wrapped by `scorer` (or a DDP/FSDP wrap of it)."""
+    token_logps, token_wpo = scorer(batch.input_ids, batch.position_ids, batch.attention_mask,
+                                    batch.score_index, batch.target_ids, with_wpo)
+    return pair_logps(batch, token_logps, token_wpo, ld_alpha)
+
+
+def naive_sequence_logps(model: torch.nn.Module, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:
+    """The tutorial's way, for tests: full logits of prompt+completion, log_softmax, gather, mask the prompt."""
+    input_ids = torch.tensor([prompt_ids + completion_ids])
+    logits = model(input_ids=input_ids).logits[:, :-1].float()                 # [1, seq-1, vocab]
+    per_token = logits.log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    mask = torch.zeros_like(per_token)
+    mask[:, len(prompt_ids) - 1:] = 1.0                                          # completion tokens only
+    return (per_token * mask).sum(-1)[0]
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean allow-mask -> additive float mask, for attention kernels that add the mask to the scores."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

@@ -1,0 +1,369 @@
+"""The training loop, top to bottom: build everything, then step, accumulate, clip, schedule, eval, log, save.
+
+    dpo train                                  # the built-in synthetic task on the tiny preset (CPU, < 1 min)
+    dpo train --model PATH --data pairs.jsonl  # your model and data
+    torchrun --nproc-per-node 8 -m dpokit train --model PATH --data pairs.jsonl
+
+Losses, log-probs, layouts and the reference live in their own modules; this file only wires them together.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+import numpy as np
+import torch
+
+from . import distributed, losses, models, pipeline, report
+from .batching import Batch, make_batch
+from .config import Config
+from .errors import DPOError, TrainingFailure
+from .logprobs import PairLogps, SequenceScorer, sequence_logps
+from .reference import ModelReference, NoReference, Reference
+from .tokenization import TokenizedPair
+
+# Order of the summed metrics kept on device between log steps; reduced across ranks in one call.
+SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+          "logps/chosen", "logps/rejected")
+
+
+@dataclass
+class Summary:
+    """What `train` returns: where things are and how the run went."""
+
+    output_dir: Path
+    model_dir: Path | None
+    steps: int
+    eval_before: dict[str, float]
+    eval_after: dict[str, float]
+    final_train: dict[str, float]
+    wall_time_s: float
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def train(cfg: Config) -> Summary:
+    """Run DPO (or any registered loss) as `cfg` says; returns a `Summary`."""
+    start_time = time.perf_counter()
+    dist = distributed.init(cfg.device)
+    seed_everything(cfg.seed)
+    output = Path(cfg.output)
+
+    # ---- losses ----------------------------------------------------------------------------------------------
+    specs = resolve_losses(cfg.loss_names)
+    weights = parse_loss_weights(cfg.loss_weights, len(specs))
+    needs_reference = any(spec.needs_reference for spec in specs)
+    loss_params = {name: getattr(cfg, name) for spec in specs for name in spec.params}
+
+    # ---- model, tokenizer, data ------------------------------------------------------------------------------
+    tokenizer = None if models.is_preset(cfg.model) else models.load_tokenizer(cfg.tokenizer or cfg.model)
+    if cfg.data != "synthetic" and tokenizer is None:
+        raise DPOError(f"--data {cfg.data} needs a tokenizer: pass --model PATH (or --tokenizer PATH)")
+    data = pipeline.prepare(
+        data=cfg.data, eval_data=cfg.eval_data, tokenizer=tokenizer, seed=cfg.seed, eval_fraction=cfg.eval_fraction,
+        data_split=cfg.data_split, eval_split=cfg.eval_split, format=cfg.format, columns=cfg.columns,
+        max_pairs=cfg.max_pairs, skip_invalid=cfg.skip_invalid, max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length, max_completion_length=cfg.max_completion_length,
+        truncation_mode=cfg.truncation_mode)
+    policy = models.load_model(cfg.model, dtype=cfg.dtype, seed=cfg.seed,
+                               attn_implementation=cfg.attn_implementation).to(dist.device)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference: Reference = NoReference()
+    if needs_reference:
+        ref_model = (models.load_model(cfg.ref_model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
+                     if cfg.ref_model else models.frozen_copy(policy))
+        reference = ModelReference(ref_model.to(dist.device), chunk_size=cfg.logprob_chunk_size, ld_alpha=cfg.ld_alpha)
+    policy.train()
+    initial = snapshot_parameters(policy)
+    scorer = SequenceScorer(policy, cfg.logprob_chunk_size)
+    if cfg.compile:
+        scorer = torch.compile(scorer)  # type: ignore[assignment]
+    model = distributed.wrap(scorer, dist)
+
+    # ---- optimizer and schedule ------------------------------------------------------------------------------
+    pairs_per_step = cfg.batch_size * cfg.grad_accum * dist.world_size
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train) / pairs_per_step))
+    optimizer, schedule = make_optimizer_and_schedule(policy, cfg, total_steps)
+
+    layout = "packed" if cfg.prefix_sharing and cfg.packing else "shared" if cfg.prefix_sharing else "concatenated"
+    autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    use_wpo = cfg.use_weighting
+
+    def to_batch(pairs: Sequence[TokenizedPair], ids: Sequence[int]) -> Batch:
+        return make_batch(pairs, layout=layout, pad_id=data.pad_id, pair_ids=ids,
+                          row_capacity=cfg.max_tokens_per_batch).to(dist.device)
+
+    def forward_loss(batch: Batch) -> tuple[torch.Tensor, PairLogps, list[losses.LossOutput]]:
+        """Per-pair weighted loss `[pairs]`, the policy's log-probs and each loss's output."""
+        with autocast:
+            policy_logps = sequence_logps(model, batch, ld_alpha=cfg.ld_alpha, with_wpo=use_wpo)
+            reference_logps = reference.logps(batch)
+        outputs = [spec.function(policy_logps, reference_logps, batch.extras,
+                                 **{k: loss_params[k] for k in spec.params}) for spec in specs]
+        per_pair = sum(w * out.losses for w, out in zip(weights, outputs))
+        if use_wpo:  # WPO (Zhou et al. 2024, Eq. 6): weight = clamp(exp(w_chosen + w_rejected), max=1), no grad
+            per_pair = per_pair * torch.clamp(torch.exp(policy_logps.chosen_wpo + policy_logps.rejected_wpo), max=1)
+        if cfg.rpo_alpha is not None:  # RPO (Pang et al. 2024, Eq. 3): NLL of chosen, per token
+            per_pair = per_pair + cfg.rpo_alpha * (-policy_logps.chosen / policy_logps.chosen_lengths)
+        return per_pair, policy_logps, outputs
+
+    def evaluate() -> dict[str, float]:
+        """Mean metrics over the held-out pairs, reduced across ranks."""
+        if not data.eval:
+            return {}
+        meter = MetricMeter(dist.device)
+        model.eval()
+        eval_size = cfg.eval_batch_size or cfg.batch_size
+        with torch.no_grad():
+            mine = list(range(dist.rank, len(data.eval), dist.world_size))
+            for i in range(0, len(mine), eval_size):
+                ids = mine[i:i + eval_size]
+                batch = to_batch([data.eval[j] for j in ids], ids)
+                per_pair, policy_logps, outputs = forward_loss(batch)
+                meter.add(per_pair, policy_logps, outputs, batch.num_tokens)
+        model.train()
+        return meter.reduce(dist)
+
+    # ---- outputs ---------------------------------------------------------------------------------------------
+    reporter: report.Reporter | report.NullReporter = (
+        report.Reporter(output, total_steps=total_steps, progress=cfg.progress) if dist.is_main
+        else report.NullReporter())
+    if dist.is_main:
+        write_config(cfg, output / "config.yaml")
+        for note in data.notes:
+            reporter.print(note)
+
+    # ---- train -----------------------------------------------------------------------------------------------
+    eval_before = evaluate()
+    if eval_before:
+        reporter.log({"step": 0, "epoch": 0.0, **{f"eval/{k}": v for k, v in eval_before.items()}})
+        reporter.print(f"held-out reward accuracy before training: {eval_before['rewards/accuracies']:.3f}")
+    batches = micro_batches(len(data.train), cfg.batch_size, cfg.seed, dist.rank, dist.world_size)
+    meter = MetricMeter(dist.device)
+    bad_steps = 0
+    last_log_time = time.perf_counter()
+    step = 0
+    for step in range(1, total_steps + 1):
+        # One optimizer step = grad_accum micro-batches on every rank. Each micro-loss is its pairs' loss sum
+        # over the pairs in the whole step (all ranks), times world size because DDP averages gradients: the
+        # gradient is then exactly that of the mean loss over the step's pairs, however they are split.
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        step_pairs = cfg.grad_accum * cfg.batch_size * dist.world_size
+        step_loss = torch.zeros((), device=dist.device)
+        for i, (_, ids) in enumerate(micro):
+            batch = to_batch([data.train[j] for j in ids], ids)
+            with distributed.no_sync(model, enabled=i < cfg.grad_accum - 1):
+                per_pair, policy_logps, outputs = forward_loss(batch)
+                loss = per_pair.sum() * dist.world_size / step_pairs
+                loss.backward()
+            step_loss += loss.detach()
+            meter.add(per_pair, policy_logps, outputs, batch.num_tokens)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            policy.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if torch.isfinite(grad_norm) and torch.isfinite(step_loss):
+            optimizer.step()
+            bad_steps = 0
+        else:
+            bad_steps += 1
+            meter.bad_steps += 1
+            if bad_steps >= cfg.max_bad_steps:
+                raise TrainingFailure(
+                    f"step {step}: {bad_steps} consecutive non-finite losses or gradients; try a lower --lr, "
+                    "--dtype float32, or --max-grad-norm 1.0")
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        meter.grad_norm_sum += grad_norm.detach().float() if torch.isfinite(grad_norm) else 0.0
+        meter.steps += 1
+
+        epoch_progress = round(step * pairs_per_step / len(data.train), 4)
+        if step % cfg.log_every == 0 or step == total_steps:
+            metrics = meter.reduce(dist)
+            elapsed = time.perf_counter() - last_log_time
+            pairs, tokens = metrics.pop("pairs"), metrics.pop("tokens")
+            row = {"step": step, "epoch": epoch_progress, **metrics, "lr": schedule.get_last_lr()[0],
+                   "pairs_per_s": pairs / elapsed, "tokens_per_s": tokens / elapsed}
+            reporter.log(row)
+            reporter.progress(step, row)
+            meter = MetricMeter(dist.device)
+            last_log_time = time.perf_counter()
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+            reporter.log({"step": step, "epoch": epoch_progress,
+                          **{f"eval/{k}": v for k, v in evaluate().items()}})
+
+    eval_after = evaluate()
+    if eval_after:
+        reporter.log({"step": step, "epoch": epoch_progress, **{f"eval/{k}": v for k, v in eval_after.items()}})
+    final_train = {k: v for k, v in row.items() if k not in ("step", "epoch")}
+
+    # ---- save ------------------------------------------------------------------------------------------------
+    model_dir = None
+    if dist.is_main:
+        reporter.close()
+        model_dir = output / "model"
+        policy.save_pretrained(model_dir, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(model_dir)
+        rows = report.read_metrics(output / "metrics.jsonl")
+        report.plot_curves([("", rows)], output / "training_curves.png")
+        lines = report.summary_lines(eval_before, eval_after, parameter_movement(policy, initial))
+        if eval_after:
+            lines.insert(0, f"held-out reward accuracy after training: {eval_after['rewards/accuracies']:.3f}")
+        lines.append(f"\nsaved model to {model_dir}, metrics to {output / 'metrics.jsonl'}, "
+                     f"curves to {output / 'training_curves.png'}")
+        print("\n".join(lines), flush=True)
+    distributed.cleanup()
+    return Summary(output, model_dir, step, eval_before, eval_after, final_train,
+                   time.perf_counter() - start_time, data.counts)
+
+
+# ---- pieces of the loop ----------------------------------------------------------------------------------------
+
+
+class MetricMeter:
+    """Sums metrics on device between log steps; one reduction and one host sync when read."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums = torch.zeros(len(SUMMED), device=device, dtype=torch.float64)
+        self.extra: dict[str, torch.Tensor] = {}
+        self.pairs = 0
+        self.tokens = 0
+        self.steps = 0
+        self.bad_steps = 0
+        self.grad_norm_sum: torch.Tensor | float = 0.0
+
+    def add(self, per_pair: torch.Tensor, policy: PairLogps, outputs: list[losses.LossOutput], tokens: int) -> None:
+        first = outputs[0]
+        chosen, rejected = first.chosen_rewards, first.rejected_rewards
+        values = torch.stack([per_pair.detach().sum(), chosen.sum(), rejected.sum(),
+                              (chosen > rejected).float().sum(), (chosen - rejected).sum(),
+                              policy.chosen.detach().sum(), policy.rejected.detach().sum()])
+        self.sums += values.double()
+        n = per_pair.numel()
+        for out in outputs:
+            for name, value in out.metrics.items():  # loss-specific means, weighted by pairs
+                self.extra[name] = self.extra.get(name, 0.0) + value.detach().double() * n
+        self.pairs += n
+        self.tokens += tokens
+
+    def reduce(self, dist: distributed.Dist) -> dict[str, float]:
+        names = list(SUMMED) + sorted(self.extra)
+        counts = torch.tensor([self.pairs, self.tokens, self.bad_steps], device=self.device, dtype=torch.float64)
+        packed = torch.cat([self.sums, torch.stack([self.extra[k] for k in sorted(self.extra)]) if self.extra
+                            else self.sums.new_zeros(0), counts, torch.as_tensor(
+                                self.grad_norm_sum, device=self.device, dtype=torch.float64).reshape(1)])
+        packed = distributed.reduce_sums(packed, dist).tolist()            # the one host sync
+        pairs, tokens, bad = packed[len(names)], packed[len(names) + 1], packed[len(names) + 2]
+        out = {name: value / max(pairs, 1) for name, value in zip(names, packed)}
+        out["pairs"], out["tokens"] = pairs, tokens
+        if self.steps:
+            out["grad_norm"] = packed[-1] / (self.steps * dist.world_size)
+            out["bad_steps"] = bad / dist.world_size
+        return out
+
+
+def micro_batches(num_pairs: int, batch_size: int, seed: int, rank: int, world_size: int,
+                  ) -> Iterator[tuple[int, list[int]]]:
+    """Endless `(epoch, pair indices)` for this rank: a fresh seeded permutation each epoch, split across ranks.
+
+    Each global batch is `batch_size * world_size` consecutive pairs of the permutation; rank r takes its slice,
+    so every pair is seen once per epoch across ranks. The tail that cannot fill a global batch is dropped
+    (and differs each epoch).
+    """
+    global_batch = batch_size * world_size
+    if num_pairs < global_batch:
+        raise DPOError(f"{num_pairs} training pairs cannot fill one batch of {batch_size} pairs x {world_size} "
+                       "processes; lower --batch-size")
+    epoch = 0
+    while True:
+        order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        for start in range(0, num_pairs - global_batch + 1, global_batch):
+            mine = order[start + rank * batch_size:start + (rank + 1) * batch_size]
+            yield epoch, mine
+        epoch += 1
+
+
+def resolve_losses(loss_names: list[str]) -> list[losses.LossSpec]:
+    specs = []
+    for name in loss_names:
+        try:
+            specs.append(losses.get(name))
+        except KeyError:
+            raise DPOError(f"--loss: unknown loss {name!r}; choose from {', '.join(losses.names())}") from None
+    if not specs:
+        raise DPOError("--loss: give at least one loss name")
+    return specs
+
+
+def parse_loss_weights(text: str | None, count: int) -> list[float]:
+    if text is None:
+        return [1.0] * count
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise DPOError(f"--loss-weights: expected comma-separated numbers, got {text!r}") from None
+    if len(weights) != count:
+        raise DPOError(f"--loss-weights: {len(weights)} weights for {count} losses")
+    return weights
+
+
+def make_optimizer_and_schedule(model: torch.nn.Module, cfg: Config, total_steps: int,
+                                ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over trainable parameters; linear warmup, then linear or cosine decay to zero (as TRL)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def snapshot_parameters(model: torch.nn.Module, limit: int = 200_000_000) -> dict[str, torch.Tensor] | None:
+    """A CPU copy of the trainable weights, to report how far they moved (skipped for big models)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if sum(p.numel() for _, p in trainable) > limit:
+        return None
+    return {n: p.detach().float().cpu().clone() for n, p in trainable}
+
+
+def parameter_movement(model: torch.nn.Module, initial: dict[str, torch.Tensor] | None) -> dict[str, float]:
+    """Relative change ||w - w0|| / ||w0|| per group (embeddings, each layer, final norm, LM head)."""
+    if initial is None:
+        return {}
+    delta: dict[str, float] = {}
+    base: dict[str, float] = {}
+    for name, param in model.named_parameters():
+        if name not in initial:
+            continue
+        parts = name.removeprefix("model.").split(".")
+        group = ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
+        delta[group] = delta.get(group, 0.0) + float((param.detach().float().cpu() - initial[name]).pow(2).sum())
+        base[group] = base.get(group, 0.0) + float(initial[name].pow(2).sum())
+    return {g: math.sqrt(delta[g]) / max(math.sqrt(base[g]), 1e-12) for g in delta}
+
+
+def write_config(cfg: Config, path: Path) -> None:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
