@@ -126,7 +126,9 @@ def train(cfg: Config) -> Summary:
                 per_pair, policy_logps, outputs = forward_loss(batch)
                 meter.add(per_pair, policy_logps, outputs, batch.num_tokens)
         model.train()
-        return meter.reduce(dist)
+        metrics = meter.reduce(dist)
+        metrics.pop("pairs"), metrics.pop("tokens")
+        return metrics
 
     # ---- outputs ---------------------------------------------------------------------------------------------
     reporter: report.Reporter | report.NullReporter = (
