@@ -1,21 +1,40 @@
-"""Read preference records from files and normalise them into `PreferencePair`s.
+"""Read preference records from files and datasets and normalise them into `PreferencePair`s.
 
-This room knows file formats and record schemas, nothing about tokens or tensors. Every bad record is reported
-as `file:line: field: what is wrong` (or skipped and counted with `skip_invalid`).
+This room knows sources and record schemas, nothing about tokens or tensors. Formats (detected from the first
+record, or forced with `format=`):
+
+- `explicit`: `prompt`, `chosen`, `rejected` strings.
+- `implicit` (Anthropic HH-RLHF): `chosen`, `rejected` full transcripts; the prompt is their shared prefix up to
+  the last `\\n\\nAssistant:` both share, so the cut is at a turn boundary, never inside a word.
+- `conversational`: `chosen` / `rejected` (and optionally `prompt`) as `{"role", "content"}` message lists; full
+  conversations that share their leading turns (UltraFeedback-binarized) are split after the shared turns.
+- `ranked`: `prompt`, `responses` and `scores` (higher is better) or `ranking` (rank of each response, 1 = best),
+  turned into pairs that share a `group` id (`pairs=best-worst|all|adjacent`).
+- `unpaired` (KTO): `prompt`, `completion`, `label` (bool). See `to_unpaired` for the representation.
+- `sft`: `prompt` + `completion`, or `text` alone (empty prompt): `PreferencePair(prompt, completion, completion)`.
+
+Every bad record is reported as `file:line: field ...: what is wrong`, or skipped and counted (`skip_invalid`).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import DPOError
 
 Text = str | list[dict[str, Any]]  # plain text, or chat messages [{"role": ..., "content": ...}]
+
+FORMATS = ("explicit", "implicit", "conversational", "ranked", "unpaired", "sft")
+PAIRING = ("best-worst", "all", "adjacent")
+EXTRA_FIELDS = ("score_chosen", "score_rejected", "margin")
+FILE_TYPES = (".jsonl", ".json", ".parquet", ".csv")
+HH_TURN = "\n\nAssistant:"
 
 
 @dataclass(frozen=True)
@@ -55,50 +74,94 @@ class DataReport:
         return out
 
 
-EXTRA_FIELDS = ("score_chosen", "score_rejected", "margin")
-
-
 def load_pairs(path: str, *, format: str | None = None, split: str = "train", columns: str | None = None,
-               max_pairs: int | None = None, skip_invalid: bool = False) -> tuple[list[PreferencePair], DataReport]:
-    """Load preference pairs from a JSON, JSONL or Parquet file (explicit prompt/chosen/rejected strings)."""
+               max_pairs: int | None = None, skip_invalid: bool = False, pairs: str = "best-worst",
+               seed: int = 0) -> tuple[list[PreferencePair], DataReport]:
+    """Load preference pairs from a file, a folder of files, a `save_to_disk` folder or a hub dataset name."""
+    if format is not None and format not in FORMATS:
+        raise DPOError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if pairs not in PAIRING:
+        raise DPOError(f"--pairs must be one of {', '.join(PAIRING)}, got {pairs!r}")
     rename = _parse_columns(columns)
-    report = DataReport(source=path, format=format or "explicit")
-    pairs: list[PreferencePair] = []
+    report = DataReport(source=path, format=format or "?")
+    out: list[PreferencePair] = []
     for where, record in read_records(path, split=split):
-        report.records += 1
         record = {rename.get(k, k): v for k, v in record.items()}
+        if report.records == 0 and format is None:
+            report.format = detect_format(record, where)
+        report.records += 1
         try:
-            pair = _explicit_pair(record)
+            made = _CONVERTERS[report.format](record, pairs)
         except _BadRecord as bad:
             if skip_invalid:
                 report.skipped_invalid += 1
                 continue
             raise DPOError(f"{where}: {bad} (fix the record, or pass --skip-invalid to skip such records)") from None
-        if pair.chosen == pair.rejected:
-            report.identical_pairs += 1
-        pairs.append(pair)
-        if max_pairs is not None and len(pairs) >= max_pairs:
+        for pair in made:
+            if report.format == "ranked":  # pairs from one record share its prompt
+                pair = replace(pair, group=report.records - 1)
+            if report.format != "sft" and pair.chosen == pair.rejected and "label" not in pair.extras:
+                report.identical_pairs += 1
+            out.append(pair)
+        if max_pairs is not None and len(out) >= max_pairs:
+            out = out[:max_pairs]
+            report.notes.append(f"stopped at --max-pairs {max_pairs}")
             break
-    if not pairs:
-        raise DPOError(f"{path}: no usable preference pairs found")
-    report.pairs = len(pairs)
-    return pairs, report
+    if not out:
+        raise DPOError(f"{path}: no usable preference pairs found ({report.records} records read)")
+    if report.format == "unpaired":
+        out = to_unpaired(out, seed)
+    report.pairs = len(out)
+    return out, report
 
 
-def read_records(path: str, *, split: str = "train") -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield `(where, record)` with `where` = "file:line" (JSONL), "file:record N" (JSON) or "file:row N"."""
-    source = Path(path)
-    if not source.exists():
-        raise DPOError(f"{path}: file not found")
-    suffix = source.suffix.lower()
-    if suffix == ".jsonl":
-        yield from _read_jsonl(source)
-    elif suffix == ".json":
-        yield from _read_json(source)
-    elif suffix == ".parquet":
-        yield from _read_parquet(source)
-    else:
-        raise DPOError(f"{path}: unsupported file type {suffix or '(none)'}; use .jsonl, .json or .parquet")
+def detect_format(record: dict[str, Any], where: str = "") -> str:
+    """The format a record is in, from its field names (and whether chosen/rejected are message lists)."""
+    keys = set(record)
+    if "responses" in keys:
+        return "ranked"
+    if {"completion", "label"} <= keys:
+        return "unpaired"
+    if "completion" in keys or (keys & {"text"} and not keys & {"chosen", "rejected"}):
+        return "sft"
+    if {"chosen", "rejected"} <= keys:
+        if any(isinstance(record[k], list) for k in ("prompt", "chosen", "rejected") if k in record):
+            return "conversational"
+        return "explicit" if "prompt" in keys else "implicit"
+    raise DPOError(f"{where}: cannot tell the data format from the fields {sorted(keys)}; expected prompt/chosen/"
+                   "rejected, chosen/rejected, prompt/responses/scores, prompt/completion/label, prompt/completion "
+                   "or text (rename columns with --columns chosen=good,..., or force one with --format)")
+
+
+def to_unpaired(pairs: list[PreferencePair], seed: int) -> list[PreferencePair]:
+    """Examples for unpaired losses (KTO, Ethayarajh et al. 2024): `chosen` = the example's own completion,
+    `rejected` = a mismatched completion, `extras["label"]` = 1.0 (desirable) or 0.0 (undesirable).
+
+    A paired record gives two examples (chosen with label 1, rejected with label 0). The mismatched completion is
+    the completion of the next example in a seeded shuffle (a shift by one, as KTO's KL estimate z0 uses), so it
+    is never the example's own unless there is only one example. Examples of one pair share a `group`.
+    """
+    examples: list[PreferencePair] = []
+    next_group = 1 + max((p.group for p in pairs if p.group is not None), default=-1)
+    for i, pair in enumerate(pairs):
+        group = pair.group if pair.group is not None else next_group + i
+        if "label" in pair.extras:
+            examples.append(replace(pair, group=group))
+        else:
+            examples.append(replace(pair, rejected=pair.chosen, extras={**pair.extras, "label": 1.0}, group=group))
+            examples.append(replace(pair, chosen=pair.rejected, extras={**pair.extras, "label": 0.0}, group=group))
+    partner = mismatch_partners(len(examples), seed)
+    return [replace(ex, rejected=examples[partner[i]].chosen) for i, ex in enumerate(examples)]
+
+
+def mismatch_partners(n: int, seed: int) -> list[int]:
+    """`partner[i]` != i (for n > 1): the next index in a seeded shuffle, wrapping around (a shift by one)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    partner = [0] * n
+    for k, i in enumerate(order):
+        partner[i] = order[(k + 1) % n]
+    return partner
 
 
 def split_pairs(pairs: list[PreferencePair], eval_fraction: float, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
@@ -118,32 +181,178 @@ def split_pairs(pairs: list[PreferencePair], eval_fraction: float, seed: int) ->
     return train, held_out
 
 
+# ---- record kinds -------------------------------------------------------------------------------------------
+
+
 class _BadRecord(Exception):
     pass
 
 
-def _explicit_pair(record: dict[str, Any]) -> PreferencePair:
-    for name in ("prompt", "chosen", "rejected"):
-        if name not in record:
-            raise _BadRecord(f"field '{name}' is missing")
-        value = record[name]
-        if not isinstance(value, str):
-            raise _BadRecord(f"field '{name}' must be a string, got {type(value).__name__}")
-        if name != "prompt" and not value.strip():
-            raise _BadRecord(f"field '{name}' is empty")
-    return PreferencePair(record["prompt"], record["chosen"], record["rejected"], _extras(record))
+def _explicit(record: dict[str, Any], _: str) -> list[PreferencePair]:
+    prompt, chosen, rejected = (_text(record, name, allow_empty=name == "prompt") for name in ("prompt", "chosen", "rejected"))
+    return [PreferencePair(prompt, chosen, rejected, _extras(record))]
+
+
+def _implicit(record: dict[str, Any], _: str) -> list[PreferencePair]:
+    """HH-RLHF: cut both transcripts after the last `\\n\\nAssistant:` inside their common prefix."""
+    chosen, rejected = _text(record, "chosen"), _text(record, "rejected")
+    shared = _common_prefix(chosen, rejected)
+    cut = shared.rfind(HH_TURN)
+    if cut < 0:
+        raise _BadRecord("fields 'chosen' and 'rejected' share no '\\n\\nAssistant:' turn, so the prompt cannot be "
+                         "found (give a 'prompt' field, or use the explicit format)")
+    end = cut + len(HH_TURN)
+    prompt = chosen[:end]
+    if not chosen[end:].strip() or not rejected[end:].strip():
+        raise _BadRecord("field 'chosen' or 'rejected' has an empty last assistant turn")
+    return [PreferencePair(prompt, chosen[end:], rejected[end:], _extras(record))]
+
+
+def _conversational(record: dict[str, Any], _: str) -> list[PreferencePair]:
+    chosen, rejected = _messages(record, "chosen"), _messages(record, "rejected")
+    prompt: Any = record.get("prompt")
+    if isinstance(prompt, list):
+        prompt = _messages(record, "prompt")
+        n = len(prompt)
+        if chosen[:n] == prompt and rejected[:n] == prompt:  # full conversations that repeat the prompt
+            chosen, rejected = chosen[n:], rejected[n:]
+    elif chosen[0]["role"] != "assistant" or rejected[0]["role"] != "assistant":
+        # UltraFeedback-binarized: full conversations; the prompt is their shared leading turns up to the last
+        # non-assistant one (the `prompt` string, if any, repeats the first user turn).
+        n = _common_prefix(chosen, rejected)
+        n = min(n, len(chosen) - 1, len(rejected) - 1)
+        while n > 0 and chosen[n - 1]["role"] == "assistant":
+            n -= 1
+        if n == 0:
+            raise _BadRecord("fields 'chosen' and 'rejected' share no leading user turn to use as the prompt")
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    elif isinstance(prompt, str) and prompt.strip():
+        prompt = [{"role": "user", "content": prompt}]
+    else:
+        raise _BadRecord("field 'prompt' is missing or empty (the completions hold only assistant turns)")
+    return [PreferencePair(prompt, chosen, rejected, _extras(record))]
+
+
+def _ranked(record: dict[str, Any], mode: str) -> list[PreferencePair]:
+    prompt = _prompt_or_messages(record)
+    responses = record.get("responses")
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise _BadRecord("field 'responses' must be a list of at least two responses")
+    for i, response in enumerate(responses):
+        name = f"responses[{i}]"
+        _messages({name: response}, name) if isinstance(response, list) else _text({name: response}, name)
+    if "scores" in record:
+        scores = [_number(record, "scores", s) for s in _list_of(record, "scores", len(responses))]
+    elif "ranking" in record:  # rank of each response, 1 = best
+        scores = [-_number(record, "ranking", r) for r in _list_of(record, "ranking", len(responses))]
+    else:
+        raise _BadRecord("field 'scores' (or 'ranking') is missing")
+    order = sorted(range(len(responses)), key=lambda i: -scores[i])  # best first
+    if mode == "best-worst":
+        candidates = [(order[0], order[-1])]
+    elif mode == "adjacent":
+        candidates = list(zip(order, order[1:]))
+    else:
+        candidates = [(a, b) for k, a in enumerate(order) for b in order[k + 1:]]
+    with_scores = "scores" in record  # ranks are not scores: no score_* extras from a ranking
+    made = [PreferencePair(prompt, responses[a], responses[b],
+                           {"score_chosen": scores[a], "score_rejected": scores[b]} if with_scores else {})
+            for a, b in candidates if scores[a] > scores[b]]
+    if not made:
+        raise _BadRecord("field 'scores': all responses score the same, so no pair can be formed")
+    return made
+
+
+def _unpaired(record: dict[str, Any], _: str) -> list[PreferencePair]:
+    prompt, completion = _prompt_or_messages(record), _completion(record)
+    label = record.get("label")
+    if isinstance(label, str) and label.strip().lower() in ("true", "false", "1", "0"):
+        label = label.strip().lower() in ("true", "1")
+    if label not in (True, False):  # also accepts 0 / 1
+        raise _BadRecord(f"field 'label' must be true or false, got {label!r}")
+    return [PreferencePair(prompt, completion, completion, {**_extras(record), "label": float(label)})]
+
+
+def _sft(record: dict[str, Any], _: str) -> list[PreferencePair]:
+    if "completion" not in record and "text" in record:
+        text = _text(record, "text")
+        return [PreferencePair("", text, text)]
+    prompt, completion = _prompt_or_messages(record), _completion(record)
+    return [PreferencePair(prompt, completion, completion)]
+
+
+_CONVERTERS = {"explicit": _explicit, "implicit": _implicit, "conversational": _conversational, "ranked": _ranked,
+               "unpaired": _unpaired, "sft": _sft}
+
+
+# ---- field checks -------------------------------------------------------------------------------------------
+
+
+def _text(record: dict[str, Any], name: str, *, allow_empty: bool = False) -> str:
+    if name not in record or record[name] is None:
+        raise _BadRecord(f"field '{name}' is missing")
+    value = record[name]
+    if not isinstance(value, str):
+        raise _BadRecord(f"field '{name}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise _BadRecord(f"field '{name}' is empty")
+    return value
+
+
+def _messages(record: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    value = record.get(name)
+    if not isinstance(value, list) or not value:
+        raise _BadRecord(f"field '{name}' must be a non-empty list of messages, got {type(value).__name__}")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            raise _BadRecord(f"field '{name}', message {i}: expected {{\"role\": str, \"content\": str}}, got {message!r:.80}")
+    return value
+
+
+def _prompt_or_messages(record: dict[str, Any]) -> Text:
+    prompt = record.get("prompt")
+    return _messages(record, "prompt") if isinstance(prompt, list) else _text(record, "prompt", allow_empty=True)
+
+
+def _completion(record: dict[str, Any]) -> Text:
+    value = record.get("completion")
+    return _messages(record, "completion") if isinstance(value, list) else _text(record, "completion")
+
+
+def _number(record: dict[str, Any], name: str, value: Any) -> float:
+    if isinstance(value, str):  # CSV cells are text
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _BadRecord(f"field '{name}' must be a number, got {value!r}")
+    return float(value)
+
+
+def _list_of(record: dict[str, Any], name: str, length: int) -> list[Any]:
+    value = record[name]
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(value, list) or len(value) != length:
+        raise _BadRecord(f"field '{name}' must be a list with one entry per response ({length}), got {value!r:.80}")
+    return value
 
 
 def _extras(record: dict[str, Any]) -> dict[str, float]:
-    extras = {}
-    for name in EXTRA_FIELDS:
-        value = record.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _BadRecord(f"field '{name}' must be a number, got {value!r}")
-        extras[name] = float(value)
-    return extras
+    return {name: _number(record, name, record[name]) for name in EXTRA_FIELDS
+            if record.get(name) not in (None, "")}
+
+
+def _common_prefix(a: Any, b: Any) -> Any:
+    """Longest common prefix of two strings (the prefix) or two lists (its length)."""
+    n = min(len(a), len(b))
+    k = next((i for i in range(n) if a[i] != b[i]), n)
+    return a[:k] if isinstance(a, str) else k
 
 
 def _parse_columns(columns: str | None) -> dict[str, str]:
@@ -157,6 +366,62 @@ def _parse_columns(columns: str | None) -> dict[str, str]:
             raise DPOError(f"--columns: expected ours=theirs pairs like chosen=good, got {item!r}")
         rename[theirs.strip()] = ours.strip()
     return rename
+
+
+# ---- sources ------------------------------------------------------------------------------------------------
+
+
+def read_records(path: str, *, split: str = "train") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield `(where, record)`: "file:line" (JSONL, CSV), "file:record N" (JSON) or "source:row N" (Parquet,
+    `datasets`). `path` is a file, a folder of files, a `save_to_disk` folder, or a hub dataset name."""
+    for source in data_files(path):
+        if source.is_dir():
+            yield from _read_dataset(path, split, load_from_disk=True)
+        elif source.suffix.lower() == ".jsonl":
+            yield from _read_jsonl(source)
+        elif source.suffix.lower() == ".json":
+            yield from _read_json(source)
+        elif source.suffix.lower() == ".csv":
+            yield from _read_csv(source)
+        elif source.suffix.lower() == ".parquet":
+            yield from _read_parquet(source)
+        else:
+            yield from _read_dataset(path, split, load_from_disk=False)
+
+
+def data_files(path: str) -> list[Path]:
+    """The files `path` names, sorted (a `save_to_disk` folder is one entry; a hub name is `[Path(name)]`)."""
+    source = Path(path)
+    if source.is_file():
+        if source.suffix.lower() not in FILE_TYPES:
+            raise DPOError(f"{path}: unsupported file type {source.suffix or '(none)'}; use {', '.join(FILE_TYPES)}")
+        return [source]
+    if source.is_dir():
+        if any((source / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
+            return [source]
+        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in FILE_TYPES)
+        if not files:
+            raise DPOError(f"{path}: folder holds no {', '.join(FILE_TYPES)} files and is not a save_to_disk dataset")
+        return files
+    looks_local = path.startswith((".", "/", "~")) or Path(path).suffix.lower() in FILE_TYPES or path.count("/") > 1
+    if looks_local:
+        raise DPOError(f"{path}: file not found")
+    return [source]  # a hub dataset name
+
+
+def _read_dataset(path: str, split: str, *, load_from_disk: bool) -> Iterator[tuple[str, dict[str, Any]]]:
+    import datasets
+
+    try:
+        data = datasets.load_from_disk(path) if load_from_disk else datasets.load_dataset(path, split=split)
+    except Exception as err:  # datasets raises many unrelated types (network, missing files, bad configs)
+        raise DPOError(f"{path}: could not load this dataset ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})") from None
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DPOError(f"{path}: no split {split!r}; it has {', '.join(data)} (choose with --data-split)")
+        data = data[split]
+    for number, record in enumerate(data, start=1):
+        yield f"{path}:row {number}", record
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -195,6 +460,18 @@ def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         if not isinstance(record, dict):
             raise DPOError(f"{where}: expected a JSON object, got {type(record).__name__}")
         yield where, record
+
+
+def _read_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            for record in reader:
+                yield f"{path}:{reader.line_num}", {k: v for k, v in record.items() if k is not None}
+    except UnicodeDecodeError:
+        raise DPOError(f"{path}: not UTF-8 text") from None
+    except csv.Error as err:
+        raise DPOError(f"{path}: malformed CSV ({err})") from None
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -3,8 +3,13 @@
 The boundary is where most silent DPO bugs live. We tokenize `prompt` and `prompt + completion` and cut at
 their common token prefix, so a BPE merge across the boundary never makes the scored completion differ from
 what the model sees at inference; the prompt is the prefix common to the prompt and both full texts, so chosen
-and rejected share it token for token (which is what lets the prompt be forwarded once). Each completion ends
-with EOS exactly once; BOS comes from the tokenizer once, never doubled.
+and rejected share it token for token (which is what lets the prompt be forwarded once).
+
+Special tokens: plain text gets the tokenizer's own special tokens (BOS) once; a doubled BOS (text that already
+starts with it) is collapsed. Plain completions end with EOS exactly once. Chat messages are rendered with the
+tokenizer's chat template (`apply_chat_template`, with the generation prompt for the prompt part) and tokenized
+without adding special tokens, since the template writes them: the template's end-of-turn ends the completion and
+no EOS is appended after it (as at inference, where generation stops at the end-of-turn).
 """
 
 from __future__ import annotations
@@ -13,12 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .formats import PreferencePair
+from .errors import DPOError
+from .formats import PreferencePair, Text
+
+CHUNK = 4096  # pairs per batched tokenizer call: bounds memory, drives the progress bar
 
 
 @dataclass
 class TokenizedPair:
-    """Token ids of one pair: the shared prompt, then each completion (ending with EOS)."""
+    """Token ids of one pair: the shared prompt, then each completion (ending with EOS or the end-of-turn)."""
 
     prompt_ids: list[int]
     chosen_ids: list[int]
@@ -40,6 +48,8 @@ class TruncationReport:
     truncated_completions: int = 0
     dropped: int = 0
     boundary_mismatches: int = 0
+    doubled_bos: int = 0
+    boundary_example: str = ""  # the prompt tail left out of the first mismatched pair, decoded
 
     def lines(self) -> list[str]:
         out = []
@@ -51,17 +61,19 @@ class TruncationReport:
         if self.dropped:
             out.append(f"dropped {self.dropped} pairs whose prompt leaves no room for a completion")
         if self.boundary_mismatches:
-            out.append(f"{self.boundary_mismatches} pairs: the prompt's own tokens are not a prefix of prompt+"
-                       "completion (a merge across the boundary); cut at the common token prefix")
+            out.append(f"warning: in {self.boundary_mismatches} of {self.pairs_in} pairs the prompt's own tokens are "
+                       f"not a prefix of prompt+completion (e.g. {self.boundary_example!r} merges with the "
+                       "completion); they were cut at the common token prefix")
+        if self.doubled_bos:
+            out.append(f"removed a doubled BOS token in {self.doubled_bos} pairs (the text already started with it)")
         return out
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    if len(a) <= len(b) and b[:len(a)] == a:  # the usual case, compared in C
+        return len(a)
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def split_at_boundary(prompt_ids: list[int], chosen_full: list[int], rejected_full: list[int],
@@ -104,23 +116,88 @@ def truncate_pair(pair: TokenizedPair, *, max_length: int, max_prompt_length: in
 
 def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer: Any, *, max_length: int,
                    max_prompt_length: int | None = None, max_completion_length: int | None = None,
-                   truncation_mode: str = "keep_end") -> tuple[list[TokenizedPair], TruncationReport]:
-    """Tokenize text pairs (batched, fast tokenizer) with the exact boundary, EOS and truncation rules above."""
+                   truncation_mode: str = "keep_end", progress: bool = False,
+                   ) -> tuple[list[TokenizedPair], TruncationReport]:
+    """Tokenize pairs (batched, with the fast tokenizer) with the exact boundary, EOS and truncation rules above."""
+    from tqdm import tqdm
+
     report = TruncationReport(pairs_in=len(pairs))
-    prompts = [p.prompt for p in pairs]
-    encode = lambda texts: tokenizer(texts, add_special_tokens=True)["input_ids"]  # noqa: E731
-    prompt_ids = encode(prompts)
-    chosen_full = encode([p.prompt + p.chosen for p in pairs])
-    rejected_full = encode([p.prompt + p.rejected for p in pairs])
+    limits = dict(max_length=max_length, max_prompt_length=max_prompt_length,
+                  max_completion_length=max_completion_length, truncation_mode=truncation_mode)
     out = []
-    for pair, p_ids, c_ids, r_ids in zip(pairs, prompt_ids, chosen_full, rejected_full):
-        prompt, chosen, rejected, mismatch = split_at_boundary(p_ids, c_ids, r_ids)
-        report.boundary_mismatches += mismatch
-        tokenized = TokenizedPair(prompt, with_eos(chosen, tokenizer.eos_token_id),
-                                  with_eos(rejected, tokenizer.eos_token_id), dict(pair.extras), pair.group)
-        kept = truncate_pair(tokenized, max_length=max_length, max_prompt_length=max_prompt_length,
-                             max_completion_length=max_completion_length, truncation_mode=truncation_mode,
-                             report=report)
-        if kept is not None:
-            out.append(kept)
+    with tqdm(total=len(pairs), desc="tokenize", unit="pair", disable=None if progress else True,
+              mininterval=0.5) as bar:
+        for start in range(0, len(pairs), CHUNK):
+            chunk = pairs[start:start + CHUNK]
+            for pair, tokenized in zip(chunk, _tokenize_chunk(chunk, tokenizer, report)):
+                kept = None if tokenized is None else truncate_pair(tokenized, report=report, **limits)
+                if kept is not None:
+                    out.append(kept)
+            bar.update(len(chunk))
     return out, report
+
+
+def _tokenize_chunk(pairs: Sequence[PreferencePair], tokenizer: Any, report: TruncationReport,
+                    ) -> list[TokenizedPair | None]:
+    """Encode prompt, prompt+chosen and prompt+rejected of every pair in three batched calls per text kind."""
+    texts: list[list[str]] = [[], [], []]      # prompt, prompt+chosen, prompt+rejected
+    chat_texts: list[list[str]] = [[], [], []]
+    is_chat = [_is_chat(p) for p in pairs]
+    for pair, chat in zip(pairs, is_chat):
+        if chat:
+            prompt, chosen, rejected = (_as_messages(pair.prompt, "user"), _as_messages(pair.chosen, "assistant"),
+                                        _as_messages(pair.rejected, "assistant"))
+            rendered = (_render(tokenizer, prompt, generation_prompt=True), _render(tokenizer, prompt + chosen),
+                        _render(tokenizer, prompt + rejected))
+            for bucket, text in zip(chat_texts, rendered):
+                bucket.append(text)
+        else:
+            for bucket, text in zip(texts, (pair.prompt, pair.prompt + pair.chosen, pair.prompt + pair.rejected)):
+                bucket.append(text)
+    plain = zip(*[_encode(tokenizer, bucket, special=True) for bucket in texts])
+    chat = zip(*[_encode(tokenizer, bucket, special=False) for bucket in chat_texts])
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    out: list[TokenizedPair | None] = []
+    for pair, chat_pair in zip(pairs, is_chat):
+        prompt_ids, chosen_full, rejected_full = next(chat if chat_pair else plain)
+        if bos is not None and prompt_ids[:2] == [bos, bos]:  # the text itself starts with BOS
+            report.doubled_bos += 1
+            prompt_ids, chosen_full, rejected_full = (ids[1:] if ids[:2] == [bos, bos] else ids
+                                                      for ids in (prompt_ids, chosen_full, rejected_full))
+        prompt, chosen, rejected, mismatch = split_at_boundary(prompt_ids, chosen_full, rejected_full)
+        if mismatch:
+            report.boundary_mismatches += 1
+            report.boundary_example = report.boundary_example or tokenizer.decode(prompt_ids[len(prompt):])
+        if not chat_pair:
+            chosen, rejected = with_eos(chosen, eos), with_eos(rejected, eos)
+        if not prompt:  # no BOS and an empty prompt: the first token has nothing to be predicted from
+            if not (chosen and rejected and chosen[0] == rejected[0]):
+                report.dropped += 1
+                out.append(None)
+                continue
+            prompt, chosen, rejected = chosen[:1], chosen[1:], rejected[1:]
+        out.append(TokenizedPair(prompt, chosen, rejected, dict(pair.extras), pair.group))
+    return out
+
+
+def _encode(tokenizer: Any, texts: list[str], *, special: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=special, return_attention_mask=False,
+                     return_token_type_ids=False)["input_ids"]
+
+
+def _is_chat(pair: PreferencePair) -> bool:
+    return any(isinstance(part, list) for part in (pair.prompt, pair.chosen, pair.rejected))
+
+
+def _as_messages(text: Text, role: str) -> list[dict[str, Any]]:
+    return text if isinstance(text, list) else [{"role": role, "content": text}]
+
+
+def _render(tokenizer: Any, messages: list[dict[str, Any]], *, generation_prompt: bool = False) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DPOError(f"the tokenizer ({getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)}) has no chat "
+                       "template, which conversational (message list) data needs: use a tokenizer that has one "
+                       "(--tokenizer PATH), or give prompt/chosen/rejected as plain text")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
