@@ -20,6 +20,8 @@ from .errors import DPOError
 
 DEFAULT_LR = 1e-6  # TRL's DPOConfig default, right for fine-tuning pretrained models
 SYNTHETIC_LR = 1e-4  # the built-in task trains a small model from random init
+SFT_LR = 2e-5  # TRL's SFTConfig default: supervised fine-tuning moves further than DPO
+SFT_DEFAULTS = {"loss": "sft", "output": "runs/sft"}  # what `dpo sft` changes; the data format is detected
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -46,7 +48,7 @@ class Config:
     eval_split: str | None = _opt(None, "split to read from --eval-data (or from --data when given)")
     eval_fraction: float = _opt(0.1, "share of --data held out for evaluation when no --eval-data (0 turns it off)")
     format: str | None = _opt(None, "force a data format instead of detecting it",
-                              choices=("explicit", "implicit", "conversational", "ranked", "unpaired"))
+                              choices=("explicit", "implicit", "conversational", "ranked", "unpaired", "sft"))
     columns: str | None = _opt(None, "rename columns, e.g. chosen=good,rejected=bad,prompt=question")
     pairs: str = _opt("best-worst", "how to pair several ranked responses per prompt",
                       choices=("best-worst", "all", "adjacent"))
@@ -57,7 +59,7 @@ class Config:
     max_completion_length: int | None = _opt(None, "max completion tokens (completions are cut at the end)")
     truncation_mode: str = _opt("keep_end", "which part of a long prompt to keep", choices=("keep_end", "keep_start"))
     cache: bool = _opt(True, "cache tokenized data on disk (--no-cache redoes it)")
-    cache_dir: str | None = _opt(None, "where tokenized data is cached (default: ~/.cache/dpokit)")
+    cache_dir: str | None = _opt(None, "where tokenized data is cached (default: $DPOKIT_CACHE_DIR or ~/.cache/dpokit/data)")
 
     # --- loss ----------------------------------------------------------------------------------------------
     loss: str = _opt("sigmoid", "loss name, or several comma-separated (see README's loss table)")
@@ -99,7 +101,8 @@ class Config:
     logprob_chunk_size: int = _opt(1024, "completion tokens per LM-head chunk (bounds logits memory)")
 
     # --- optimisation --------------------------------------------------------------------------------------
-    lr: float | None = _opt(None, f"AdamW learning rate (default: {DEFAULT_LR}; {SYNTHETIC_LR} on the synthetic task)")
+    lr: float | None = _opt(None, f"AdamW learning rate (default: {DEFAULT_LR}; {SFT_LR} with --loss sft; "
+                                        f"{SYNTHETIC_LR} on the synthetic task)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     adam_beta1: float = _opt(0.9, "AdamW beta1")
     adam_beta2: float = _opt(0.999, "AdamW beta2")
@@ -128,7 +131,7 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.lr is None:
-            self.lr = SYNTHETIC_LR if self.data == "synthetic" else DEFAULT_LR
+            self.lr = SYNTHETIC_LR if self.data == "synthetic" else SFT_LR if self.loss == "sft" else DEFAULT_LR
         problems = list(self._problems())
         if problems:
             raise DPOError("; ".join(problems))
@@ -154,14 +157,15 @@ class Config:
             yield f"--ref-sync-alpha must be in (0, 1], got {self.ref_sync_alpha}"
         if self.lora_r < 0:
             yield f"--lora-r must be >= 0, got {self.lora_r}"
+        if not 0.0 <= self.lora_dropout < 1.0:
+            yield f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"
+        if self.merge_lora and not (self.lora_r or self.lora_adapter):
+            yield "--merge-lora needs LoRA training (--lora-r N or --lora-adapter PATH)"
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 yield f"--{_flag(f.name)} must be one of {', '.join(choices)}, got {value!r}"
-        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
-            yield (f"--max-prompt-length ({self.max_prompt_length}) must be below --max-length ({self.max_length}) "
-                   "to leave room for the completion")
 
     @property
     def loss_names(self) -> list[str]:
@@ -219,11 +223,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 const=f.metadata.get("const"), metavar=None if f.metadata.get("choices") else f.name.upper())
 
 
-def from_namespace(args: argparse.Namespace) -> Config:
-    """Config from parsed flags: YAML file (if `--config`) underneath, flags on top."""
+def from_namespace(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> Config:
+    """Config from parsed flags: `defaults` (a subcommand's, e.g. SFT_DEFAULTS), then the YAML file (if
+    `--config`), then the flags on top."""
     given = {k: v for k, v in vars(args).items() if k in FIELDS}
     base = _read_yaml(args.config) if getattr(args, "config", None) else {}
-    return Config(**{**base, **given})
+    return Config(**{**(defaults or {}), **base, **given})
 
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:
