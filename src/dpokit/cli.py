@@ -22,7 +22,27 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train a policy on preference pairs. Every flag can also be set in "
                                             "the --config YAML file; the command line wins.")
     add_arguments(train)
+    _add_data_arguments(commands.add_parser("data", help="look at a data file before training on it"))
     return parser
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    from .config import FIELDS
+
+    inspect = parser.add_subparsers(dest="data_command", metavar="inspect", required=True).add_parser(
+        "inspect", help="pairs, format, token lengths, truncation, duplicates and examples with the boundary marked")
+    inspect.add_argument("file", metavar="FILE", help="data file, folder, save_to_disk folder or hub dataset name")
+    inspect.add_argument("--model", help="model or tokenizer folder: lengths in tokens and truncation counts")
+    inspect.add_argument("--examples", type=int, default=2, help="examples to print (default: 2)")
+    for name in ("data_split", "format", "columns", "pairs", "max_pairs", "skip_invalid", "max_length",
+                 "max_prompt_length", "max_completion_length", "truncation_mode"):
+        f = FIELDS[name]
+        flag, text = f"--{name.replace('_', '-')}", f"{f.metadata['help']} (default: {f.default})"
+        if f.default is False:
+            inspect.add_argument(flag, action="store_true", help=text)
+        else:
+            inspect.add_argument(flag, type=int if "max" in name else str, default=f.default, help=text,
+                                 choices=f.metadata.get("choices"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,6 +56,16 @@ def main(argv: list[str] | None = None) -> None:
             from .loop import train
 
             train(from_namespace(args))
+        elif args.command == "data":
+            from .inspect_data import inspect
+            from .models import load_tokenizer
+
+            print("\n".join(inspect(
+                args.file, tokenizer=load_tokenizer(args.model) if args.model else None, format=args.format,
+                columns=args.columns, split=args.data_split, pairs=args.pairs, max_pairs=args.max_pairs,
+                skip_invalid=args.skip_invalid, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                max_completion_length=args.max_completion_length, truncation_mode=args.truncation_mode,
+                examples=args.examples)))
     except DPOError as err:
         print(f"dpo {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None

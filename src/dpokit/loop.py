@@ -67,7 +67,8 @@ def train(cfg: Config) -> Summary:
         data_split=cfg.data_split, eval_split=cfg.eval_split, format=cfg.format, columns=cfg.columns,
         max_pairs=cfg.max_pairs, skip_invalid=cfg.skip_invalid, max_length=cfg.max_length,
         max_prompt_length=cfg.max_prompt_length, max_completion_length=cfg.max_completion_length,
-        truncation_mode=cfg.truncation_mode)
+        truncation_mode=cfg.truncation_mode, pairs=cfg.pairs, unpaired=any(not spec.paired for spec in specs),
+        cache=cfg.cache, cache_dir=cfg.cache_dir, progress=cfg.progress)
     policy = models.load_model(cfg.model, dtype=cfg.dtype, seed=cfg.seed,
                                attn_implementation=cfg.attn_implementation).to(dist.device)
     if cfg.gradient_checkpointing:

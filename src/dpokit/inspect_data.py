@@ -1,0 +1,92 @@
+"""`dpo data inspect FILE [--model PATH]`: what `dpo train` would make of a data file, before training on it.
+
+Reports the pair count and detected format, length percentiles of prompt / chosen / rejected (in tokens with a
+tokenizer, in characters without), how many pairs the length limits would truncate or drop, duplicate pairs,
+pairs whose chosen equals rejected, and examples rendered with the prompt/completion boundary marked.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from . import formats, tokenization
+
+BOUNDARY = "┃"  # printed where the prompt ends and the completion begins
+PERCENTILES = (50, 90, 99)
+
+
+def inspect(path: str, *, tokenizer: Any = None, format: str | None = None, columns: str | None = None,
+            split: str = "train", pairs: str = "best-worst", max_pairs: int | None = None,
+            skip_invalid: bool = False, max_length: int = 1024, max_prompt_length: int | None = None,
+            max_completion_length: int | None = None, truncation_mode: str = "keep_end", examples: int = 2,
+            ) -> list[str]:
+    """The report's lines."""
+    loaded, report = formats.load_pairs(path, format=format, columns=columns, split=split, pairs=pairs,
+                                        max_pairs=max_pairs, skip_invalid=skip_invalid)
+    lines = report.lines()
+    lines.append(f"  duplicate pairs (same prompt, chosen and rejected as an earlier pair): {_duplicates(loaded)}")
+    if tokenizer is None:
+        lengths = [[_chars(getattr(p, side)) for p in loaded] for side in ("prompt", "chosen", "rejected")]
+        lines += _percentile_table(lengths, unit="characters; pass --model PATH to count tokens and truncation")
+        lines += _examples_text(loaded, examples)
+        return lines
+    tokenized, untruncated = tokenization.tokenize_pairs(loaded, tokenizer, max_length=10**9)
+    lengths = [[len(getattr(p, f"{side}_ids")) for p in tokenized] for side in ("prompt", "chosen", "rejected")]
+    lines += _percentile_table(lengths, unit="tokens")
+    limits = tokenization.TruncationReport(  # boundary counts come from tokenizing; truncation counts below
+        pairs_in=len(loaded), dropped=untruncated.dropped, boundary_mismatches=untruncated.boundary_mismatches,
+        doubled_bos=untruncated.doubled_bos, boundary_example=untruncated.boundary_example)
+    for pair in tokenized:
+        tokenization.truncate_pair(pair, max_length=max_length, max_prompt_length=max_prompt_length,
+                                   max_completion_length=max_completion_length, truncation_mode=truncation_mode,
+                                   report=limits)
+    lines.append(f"with --max-length {max_length} --max-prompt-length {max_prompt_length} --max-completion-length "
+                 f"{max_completion_length} --truncation-mode {truncation_mode}:")
+    lines += [f"  {line}" for line in limits.lines()] or ["  nothing truncated or dropped"]
+    for k, pair in enumerate(tokenized[:examples]):
+        prompt = tokenizer.decode(pair.prompt_ids)
+        lines.append(f"example {k + 1} ({BOUNDARY} marks where the prompt ends; tokens {len(pair.prompt_ids)} | "
+                     f"{len(pair.chosen_ids)} | {len(pair.rejected_ids)}):")
+        lines.append(f"  chosen:   {_show(prompt + BOUNDARY + tokenizer.decode(pair.chosen_ids))}")
+        lines.append(f"  rejected: {_show(prompt + BOUNDARY + tokenizer.decode(pair.rejected_ids))}")
+    return lines
+
+
+def _percentile_table(lengths: list[list[int]], *, unit: str) -> list[str]:
+    lines = [f"lengths ({unit}):", f"  {'':<10}" + "".join(f"{'p' + str(q):>8}" for q in PERCENTILES) + f"{'max':>8}"]
+    for name, values in zip(("prompt", "chosen", "rejected"), lengths):
+        cells = [int(np.percentile(values, q, method="higher")) for q in PERCENTILES] + [max(values)]
+        lines.append(f"  {name:<10}" + "".join(f"{c:>8}" for c in cells))
+    return lines
+
+
+def _examples_text(pairs: list[formats.PreferencePair], count: int) -> list[str]:
+    lines = []
+    for k, pair in enumerate(pairs[:count]):
+        prompt = _plain(pair.prompt)
+        lines.append(f"example {k + 1} ({BOUNDARY} marks where the prompt ends):")
+        lines.append(f"  chosen:   {_show(prompt + BOUNDARY + _plain(pair.chosen))}")
+        lines.append(f"  rejected: {_show(prompt + BOUNDARY + _plain(pair.rejected))}")
+    return lines
+
+
+def _duplicates(pairs: list[formats.PreferencePair]) -> int:
+    seen = {json.dumps([p.prompt, p.chosen, p.rejected], ensure_ascii=False) for p in pairs}
+    return len(pairs) - len(seen)
+
+
+def _chars(text: formats.Text) -> int:
+    return len(text) if isinstance(text, str) else sum(len(m["content"]) for m in text)
+
+
+def _plain(text: formats.Text) -> str:
+    return text if isinstance(text, str) else " ".join(f"[{m['role']}] {m['content']}" for m in text)
+
+
+def _show(text: str, limit: int = 400) -> str:
+    """One line, newlines visible, long texts shortened in the middle."""
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= limit else text[:limit // 2] + " ... " + text[-limit // 2:]
