@@ -23,7 +23,8 @@ from .batching import Batch, make_batch
 from .config import Config
 from .errors import DPOError, TrainingFailure
 from .logprobs import PairLogps, SequenceScorer, sequence_logps
-from .reference import ModelReference, NoReference, Reference
+from .reference import (AdapterReference, ModelReference, NoReference, Reference, paired_parameters,
+                        reference_strategy)
 from .tokenization import TokenizedPair
 
 # Order of the summed metrics kept on device between log steps; reduced across ranks in one call.
@@ -56,6 +57,9 @@ def train(cfg: Config) -> Summary:
     specs = resolve_losses(cfg.loss_names)
     weights = parse_loss_weights(cfg.loss_weights, len(specs))
     needs_reference = any(spec.needs_reference for spec in specs)
+    strategy = reference_strategy(loss_names=cfg.loss_names, needs_reference=needs_reference,
+                                  lora=bool(cfg.lora_r or cfg.lora_adapter), ref_model=cfg.ref_model,
+                                  precompute_ref=cfg.precompute_ref, ref_sync_every=cfg.ref_sync_every)
     loss_params = {name: getattr(cfg, name) for spec in specs for name in spec.params}
 
     # ---- model, tokenizer, data ------------------------------------------------------------------------------
@@ -73,11 +77,20 @@ def train(cfg: Config) -> Summary:
                                attn_implementation=cfg.attn_implementation).to(dist.device)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_adapter:
+        policy = models.load_lora_adapter(policy, cfg.lora_adapter, r=cfg.lora_r)
+    elif cfg.lora_r:
+        policy = models.apply_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                   target_modules=cfg.lora_target_modules)
     reference: Reference = NoReference()
-    if needs_reference:
+    if strategy == "adapter":
+        reference = AdapterReference(policy, chunk_size=cfg.logprob_chunk_size, ld_alpha=cfg.ld_alpha)
+    elif strategy in ("copy", "model"):
         ref_model = (models.load_model(cfg.ref_model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
                      if cfg.ref_model else models.frozen_copy(policy))
         reference = ModelReference(ref_model.to(dist.device), chunk_size=cfg.logprob_chunk_size, ld_alpha=cfg.ld_alpha)
+        if cfg.ref_sync_every:
+            paired_parameters(ref_model, policy)  # refuse a --ref-model that TR-DPO cannot update, before training
     policy.train()
     initial = snapshot_parameters(policy)
     scorer = SequenceScorer(policy, cfg.logprob_chunk_size)
@@ -179,6 +192,8 @@ def train(cfg: Config) -> Summary:
                     "--dtype float32, or --max-grad-norm 1.0")
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
+        if cfg.ref_sync_every and step % cfg.ref_sync_every == 0 and isinstance(reference, ModelReference):
+            reference.sync(policy, cfg.ref_sync_alpha)  # TR-DPO: the reference follows the policy
         meter.grad_norm_sum += grad_norm.detach().float() if torch.isfinite(grad_norm) else 0.0
         meter.steps += 1
 
@@ -206,13 +221,13 @@ def train(cfg: Config) -> Summary:
     model_dir = None
     if dist.is_main:
         reporter.close()
-        model_dir = output / "model"
-        policy.save_pretrained(model_dir, safe_serialization=True)
+        movement = parameter_movement(policy, initial)  # before saving: merging LoRA unwraps the policy
+        model_dir = models.save_policy(policy, output, merge_lora=cfg.merge_lora, base_model=cfg.model)
         if tokenizer is not None:
             tokenizer.save_pretrained(model_dir)
         rows = report.read_metrics(output / "metrics.jsonl")
         report.plot_curves([("", rows)], output / "training_curves.png")
-        lines = report.summary_lines(eval_before, eval_after, parameter_movement(policy, initial))
+        lines = report.summary_lines(eval_before, eval_after, movement)
         if eval_after:
             lines.insert(0, f"held-out reward accuracy after training: {eval_after['rewards/accuracies']:.3f}")
         lines.append(f"\nsaved model to {model_dir}, metrics to {output / 'metrics.jsonl'}, "
@@ -357,7 +372,7 @@ def parameter_movement(model: torch.nn.Module, initial: dict[str, torch.Tensor] 
     for name, param in model.named_parameters():
         if name not in initial:
             continue
-        parts = name.removeprefix("model.").split(".")
+        parts = name.removeprefix("base_model.model.").removeprefix("model.").split(".")  # PEFT adds a prefix
         group = ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
         delta[group] = delta.get(group, 0.0) + float((param.detach().float().cpu() - initial[name]).pow(2).sum())
         base[group] = base.get(group, 0.0) + float(initial[name].pow(2).sum())

@@ -1,4 +1,4 @@
-"""Load the policy, reference and tokenizer: named presets or any Hugging Face causal LM.
+"""Load the policy, reference and tokenizer: named presets or any Hugging Face causal LM; wrap, save, merge LoRA.
 
 Presets build a random-init Llama in memory (nothing downloaded). `seed` is the tutorial's exact
 `LlamaConfig(vocab_size=32, hidden_size=512, num_attention_heads=4, num_key_value_heads=4)` with every other
@@ -82,6 +82,80 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     reference.eval()
     reference.requires_grad_(False)
     return reference
+
+
+def apply_lora(model: torch.nn.Module, *, r: int, alpha: float, dropout: float, target_modules: str,
+               ) -> torch.nn.Module:
+    """Wrap `model` in a PEFT `PeftModel` with a fresh LoRA adapter (Hu et al. 2021); the base is frozen.
+
+    `target_modules` is PEFT's "all-linear" (every linear layer of attention and MLP, not the LM head) or
+    comma-separated module names (`q_proj,v_proj`). The adapter starts as a no-op (B = 0), so the wrapped model
+    scores exactly like the base at step 0.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets: str | list[str] = (target_modules if target_modules == "all-linear"
+                                else [name.strip() for name in target_modules.split(",") if name.strip()])
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise DPOError(f"--lora-target-modules {target_modules}: {_first_line(err)}") from None
+
+
+def load_lora_adapter(model: torch.nn.Module, path: str, *, r: int = 0) -> torch.nn.Module:
+    """Wrap `model` with an existing PEFT LoRA adapter folder, trainable, to go on training it.
+
+    The adapter's own config (rank, alpha, targets) wins; a `--lora-r` that disagrees with it is refused.
+    """
+    from peft import PeftConfig, PeftModel
+
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise DPOError(f"--lora-adapter {path}: no PEFT adapter here (no adapter_config.json)")
+    try:
+        config = PeftConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise DPOError(f"--lora-adapter {path}: could not read the adapter config ({_first_line(err)})") from None
+    if r and getattr(config, "r", r) != r:
+        raise DPOError(f"--lora-r {r} disagrees with the adapter in {path} (r={config.r}); drop --lora-r")
+    try:
+        return PeftModel.from_pretrained(model, path, is_trainable=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise DPOError(f"--lora-adapter {path}: could not load the adapter ({_first_line(err)})") from None
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    """Whether `model` is a PEFT wrap (checked without importing peft when it is not loaded)."""
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def save_policy(policy: torch.nn.Module, output: Path, *, merge_lora: bool = False, base_model: str | None = None,
+                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the trained policy to `output/model` and return that folder.
+
+    - full fine-tuning: the model (`save_pretrained`, safetensors);
+    - LoRA: the adapter in PEFT format, loadable with `PeftModel.from_pretrained(base, dir)` or
+      `AutoPeftModelForCausalLM.from_pretrained(dir)` (its config names `base_model`, made absolute when local);
+    - LoRA with `merge_lora`: the adapter merged into the base, a plain model that
+      `AutoModelForCausalLM.from_pretrained` loads alone; the adapter itself goes to `output/adapter`.
+      Merging happens in place (the policy is no longer a PEFT wrap afterwards), so call this last.
+
+    `state_dict` replaces the policy's own weights when they are sharded (FSDP2: the gathered full state).
+    """
+    model_dir = output / "model"
+    if not is_lora(policy):
+        policy.save_pretrained(model_dir, safe_serialization=True, state_dict=state_dict)
+        return model_dir
+    if base_model is not None:
+        local = Path(base_model)
+        policy.peft_config["default"].base_model_name_or_path = (
+            str(local.resolve()) if (local / "config.json").is_file() else base_model)
+    if not merge_lora:
+        policy.save_pretrained(model_dir, safe_serialization=True, state_dict=state_dict)
+        return model_dir
+    policy.save_pretrained(output / "adapter", safe_serialization=True)
+    policy.merge_and_unload().save_pretrained(model_dir, safe_serialization=True)
+    return model_dir
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

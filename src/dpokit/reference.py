@@ -2,16 +2,31 @@
 
 - `ModelReference`: a frozen, eval-mode model (a copy of the starting policy, or `--ref-model`), run under
   `torch.no_grad()` with the same layout as the policy (prefix sharing and packing included).
+- `AdapterReference`: with LoRA, the policy itself with its adapter switched off (the frozen base): no second
+  copy of the weights is kept.
 - `NoReference`: for reference-free losses (SimPO, ORPO, CPO); nothing is loaded, kept or run.
+- `PrecomputedReference` (`--precompute-ref`): per-pair log-probs computed once by `precompute_reference`,
+  cached on disk under a key of (reference weights, token ids, settings), looked up by `Batch.pair_ids`; the
+  reference model itself can then be freed.
+
+`ModelReference.sync` is TR-DPO's reference update; `reference_strategy` picks the strategy from the options
+and refuses combinations that cannot work.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
-from .batching import Batch
+from .batching import Batch, make_batch
+from .errors import DPOError
 from .logprobs import PairLogps, SequenceScorer, sequence_logps
 
 
@@ -39,3 +54,146 @@ class ModelReference:
     @torch.no_grad()
     def logps(self, batch: Batch) -> PairLogps | None:
         return sequence_logps(self.scorer, batch, ld_alpha=self.ld_alpha).detach()
+
+    @torch.no_grad()
+    def sync(self, policy: torch.nn.Module, alpha: float) -> None:
+        """TR-DPO (Gorbatovski et al. 2024, Sec. 3): `ref <- alpha * policy + (1 - alpha) * ref`, per parameter.
+
+        alpha = 1 is the hard update (the reference becomes a copy of the policy); below 1 the soft update.
+        """
+        for reference_param, policy_param in paired_parameters(self.model, policy):
+            value = policy_param  # sharded like the reference under FSDP2 (DTensors), or both plain tensors
+            if hasattr(policy_param, "full_tensor") and not hasattr(reference_param, "full_tensor"):
+                value = policy_param.full_tensor()  # sharded policy, whole reference: gather the policy's shard
+            if alpha == 1.0:
+                reference_param.copy_(value)
+            else:
+                reference_param.lerp_(value.to(reference_param.dtype), alpha)
+
+
+class AdapterReference:
+    """The LoRA policy with its adapter disabled, i.e. the frozen base model, scored without gradients.
+
+    PEFT's `disable_adapter()` skips every LoRA branch for the duration of the call, so the reference costs no
+    memory beyond the policy's own weights (TRL does the same when no `ref_model` is given with PEFT).
+    """
+
+    def __init__(self, policy: torch.nn.Module, *, chunk_size: int = 1024, ld_alpha: float | None = None) -> None:
+        self.policy = policy
+        self.scorer = SequenceScorer(policy, chunk_size)
+        self.ld_alpha = ld_alpha
+
+    @torch.no_grad()
+    def logps(self, batch: Batch) -> PairLogps | None:
+        with self.policy.disable_adapter():  # type: ignore[operator]
+            return sequence_logps(self.scorer, batch, ld_alpha=self.ld_alpha).detach()
+
+
+def paired_parameters(reference: torch.nn.Module, policy: torch.nn.Module,
+                      ) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+    """`(reference, policy)` parameters matched by name; a `DPOError` when the two models differ in shape."""
+    reference_params = dict(reference.named_parameters())
+    pairs = []
+    for name, param in policy.named_parameters():
+        ref = reference_params.pop(name, None)
+        if ref is None or ref.shape != param.shape:
+            raise DPOError(f"--ref-sync-every: the reference and the policy differ at {name}; TR-DPO needs the "
+                           "same architecture (drop --ref-model or --ref-sync-every)")
+        pairs.append((ref, param))
+    if reference_params:
+        raise DPOError(f"--ref-sync-every: the reference has parameters the policy lacks ({next(iter(reference_params))})")
+    return pairs
+
+
+def reference_strategy(*, loss_names: list[str], needs_reference: bool, lora: bool, ref_model: str | None,
+                       precompute_ref: bool, ref_sync_every: int | None) -> str:
+    """Which reference to build: "none", "copy" (frozen copy of the starting policy), "model" (`--ref-model`) or
+    "adapter" (LoRA policy with the adapter disabled). Incompatible options raise a one-line `DPOError`.
+
+    With LoRA, `--ref-model` is honoured (the user asked for that model), at the cost of a second model.
+    """
+    if not needs_reference:
+        given = [flag for flag, on in (("--ref-model", ref_model), ("--precompute-ref", precompute_ref),
+                                       ("--ref-sync-every", ref_sync_every)) if on]
+        if given:
+            raise DPOError(f"{', '.join(given)}: loss {','.join(loss_names)} is reference-free and uses no reference; "
+                           "drop the flag or pick a loss that needs one")
+        return "none"
+    if ref_sync_every and precompute_ref:
+        raise DPOError("--ref-sync-every changes the reference during training, so its log-probs cannot be "
+                       "precomputed; drop --precompute-ref or --ref-sync-every")
+    if ref_sync_every and lora:
+        raise DPOError("--ref-sync-every updates a full reference copy from the policy; with LoRA the policy is an "
+                       "adapter on a frozen base, so use full fine-tuning (--lora-r 0) for TR-DPO")
+    if ref_model:
+        return "model"
+    return "adapter" if lora else "copy"
+
+
+# ---- precomputed reference log-probs (--precompute-ref) ------------------------------------------------------
+
+CACHE_VERSION = 1
+_FIELDS = ("chosen", "rejected", "chosen_lengths", "rejected_lengths")
+
+
+class PrecomputedReference:
+    """Reference log-probs read from a table `[dataset pairs]` by `Batch.pair_ids`: no model, no forward."""
+
+    def __init__(self, table: dict[str, torch.Tensor]) -> None:
+        self.table = table  # _FIELDS -> [pairs] float32, on CPU
+
+    def logps(self, batch: Batch) -> PairLogps | None:
+        ids = batch.pair_ids.cpu()
+        device = batch.chosen_index.device
+        return PairLogps(*(self.table[name][ids].to(device) for name in _FIELDS))
+
+
+def reference_cache_key(model: torch.nn.Module, pairs: Sequence[Any], settings: dict[str, Any]) -> str:
+    """Hex key of everything the reference log-probs depend on: the reference's weights (every parameter and
+    buffer, by bytes), the token ids of every pair (so data, tokenizer and truncation settings are all
+    covered), and `settings` (dtype, attention kernel, LD-DPO alpha, ...)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps([CACHE_VERSION, settings], sort_keys=True, default=str).encode())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{data.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    for pair in pairs:
+        for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+            digest.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def precompute_reference(reference: Reference, pairs: Sequence[Any], *, layout: str, pad_id: int,
+                         batch_size: int, device: torch.device | str, cache_file: Path | None = None,
+                         progress: bool = False) -> PrecomputedReference:
+    """Run `reference` once over `pairs` (batched, same layout as training, no grad) and keep the per-pair
+    log-probs; `pair_ids` of later batches index `pairs`. With `cache_file`, a file written by an earlier run
+    (same key, see `reference_cache_key`) is read instead, and a fresh result is written there atomically."""
+    from safetensors.torch import load_file, save_file
+
+    if cache_file is not None and cache_file.is_file():
+        try:
+            table = load_file(cache_file)
+            if all(table[name].shape == (len(pairs),) for name in _FIELDS):
+                return PrecomputedReference(table)
+        except (OSError, KeyError, RuntimeError):
+            pass  # unreadable or stale: recompute and overwrite
+    from tqdm.auto import tqdm
+
+    table = {name: torch.zeros(len(pairs)) for name in _FIELDS}
+    starts = range(0, len(pairs), batch_size)
+    for start in tqdm(starts, desc="reference log-probs", unit="batch", disable=not progress):
+        ids = list(range(start, min(start + batch_size, len(pairs))))
+        batch = make_batch([pairs[i] for i in ids], layout=layout, pad_id=pad_id, pair_ids=ids).to(device)
+        logps = reference.logps(batch)
+        assert logps is not None, "precompute_reference needs a reference that gives log-probs"
+        for name in _FIELDS:
+            table[name][ids] = getattr(logps, name).float().cpu()
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.partial")
+        save_file(table, partial)
+        partial.replace(cache_file)  # atomic: a concurrent or interrupted run never reads half a file
+    return PrecomputedReference(table)
