@@ -1,0 +1,311 @@
+"""Save and resume training exactly, and survive kills, signals and bad disks.
+
+A checkpoint is a folder `OUTPUT/checkpoints/step-N/`:
+
+    model.safetensors   the trainable parameters (all of them, or only a LoRA adapter's), by parameter name
+    optimizer.pt        `optimizer.state_dict()`
+    trainer.pt          scheduler, RNG states (Python, NumPy, torch, CUDA), data position, step, metric sums...
+    metrics.jsonl       the rows of OUTPUT/metrics.jsonl so far (restored on resume, so rows are never doubled)
+    complete.json       written last: the step and every file's size; a folder without it is not a checkpoint
+
+It is written into `.tmp-step-N-PID/`, each file fsynced, then renamed to `step-N/` in one step, so a kill at any
+moment leaves either the old set of checkpoints or the new one. Resuming takes the newest usable checkpoint:
+one with a missing marker, a missing file, a truncated file or an unreadable file is skipped with a warning that
+names it and the one used instead. Nothing is replayed: the data order is a pure function of (seed, epoch), so
+the saved (epoch, batch index) is enough to continue it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DPOError, TrainingFailure
+
+MODEL = "model.safetensors"
+OPTIMIZER = "optimizer.pt"
+TRAINER = "trainer.pt"
+METRICS = "metrics.jsonl"
+MARKER = "complete.json"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+@dataclass
+class Loaded:
+    """A checkpoint read back: where it was, and its three parts (tensors on the CPU)."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    trainer: dict[str, Any]
+
+
+class Interrupted(TrainingFailure):
+    """The run stopped on SIGTERM/SIGINT after saving a checkpoint; exit status 128 + signal number."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+# ---- saving ----------------------------------------------------------------------------------------------------
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train, by name, as contiguous CPU tensors (a LoRA model gives only its adapter)."""
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save(root: Path, step: int, *, weights: dict[str, torch.Tensor], optimizer: dict[str, Any],
+         trainer: dict[str, Any], metrics: Path | None = None, keep: int | None = None) -> Path:
+    """Write checkpoint `root/step-{step}` atomically; then keep only the newest `keep` complete ones.
+
+    A failed write (disk full, no permission) raises one `TrainingFailure` and leaves earlier checkpoints intact.
+    """
+    from safetensors.torch import save_file
+
+    target = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step-*"):  # left by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        save_file(weights, str(tmp / MODEL))
+        _fsync(tmp / MODEL)
+        _torch_save(optimizer, tmp / OPTIMIZER)
+        _torch_save(trainer, tmp / TRAINER)
+        if metrics is not None and metrics.is_file():
+            shutil.copyfile(metrics, tmp / METRICS)
+            _fsync(tmp / METRICS)
+        sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+        (tmp / MARKER).write_text(json.dumps({"step": step, "files": sizes}), encoding="utf-8")
+        _fsync(tmp / MARKER)
+        _fsync(tmp)
+        if target.exists():  # the same step saved before (a resumed run re-reaching it): replace it
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+        _fsync(root)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = [c for c in complete_checkpoints(root) if c != target]
+        kept = f"the previous checkpoint {previous[0]} is intact" if previous else "no earlier checkpoint exists"
+        raise TrainingFailure(f"could not write checkpoint {target}: {err.strerror or err}; {kept}; "
+                              "free disk space or fix the folder's permissions, then resume") from None
+    if keep is not None:
+        for old in complete_checkpoints(root)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    with path.open("wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk, so a rename never points at unwritten bytes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- finding and loading ---------------------------------------------------------------------------------------
+
+
+def step_of(path: Path) -> int:
+    match = _STEP_DIR.fullmatch(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """All `step-N` folders under `root`, newest first (complete or not)."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) >= 0), key=step_of, reverse=True)
+
+
+def problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be used (cheap checks: marker, files, sizes), or None."""
+    try:
+        marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
+        sizes = dict(marker["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no completeness marker (the save was interrupted)"
+    for name in (MODEL, OPTIMIZER, TRAINER):
+        if name not in sizes:
+            return f"{name} is not listed in {MARKER}"
+    for name, size in sizes.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} is truncated or changed ({file.stat().st_size} bytes, expected {size})"
+    return None
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The `step-N` folders under `root` that pass `problem`, newest first."""
+    return [p for p in checkpoints(root) if problem(p) is None]
+
+
+def read(path: Path) -> Loaded:
+    """Read every part of a checkpoint; raises `ValueError` naming the part if one cannot be read."""
+    from safetensors.torch import load_file
+
+    parts: list[Any] = []
+    for name in (MODEL, OPTIMIZER, TRAINER):
+        try:
+            parts.append(load_file(path / name) if name == MODEL
+                         else torch.load(path / name, map_location="cpu", weights_only=True))
+        except Exception as err:  # safetensors, zipfile and pickle raise many unrelated types for a bad file
+            raise ValueError(f"{name} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+    return Loaded(path, *parts)
+
+
+def load(resume: str, output: Path, warn: Callable[[str], None]) -> Loaded | None:
+    """The newest usable checkpoint for `--resume` ("latest": under `output`; else a run folder, a checkpoints
+    folder or one checkpoint), falling back past broken ones with a warning. None: "latest" and none saved yet."""
+    root, newest = _resolve(resume, output)
+    candidates = [p for p in checkpoints(root) if newest is None or step_of(p) <= newest]
+    skipped: list[tuple[Path, str]] = []
+    for path in candidates:
+        why = problem(path)
+        if why is None:
+            try:
+                loaded = read(path)
+            except ValueError as err:
+                why = str(err)
+            else:
+                for bad, reason in skipped:
+                    warn(f"warning: checkpoint {bad} is unusable ({reason}); resuming from {path} instead")
+                return loaded
+        skipped.append((path, why))
+    if skipped:
+        details = "; ".join(f"{p}: {why}" for p, why in skipped)
+        raise DPOError(f"--resume: no usable checkpoint under {root} ({details})")
+    if resume == "latest":
+        return None
+    raise DPOError(f"--resume {resume}: no checkpoint found there (expected step-N folders from --save-every)")
+
+
+def _resolve(resume: str, output: Path) -> tuple[Path, int | None]:
+    """(folder holding step-N checkpoints, newest step allowed) for a `--resume` value."""
+    if resume == "latest":
+        return output / "checkpoints", None
+    path = Path(resume)
+    if not path.exists():
+        raise DPOError(f"--resume {resume}: no such folder")
+    if step_of(path) >= 0:
+        return path.parent, step_of(path)
+    return (path / "checkpoints" if (path / "checkpoints").is_dir() else path), None
+
+
+def restore_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy saved trainable parameters into `model` in place; they must match its trainable names and shapes."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if params.keys() != weights.keys():
+        missing, unexpected = sorted(params.keys() - weights.keys()), sorted(weights.keys() - params.keys())
+        raise DPOError(f"--resume: checkpoint {source} does not match this model's trainable parameters "
+                       f"(missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the same --model and "
+                       "LoRA flags")
+    with torch.no_grad():
+        for name, param in params.items():
+            if param.shape != weights[name].shape:
+                raise DPOError(f"--resume: checkpoint {source}: {name} has shape {tuple(weights[name].shape)}, "
+                               f"the model has {tuple(param.shape)}")
+            param.copy_(weights[name])
+
+
+def restore_metrics(checkpoint: Path, metrics: Path) -> None:
+    """Put back the metrics rows saved with the checkpoint, dropping those logged after it."""
+    saved = checkpoint / METRICS
+    if saved.is_file():
+        shutil.copyfile(saved, metrics)
+    else:
+        metrics.unlink(missing_ok=True)
+
+
+# ---- random number generators ----------------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) generator states, in types that `torch.load(weights_only=True)` reads."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
+    return {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- signals ---------------------------------------------------------------------------------------------------
+
+
+class StopSignals:
+    """Turn the first SIGTERM/SIGINT into a request the loop honours at the next step boundary (checkpoint, then
+    exit); a second one exits at once. Checkpoint writes are atomic, so exiting mid-save loses nothing saved."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, exit: Callable[[int], Any] = os._exit) -> None:
+        self.received: int | None = None
+        self._exit = exit
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        try:
+            self._previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = {}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum: int, frame: FrameType | None = None) -> None:
+        name = signal_name(signum)
+        if self.received is not None:
+            _say(f"\n{name} again: exiting now, without a checkpoint\n")
+            self._exit(128 + signum)
+            return
+        self.received = signum
+        _say(f"\n{name}: saving a checkpoint at the end of this step, then stopping (send it again to exit now)\n")
+
+
+def signal_name(signum: int | None) -> str:
+    return signal.Signals(signum).name if signum else "a signal"
+
+
+def _say(message: str) -> None:
+    """Write to stderr without Python's buffered streams (a signal may arrive in the middle of a print)."""
+    try:
+        os.write(sys.stderr.fileno(), message.encode())
+    except (OSError, ValueError, AttributeError):
+        pass
