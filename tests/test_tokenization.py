@@ -117,10 +117,22 @@ def test_common_prefix_length_against_a_naive_loop():
 
 
 class CountingTokenizer:
-    """Delegates to a real tokenizer and counts encode calls, to see whether a run tokenized at all."""
+    """Delegates to a real tokenizer and counts encodes (its Rust backend is wrapped too), to see whether a run
+    tokenized at all."""
 
     def __init__(self, inner):
         self.inner, self.calls = inner, 0
+        counter = self
+
+        class Backend:
+            def encode_batch_fast(self, *args, **kwargs):
+                counter.calls += 1
+                return inner.backend_tokenizer.encode_batch_fast(*args, **kwargs)
+
+            def __getattr__(self, name):
+                return getattr(inner.backend_tokenizer, name)
+
+        self.backend_tokenizer = Backend()
 
     def __call__(self, *args, **kwargs):
         self.calls += 1

@@ -181,8 +181,14 @@ def _tokenize_chunk(pairs: Sequence[PreferencePair], tokenizer: Any, report: Tru
 
 
 def _encode(tokenizer: Any, texts: list[str], *, special: bool) -> list[list[int]]:
+    """Token ids of `texts`. For a fast tokenizer, call its Rust backend directly: the same ids as
+    `tokenizer(texts)` (which calls the same `encode_batch`), without computing offsets or building a
+    `BatchEncoding`, and in parallel across texts."""
     if not texts:
         return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=special)]
     return tokenizer(texts, add_special_tokens=special, return_attention_mask=False,
                      return_token_type_ids=False)["input_ids"]
 
