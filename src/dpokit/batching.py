@@ -18,7 +18,7 @@ Layouts (all exact: the same per-sequence log-probs as scoring each prompt+compl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -77,7 +77,7 @@ def make_batch(pairs: Sequence[TokenizedPair], *, layout: str = "packed", pad_id
             for block in blocks:
                 builder.add_row([block])
         else:
-            capacity = max([len(b.tokens) for b in blocks] + [row_capacity or 0])
+            capacity = max([b.size for b in blocks] + [row_capacity or 0])
             for row in _first_fit_decreasing(blocks, capacity):
                 builder.add_row(row)
     extras = {}
@@ -91,116 +91,145 @@ def make_batch(pairs: Sequence[TokenizedPair], *, layout: str = "packed", pad_id
 class _Block:
     """One prompt and its completions, laid out contiguously: prompt, completion 1, completion 2, ..."""
 
-    tokens: list[int]
-    positions: list[int]
-    parts: list[int]                 # 0 = prompt, k = the k-th completion (what each token may attend to)
-    scored: list[tuple[int, int, int, int]]  # (offset of predicting token, target, sequence, position)
+    prompt: list[int]
+    completions: list[list[int]]
+    first_sequence: int              # sequence number of the first completion; the others follow in order
+
+    @property
+    def size(self) -> int:
+        return len(self.prompt) + sum(len(c) for c in self.completions)
 
 
 class _RowBuilder:
+    """Collects rows of blocks, then lays them all out with a handful of tensor operations (no per-token
+    Python): every prompt and completion is a *segment*, and each per-token field is its segment's value
+    repeated over the segment's length."""
+
     def __init__(self) -> None:
         self.rows: list[list[_Block]] = []
         self.num_sequences = 0
 
     def block(self, prompt: list[int], completions: list[list[int]]) -> _Block:
         """A block whose completions become new sequences, numbered in order."""
-        tokens, positions, parts = list(prompt), list(range(len(prompt))), [0] * len(prompt)
-        scored = []
-        for k, completion in enumerate(completions, start=1):
-            start = len(tokens)
-            for j, target in enumerate(completion):
-                # Token j is predicted by the previous token of its own sequence: the prompt's last for j = 0.
-                predictor = len(prompt) - 1 if j == 0 else start + j - 1
-                scored.append((predictor, target, self.num_sequences, j))
-            tokens += completion
-            positions += range(len(prompt), len(prompt) + len(completion))
-            parts += [k] * len(completion)
-            self.num_sequences += 1
-        return _Block(tokens, positions, parts, scored)
+        block = _Block(prompt, completions, self.num_sequences)
+        self.num_sequences += len(completions)
+        return block
 
     def add_row(self, blocks: list[_Block]) -> None:
         self.rows.append(blocks)
 
     def finish(self, *, pad_id: int, four_d: bool, chosen_index: list[int], rejected_index: list[int],
                pair_ids: list[int], extras: dict[str, torch.Tensor]) -> Batch:
-        width = max(sum(len(b.tokens) for b in row) for row in self.rows)
-        n_rows = len(self.rows)
-        input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
-        position_ids = torch.zeros((n_rows, width), dtype=torch.long)
-        block_id = torch.full((n_rows, width), -1, dtype=torch.long)
-        part = torch.zeros((n_rows, width), dtype=torch.long)
-        score_index, target_ids, sequence_index, token_position = [], [], [], []
-        num_tokens = 0
+        width = max(sum(b.size for b in row) for row in self.rows)
+        # One entry per segment: flat start (row * width + offset), length, first position id, part (0 = prompt,
+        # k = k-th completion of its block), block number within the row, sequence (-1 for prompts), and the
+        # flat index of its block's last prompt token (which predicts a completion's first token).
+        ids: list[list[int]] = []
+        start, length, first_position, part, block_no, sequence, prompt_end = ([] for _ in range(7))
         for r, row in enumerate(self.rows):
-            offset = 0
+            offset = r * width
             for b, block in enumerate(row):
-                end = offset + len(block.tokens)
-                input_ids[r, offset:end] = torch.tensor(block.tokens)
-                position_ids[r, offset:end] = torch.tensor(block.positions)
-                part[r, offset:end] = torch.tensor(block.parts)
-                block_id[r, offset:end] = b
-                for predictor, target, sequence, position in block.scored:
-                    score_index.append(r * width + offset + predictor)
-                    target_ids.append(target)
-                    sequence_index.append(sequence)
-                    token_position.append(position)
-                offset = end
-            num_tokens += offset
-        real = block_id >= 0
+                segments = [block.prompt, *block.completions]
+                end_of_prompt = offset + len(block.prompt) - 1
+                for k, segment in enumerate(segments):
+                    ids.append(segment)
+                    start.append(offset)
+                    length.append(len(segment))
+                    first_position.append(0 if k == 0 else len(block.prompt))
+                    part.append(k)
+                    block_no.append(b)
+                    sequence.append(-1 if k == 0 else block.first_sequence + k - 1)
+                    prompt_end.append(end_of_prompt)
+                    offset += len(segment)
+        lengths = torch.tensor(length)                                       # [segments]
+        flat = torch.cat([torch.arange(s, s + n) for s, n in zip(start, length)])  # [tokens] flat positions
+        within = flat - torch.tensor(start).repeat_interleave(lengths)       # [tokens] index within segment
+        per_token = lambda values: torch.tensor(values).repeat_interleave(lengths)  # noqa: E731
+
+        size = len(self.rows) * width
+        input_ids = torch.full((size,), pad_id, dtype=torch.long)
+        input_ids[flat] = torch.tensor([t for segment in ids for t in segment], dtype=torch.long)
+        position_ids = torch.zeros(size, dtype=torch.long)
+        position_ids[flat] = per_token(first_position) + within
+        token_sequence = per_token(sequence)
+        scored = token_sequence >= 0                                         # completion tokens are scored
+        # Token j of a completion is predicted by the token before it in its own sequence: the prompt's last
+        # token for j = 0, else the previous completion token.
+        predictor = torch.where(within == 0, per_token(prompt_end), flat - 1)[scored]
+        score_index, target_ids = predictor, input_ids[flat[scored]]
+
+        shape = (len(self.rows), width)
+        real = torch.zeros(size, dtype=torch.bool)
+        real[flat] = True
+        real = real.view(shape)
         if four_d:
+            block_id = torch.full((size,), -1, dtype=torch.long)
+            block_id[flat] = per_token(block_no)
+            token_part = torch.zeros(size, dtype=torch.long)
+            token_part[flat] = per_token(part)
+            block_id, token_part = block_id.view(shape), token_part.view(shape)
             # Token q may attend to token k when both are in the same block, k is not after q, and k is in the
             # prompt or in q's own completion. Padding attends to itself only (an all-false row gives NaN).
             same_block = block_id[:, :, None] == block_id[:, None, :]
-            causal = torch.ones(width, width, dtype=torch.bool).tril()
-            visible = (part[:, None, :] == 0) | (part[:, :, None] == part[:, None, :])
-            mask = same_block & causal & visible & real[:, :, None]
+            visible = (token_part[:, None, :] == 0) | (token_part[:, :, None] == token_part[:, None, :])
+            mask = same_block & visible & torch.ones(width, width, dtype=torch.bool).tril() & real[:, :, None]
             mask |= torch.eye(width, dtype=torch.bool) & ~real[:, :, None]
-            attention_mask = mask[:, None]
+            attention_mask = mask[:, None]                                   # [rows, 1, seq, seq]
         else:
-            attention_mask = real.long()
+            attention_mask = real.long()                                     # [rows, seq]
         return Batch(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-            score_index=torch.tensor(score_index, dtype=torch.long),
-            target_ids=torch.tensor(target_ids, dtype=torch.long),
-            sequence_index=torch.tensor(sequence_index, dtype=torch.long),
-            token_position=torch.tensor(token_position, dtype=torch.long),
+            input_ids=input_ids.view(shape), position_ids=position_ids.view(shape), attention_mask=attention_mask,
+            score_index=score_index, target_ids=target_ids, sequence_index=token_sequence[scored],
+            token_position=within[scored],
             chosen_index=torch.tensor(chosen_index, dtype=torch.long),
             rejected_index=torch.tensor(rejected_index, dtype=torch.long),
             pair_ids=torch.tensor(pair_ids, dtype=torch.long), extras=extras,
-            num_sequences=self.num_sequences, num_tokens=num_tokens)
+            num_sequences=self.num_sequences, num_tokens=int(lengths.sum()))
 
 
 def _prompt_blocks(pairs: Sequence[TokenizedPair], builder: _RowBuilder,
                    ) -> tuple[list[_Block], list[int], list[int]]:
     """One block per distinct prompt; each distinct completion of that prompt appears once in it."""
-    by_prompt: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+    by_prompt: dict[tuple[int, ...], dict[tuple[int, ...], int]] = {}
     for pair in pairs:
-        completions = by_prompt.setdefault(tuple(pair.prompt_ids), [])
+        completions = by_prompt.setdefault(tuple(pair.prompt_ids), {})
         for completion in (tuple(pair.chosen_ids), tuple(pair.rejected_ids)):
-            if completion not in completions:
-                completions.append(completion)
-    blocks, sequence_of = [], {}
+            completions.setdefault(completion, len(completions))
+    blocks, first_of = [], {}
     for prompt, completions in by_prompt.items():
-        first = builder.num_sequences
-        blocks.append(builder.block(list(prompt), [list(c) for c in completions]))
-        for k, completion in enumerate(completions):
-            sequence_of[prompt, completion] = first + k
-    chosen_index = [sequence_of[tuple(p.prompt_ids), tuple(p.chosen_ids)] for p in pairs]
-    rejected_index = [sequence_of[tuple(p.prompt_ids), tuple(p.rejected_ids)] for p in pairs]
+        block = builder.block(list(prompt), [list(c) for c in completions])
+        blocks.append(block)
+        first_of[prompt] = block.first_sequence
+    sequence_of = lambda prompt, completion: first_of[prompt] + by_prompt[prompt][completion]  # noqa: E731
+    chosen_index = [sequence_of(tuple(p.prompt_ids), tuple(p.chosen_ids)) for p in pairs]
+    rejected_index = [sequence_of(tuple(p.prompt_ids), tuple(p.rejected_ids)) for p in pairs]
     return blocks, chosen_index, rejected_index
 
 
 def _first_fit_decreasing(blocks: list[_Block], capacity: int) -> list[list[_Block]]:
     rows: list[list[_Block]] = []
     room: list[int] = []
-    for block in sorted(blocks, key=lambda b: len(b.tokens), reverse=True):
-        size = len(block.tokens)
+    for block in sorted(blocks, key=lambda b: b.size, reverse=True):
         for i, free in enumerate(room):
-            if size <= free:
+            if block.size <= free:
                 rows[i].append(block)
-                room[i] -= size
+                room[i] -= block.size
                 break
         else:
             rows.append([block])
-            room.append(capacity - size)
+            room.append(capacity - block.size)
     return rows
+
+
+def grouped_permutation(groups: Sequence[Hashable] | None, num_pairs: int, generator: torch.Generator,
+                        ) -> list[int]:
+    """A seeded permutation of `range(num_pairs)` in which pairs of the same group (several responses to one
+    prompt) are consecutive, so a batch holds as many of them as it can and the `shared` layout forwards their
+    prompt once. Groups are shuffled as units; with no groups this is exactly `torch.randperm`."""
+    if groups is None:
+        return torch.randperm(num_pairs, generator=generator).tolist()
+    members: dict[Hashable, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    units = list(members.values())
+    return [index for unit in torch.randperm(len(units), generator=generator).tolist() for index in units[unit]]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import __version__
 from .config import add_arguments, from_namespace
@@ -23,6 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
                                             "the --config YAML file; the command line wins.")
     add_arguments(train)
     _add_data_arguments(commands.add_parser("data", help="look at a data file before training on it"))
+    report = commands.add_parser(
+        "report", help="compare runs: curves on shared axes (PNG) and a summary table (markdown)",
+        description="Plot the metrics.jsonl of one or several runs on shared axes (train solid, eval dashed) "
+                    "and summarize them in a markdown table: final and best eval metrics, steps, pairs/s, wall time.")
+    report.add_argument("runs", nargs="+", metavar="RUN", help="a `dpo train` output folder or its metrics.jsonl")
+    report.add_argument("--out", default="report.png",
+                        help="PNG to write; the table goes next to it as .md and to stdout (default: report.png)")
     return parser
 
 
@@ -56,6 +64,12 @@ def main(argv: list[str] | None = None) -> None:
             from .loop import train
 
             train(from_namespace(args))
+        elif args.command == "report":
+            from .report import write_report
+
+            png = Path(args.out)
+            print(write_report(args.runs, png, png.with_suffix(".md")), end="")
+            print(f"wrote {png} and {png.with_suffix('.md')}", file=sys.stderr)
         elif args.command == "data":
             from .inspect_data import inspect
             from .models import load_tokenizer

@@ -161,6 +161,9 @@ class Config:
             yield f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"
         if self.merge_lora and not (self.lora_r or self.lora_adapter):
             yield "--merge-lora needs LoRA training (--lora-r N or --lora-adapter PATH)"
+        unknown = [t for t in self.report_to.split(",") if t.strip() not in ("none", "tensorboard", "wandb")]
+        if unknown:
+            yield f"--report-to takes none, tensorboard, wandb (comma-separated), got {', '.join(unknown)!r}"
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -176,6 +179,20 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
+
+    def to_args(self) -> list[str]:
+        """The `dpo train` flags that rebuild this Config (`Config.from_args(cfg.to_args()) == cfg`): every
+        field that differs from its default, so a run's command line can be written down and re-run."""
+        args: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == f.default:
+                continue
+            if isinstance(value, bool):
+                args.append(f"--{'' if value else 'no-'}{_flag(f.name)}")
+            elif value is not None:
+                args += [f"--{_flag(f.name)}", str(value)]
+        return args
 
     # --- construction from YAML and the command line -------------------------------------------------------
 
