@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import math
 import random
+import shlex
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 
-from . import distributed, losses, models, pipeline, report
+from . import distributed, losses, model_card, models, pipeline, report, trackers
 from .batching import Batch, make_batch
 from .config import Config
 from .errors import DPOError, TrainingFailure
@@ -45,6 +48,18 @@ class Summary:
     wall_time_s: float
     counts: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / "metrics.jsonl"
+
+    @property
+    def curves_path(self) -> Path:
+        return self.output_dir / "training_curves.png"
+
+    @property
+    def model_card_path(self) -> Path | None:
+        return None if self.model_dir is None else self.model_dir / "README.md"
+
 
 def train(cfg: Config) -> Summary:
     """Run DPO (or any registered loss) as `cfg` says; returns a `Summary`."""
@@ -52,6 +67,7 @@ def train(cfg: Config) -> Summary:
     dist = distributed.init(cfg.device)
     seed_everything(cfg.seed)
     output = Path(cfg.output)
+    tracker_names = trackers.parse_report_to(cfg.report_to)  # a missing extra fails now, not after loading
 
     # ---- losses ----------------------------------------------------------------------------------------------
     specs = resolve_losses(cfg.loss_names)
@@ -146,8 +162,9 @@ def train(cfg: Config) -> Summary:
 
     # ---- outputs ---------------------------------------------------------------------------------------------
     reporter: report.Reporter | report.NullReporter = (
-        report.Reporter(output, total_steps=total_steps, progress=cfg.progress) if dist.is_main
-        else report.NullReporter())
+        report.Reporter(output, total_steps=total_steps, progress=cfg.progress,
+                        sinks=[trackers.build_tracker(tracker_names, output, config=cfg.to_dict())])
+        if dist.is_main else report.NullReporter())
     if dist.is_main:
         write_config(cfg, output / "config.yaml")
         for note in data.notes:
@@ -225,13 +242,14 @@ def train(cfg: Config) -> Summary:
         model_dir = models.save_policy(policy, output, merge_lora=cfg.merge_lora, base_model=cfg.model)
         if tokenizer is not None:
             tokenizer.save_pretrained(model_dir)
-        rows = report.read_metrics(output / "metrics.jsonl")
-        report.plot_curves([("", rows)], output / "training_curves.png")
+        report.write_report([output], output / "training_curves.png", output / "summary.md")
+        model_card.write_card(model_dir, card_info(cfg, output, loss_params, data.counts, step, eval_before,
+                                                   eval_after, final_train))
         lines = report.summary_lines(eval_before, eval_after, movement)
         if eval_after:
             lines.insert(0, f"held-out reward accuracy after training: {eval_after['rewards/accuracies']:.3f}")
         lines.append(f"\nsaved model to {model_dir}, metrics to {output / 'metrics.jsonl'}, "
-                     f"curves to {output / 'training_curves.png'}")
+                     f"curves to {output / 'training_curves.png'}, run summary to {output / 'summary.md'}")
         print("\n".join(lines), flush=True)
     distributed.cleanup()
     return Summary(output, model_dir, step, eval_before, eval_after, final_train,
@@ -377,6 +395,18 @@ def parameter_movement(model: torch.nn.Module, initial: dict[str, torch.Tensor] 
         delta[group] = delta.get(group, 0.0) + float((param.detach().float().cpu() - initial[name]).pow(2).sum())
         base[group] = base.get(group, 0.0) + float(initial[name].pow(2).sum())
     return {g: math.sqrt(delta[g]) / max(math.sqrt(base[g]), 1e-12) for g in delta}
+
+
+def card_info(cfg: Config, output: Path, loss_params: dict[str, Any], counts: dict[str, int], steps: int,
+              eval_before: dict[str, float], eval_after: dict[str, float], final_train: dict[str, float],
+              ) -> model_card.CardInfo:
+    """What the model card says about this run; the command omits --resume so that it re-runs from scratch."""
+    return model_card.CardInfo(
+        name=output.resolve().name, base_model=cfg.model, base_is_preset=models.is_preset(cfg.model),
+        losses=cfg.loss_names, loss_params=loss_params, data=[d for d in (cfg.data, cfg.eval_data) if d],
+        counts=counts, command=shlex.join(["dpo", "train", *cfg.replace(resume=None).to_args()]),
+        eval_before=eval_before, eval_after=eval_after, final_train=final_train, steps=steps,
+        tags=["lora"] if cfg.lora_r or cfg.lora_adapter else [], rows=report.read_metrics(output / "metrics.jsonl"))
 
 
 def write_config(cfg: Config, path: Path) -> None:

@@ -1,7 +1,10 @@
-"""Everything the user sees: `metrics.jsonl`, the progress bar, the end summary and `training_curves.png`.
+"""Everything the user sees: `metrics.jsonl`, the progress bar, the end summary, curves and run reports.
 
 This room receives plain floats and decides nothing about training. Non-main ranks get a `NullReporter` with
 the same methods, so the loop never branches on "am I rank 0?" (nanochat's DummyWandb idea).
+
+`dpo report RUN [RUN ...]` (and the end of `dpo train`, on its own run) renders `metrics.jsonl` files into one
+PNG of curves on shared axes and a markdown table, to compare runs (beta, loss, data) side by side.
 """
 
 from __future__ import annotations
@@ -10,18 +13,35 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
+
+from .errors import DPOError
 
 PLOTTED = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "lr", "grad_norm")
 
 
+class Sink(Protocol):
+    """Where rows go besides metrics.jsonl: an experiment tracker (see `trackers`)."""
+
+    def log(self, row: Mapping[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Reporter:
-    """Writes `metrics.jsonl` under `out_dir` and drives the progress bar on stderr."""
+    """Writes `metrics.jsonl` under `out_dir`, forwards each row to `sinks`, drives the progress bar on stderr.
+
+    The bar is drawn only on an interactive terminal without NO_COLOR (and TERM != dumb); otherwise (log files,
+    CI) a plain line is printed at step 1 and every 50 steps, so logs hold no carriage-return spam.
+    """
 
     def __init__(self, out_dir: str | Path, *, total_steps: int, progress: bool = True,
-                 stream: TextIO | None = None, append: bool = False) -> None:
+                 stream: TextIO | None = None, append: bool = False, sinks: Sequence[Sink] = ()) -> None:
+        self._start = time.perf_counter()
+        self.sinks = list(sinks)
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out_dir / "metrics.jsonl"
@@ -36,9 +56,12 @@ class Reporter:
             self._bar = tqdm(total=total_steps, desc="train", unit="step", file=self.stream, dynamic_ncols=True)
 
     def log(self, row: dict[str, Any]) -> None:
-        """Append one row to metrics.jsonl (step, epoch, then metrics)."""
+        """Append one row to metrics.jsonl (step, epoch, metrics, then `elapsed_s` since the reporter started)."""
+        row = {**row, "elapsed_s": round(time.perf_counter() - self._start, 3)}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        for sink in self.sinks:
+            sink.log(row)
 
     def progress(self, step: int, metrics: dict[str, float]) -> None:
         """Advance the bar to `step`; without a terminal, print a plain line now and then instead."""
@@ -62,6 +85,8 @@ class Reporter:
             self._bar.close()
             self._bar = None
         self._file.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 class NullReporter:
@@ -97,34 +122,107 @@ def summary_lines(before: dict[str, float], after: dict[str, float], movement: d
     return lines
 
 
-def plot_curves(runs: Sequence[tuple[str, Iterable[dict[str, Any]]]], path: str | Path,
-                metrics: Sequence[str] = PLOTTED[:3]) -> Path:
-    """Plot `metrics` over steps for one or several runs (train solid, eval dashed) to a PNG."""
+def load_run(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run: `path` is a run's output folder or its metrics.jsonl."""
+    path = Path(path)
+    metrics = path / "metrics.jsonl" if path.is_dir() else path
+    if not metrics.is_file():
+        raise DPOError(f"{path}: no metrics.jsonl here (give a `dpo train` output folder or a metrics.jsonl file)")
+    try:
+        return read_metrics(metrics)
+    except json.JSONDecodeError as err:
+        raise DPOError(f"{metrics}:{err.lineno}: not a JSON line ({err.msg})") from None
+
+
+def run_labels(paths: Sequence[str | Path]) -> list[str]:
+    """Short names for runs in legends and tables: folder names, or the paths as given when those collide."""
+    names = [(Path(p).parent if Path(p).name == "metrics.jsonl" else Path(p)).resolve().name for p in paths]
+    return names if len(set(names)) == len(names) else [str(p) for p in paths]
+
+
+def summarize_run(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """Steps, final and best held-out metrics, mean training pairs/s and wall time of one run's rows.
+
+    `elapsed_s` restarts at 0 when a run is resumed, so wall time adds up the segments.
+    """
+    evals = [r for r in rows if isinstance(r.get("eval/loss"), (int, float))]
+    train = [r for r in rows if isinstance(r.get("pairs_per_s"), (int, float))]
+    accuracies = [r["eval/rewards/accuracies"] for r in evals if "eval/rewards/accuracies" in r]
+    wall, previous = 0.0, 0.0
+    for r in rows:
+        elapsed = float(r.get("elapsed_s", previous))
+        wall += elapsed - previous if elapsed >= previous else elapsed
+        previous = elapsed
+    final = evals[-1] if evals else {}
+    return {
+        "steps": max((float(r["step"]) for r in rows), default=None),
+        "final eval acc": final.get("eval/rewards/accuracies"),
+        "best eval acc": max(accuracies, default=None),
+        "final eval margin": final.get("eval/rewards/margins"),
+        "final eval loss": final.get("eval/loss"),
+        "best eval loss": min((r["eval/loss"] for r in evals), default=None),
+        "pairs/s": sum(r["pairs_per_s"] for r in train) / len(train) if train else None,
+        "wall time (s)": wall if any("elapsed_s" in r for r in rows) else None,
+    }
+
+
+def summary_table(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]]) -> str:
+    """A markdown table, one line per run, of `summarize_run`'s numbers (`-` where a run has none)."""
+    summaries = [(label, summarize_run(rows)) for label, rows in runs]
+    columns = list(summaries[0][1]) if summaries else []
+    lines = ["| run | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label, summary in summaries:
+        cells = ["-" if v is None else f"{v:.0f}" if k == "steps" else f"{v:.4g}" for k, v in summary.items()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(runs: Sequence[str | Path], png: str | Path, markdown: str | Path | None = None,
+                 labels: Sequence[str] | None = None) -> str:
+    """`dpo report`: curves of every run to `png`, the summary table to `markdown` (if given); returns the table."""
+    loaded = list(zip(labels or run_labels(runs), [load_run(run) for run in runs]))
+    plot_curves(loaded, png)
+    table = summary_table(loaded)
+    if markdown is not None:
+        Path(markdown).write_text(f"# Run report\n\n![training curves]({Path(png).name})\n\n{table}",
+                                  encoding="utf-8")
+    return table
+
+
+def plot_curves(runs: Sequence[tuple[str, Iterable[Mapping[str, Any]]]], path: str | Path,
+                metrics: Sequence[str] = PLOTTED) -> Path:
+    """Plot `metrics` over steps, one panel each, every run on the same axes (train solid, eval dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.4), squeeze=False)
-    for (label, rows) in runs:
+    columns = min(4, len(metrics))
+    rows_of_axes = -(-len(metrics) // columns)
+    fig, axes = plt.subplots(rows_of_axes, columns, figsize=(4.2 * columns, 3.2 * rows_of_axes), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[len(metrics):]:
+        ax.set_visible(False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, rows) in enumerate(runs):
         rows = list(rows)
-        for ax, name in zip(axes[0], metrics):
+        for ax, name in zip(flat, metrics):
             for prefix, style in (("", "-"), ("eval/", "--")):
                 points = [(r["step"], r[prefix + name]) for r in rows
                           if isinstance(r.get(prefix + name), (int, float))]
                 if points:
                     xs, ys = zip(*points)
-                    marker = "o" if prefix else None
-                    ax.plot(xs, ys, style, marker=marker, markersize=3,
-                            label=f"{label} {'eval' if prefix else 'train'}".strip())
-    for ax, name in zip(axes[0], metrics):
+                    ax.plot(xs, ys, style, color=colors[i % len(colors)], marker="o" if prefix else None,
+                            markersize=3, label=f"{label} {'eval' if prefix else 'train'}".strip())
+    for ax, name in zip(flat, metrics):
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
+    if flat[0].lines:
+        flat[0].legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -1,0 +1,114 @@
+"""The model card: `OUTPUT/model/README.md` in the Hugging Face format, written at the end of training.
+
+A card is YAML front matter (the metadata the Hub indexes: `base_model`, `library_name`, `tags`, `datasets`)
+followed by markdown for people: how the model was trained (loss and parameters), on what data (files, pair,
+truncation and skip counts), how it scored, and the `dpo train` command line that reproduces it.
+See https://huggingface.co/docs/hub/model-cards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .report import summary_table
+
+METRICS = ("rewards/accuracies", "rewards/margins", "loss", "logps/chosen", "logps/rejected")
+
+
+@dataclass
+class CardInfo:
+    """What a card says. Plain values: the loop fills it from `Config`, the data counts and the final metrics."""
+
+    name: str                           # the card's title, e.g. the output folder's name
+    base_model: str                     # hub name or folder the policy started from
+    base_is_preset: bool                # a dpokit preset (random init): not a real base model on the Hub
+    losses: Sequence[str]
+    loss_params: Mapping[str, Any]
+    data: Sequence[str]                 # --data (and --eval-data) as given: files, folders or hub dataset names
+    counts: Mapping[str, int]           # train_pairs, eval_pairs, dropped_pairs, truncated_pairs, ...
+    command: str                        # the `dpo train ...` line that reproduces the run
+    eval_before: Mapping[str, float] = field(default_factory=dict)
+    eval_after: Mapping[str, float] = field(default_factory=dict)
+    final_train: Mapping[str, float] = field(default_factory=dict)
+    steps: int = 0
+    tags: Sequence[str] = ()            # extra Hub tags, e.g. "lora"
+    rows: Sequence[Mapping[str, Any]] = ()  # metrics.jsonl rows, for the run summary table
+
+
+def hub_datasets(data: Sequence[str]) -> list[str]:
+    """The data arguments that name Hub datasets: not the built-in task and not a local file or folder."""
+    return [d for d in data if d != "synthetic" and not Path(d).exists()]
+
+
+def front_matter(info: CardInfo) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    if not info.base_is_preset:
+        meta["base_model"] = info.base_model
+    meta["library_name"] = "dpokit"
+    meta["tags"] = list(dict.fromkeys(["dpokit", "dpo", *info.losses, *info.tags]))
+    datasets = hub_datasets(info.data)
+    if datasets:
+        meta["datasets"] = datasets
+    return meta
+
+
+def render_card(info: CardInfo) -> str:
+    """The card's text: `---`, YAML metadata, `---`, then markdown."""
+    base = (f"the dpokit preset `{info.base_model}` (random init)" if info.base_is_preset
+            else f"`{info.base_model}`" if Path(info.base_model).exists()
+            else f"[{info.base_model}](https://huggingface.co/{info.base_model})")
+    params = ", ".join(f"{k}={v}" for k, v in info.loss_params.items())
+    lines = [
+        "---", yaml.safe_dump(front_matter(info), sort_keys=False).rstrip(), "---", "",
+        f"# {info.name}", "",
+        f"Fine-tuned from {base} on preference pairs with [dpokit](https://pypi.org/project/dpokit/) "
+        f"{_version()}.", "",
+        "## Training", "",
+        f"- loss: {' + '.join(f'`{name}`' for name in info.losses)}" + (f" ({params})" if params else ""),
+        f"- optimizer steps: {info.steps}", "",
+        "## Data", "",
+        *[f"- `{d}`" for d in info.data], "",
+        "| count | pairs |", "|---|---|",
+        *[f"| {name.replace('_', ' ')} | {value} |" for name, value in info.counts.items()], "",
+    ]
+    lines += _results(info)
+    if info.rows:
+        lines += ["## Run summary", "", summary_table([("this run", info.rows)]).rstrip(), ""]
+    lines += ["## Reproduce", "", "```bash", info.command, "```", ""]
+    return "\n".join(lines)
+
+
+def write_card(model_dir: str | Path, info: CardInfo) -> Path:
+    path = Path(model_dir) / "README.md"
+    path.write_text(render_card(info), encoding="utf-8")
+    return path
+
+
+def _results(info: CardInfo) -> list[str]:
+    if not (info.eval_after or info.final_train):
+        return []
+    lines = ["## Results", "", "| metric | held-out, before | held-out, after | train, last log step |",
+             "|---|---|---|---|"]
+    for name in METRICS:
+        cells = [_number(source.get(name)) for source in (info.eval_before, info.eval_after, info.final_train)]
+        if any(cell != "-" for cell in cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
+def _version() -> str:
+    try:
+        return metadata.version("dpokit")
+    except metadata.PackageNotFoundError:  # running from a source tree that was not installed
+        return "(source)"
