@@ -2,14 +2,26 @@
 
 `init()` reads the usual launcher variables (RANK, WORLD_SIZE, LOCAL_RANK); without them it is a world of one
 and every collective below is skipped. Nothing else in dpokit talks to `torch.distributed` directly.
+
+Two ways to spread a model over ranks (PyTorch's own, no layer in between):
+
+- DDP (default): every rank holds the whole model and optimizer; gradients are averaged in backward.
+- FSDP2 (`fully_shard`, `--fsdp`): each decoder layer is one communication group and the root (embeddings, final
+  norm, LM head) another; parameters, gradients and AdamW states live sharded 1/N per rank, a layer's weights
+  are all-gathered just before it runs and freed after. With `param_dtype=bfloat16` the sharded master weights
+  stay float32 and only the gathered copies used for compute are bfloat16; gradients are reduced in float32.
+
+Both average gradients over ranks, so a loss scaled by `world_size / pairs in the step` gives the gradient of
+the mean over all the step's pairs (see `loop.train`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as td
@@ -21,6 +33,7 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
+    owns_group: bool = False  # `init` created the process group, so `cleanup` destroys it
 
     @property
     def is_main(self) -> bool:
@@ -32,43 +45,101 @@ class Dist:
 
 
 def init(device: str = "auto") -> Dist:
-    """Join the process group when launched by torchrun (or anything setting WORLD_SIZE); pick the device."""
+    """Join the process group when launched by torchrun (or anything setting WORLD_SIZE); pick the device.
+
+    Under a launcher `auto` and a bare `cuda` both mean `cuda:LOCAL_RANK`, one GPU per process. A process
+    group that the caller already set up (a larger program, a test harness) is used as it is and left alive.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     chosen = torch.device(device)
     if chosen.type == "cuda":
+        if chosen.index is None:
+            chosen = torch.device("cuda", local_rank)
         torch.cuda.set_device(chosen)
-    if world_size > 1 and not td.is_initialized():
+    owns_group = world_size > 1 and not td.is_initialized()
+    if owns_group:
         td.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
-    return Dist(rank, world_size, local_rank, chosen)
+    return Dist(rank, world_size, local_rank, chosen, owns_group)
 
 
-def cleanup() -> None:
-    if td.is_initialized():
+def cleanup(dist: Dist) -> None:
+    if dist.owns_group and td.is_initialized():
         td.destroy_process_group()
 
 
-def wrap(module: torch.nn.Module, dist: Dist) -> torch.nn.Module:
-    """DDP over `module` when there are several processes; the module itself otherwise."""
+def wrap(module: torch.nn.Module, dist: Dist, *, fsdp: bool = False,
+         param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """DDP (or FSDP2 when `fsdp`) over `module` when there are several processes; the module itself otherwise."""
     if not dist.enabled:
         return module
+    if fsdp:
+        return shard(module, dist, param_dtype=param_dtype)
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids)
+    # Causal LMs keep only constant buffers (rotary inv_freq): broadcasting them before every forward would
+    # cost a collective per forward and hang evaluation whenever ranks run different numbers of batches.
+    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+
+
+def shard(module: torch.nn.Module, dist: Dist, *, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """FSDP2 in place: `fully_shard` each decoder layer, then `module` as the root; returns `module`.
+
+    Frozen modules (the reference model) are sharded the same way; their forward gathers weights layer by
+    layer too. Decoder layers are the classes the Hugging Face model names in `_no_split_modules` (what
+    accelerate uses for its auto-wrap policy); a model without that list is sharded as one group.
+    `module.forward` must run every parameter it owns, which is why the loop shards `SequenceScorer` (backbone
+    and LM head) rather than the Hugging Face model, whose own `forward` the scorer never calls.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
+    kwargs = {"mesh": mesh, **({"mp_policy": policy} if policy else {})}
+    for layer in decoder_layers(module):
+        fully_shard(layer, **kwargs)
+    fully_shard(module, **kwargs)
+    return module
+
+
+def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules whose class is listed in some submodule's `_no_split_modules` (e.g. LlamaDecoderLayer)."""
+    names: set[str] = set()
+    for sub in module.modules():
+        names.update(getattr(sub, "_no_split_modules", None) or ())
+    return [sub for sub in module.modules() if type(sub).__name__ in names]
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(sub, FSDPModule) for sub in module.modules())
 
 
 @contextlib.contextmanager
 def no_sync(module: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    """Skip DDP's gradient all-reduce on accumulation micro-steps (all but the last)."""
-    if enabled and hasattr(module, "no_sync"):
+    """Skip DDP's gradient all-reduce on accumulation micro-steps (all but the last).
+
+    FSDP2 modules are left alone: skipping their reduce-scatter would keep a full unsharded gradient on every
+    rank until the last micro-step, which is the memory FSDP exists to save; reducing each micro-step instead
+    sums into the sharded gradient and gives the same result.
+    """
+    if enabled and isinstance(module, torch.nn.parallel.DistributedDataParallel):
         with module.no_sync():
             yield
     else:
         yield
+
+
+def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """`clip_grad_norm_` that returns a plain scalar tensor: under FSDP2 the norm is a replicated DTensor."""
+    norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def reduce_sums(values: torch.Tensor, dist: Dist) -> torch.Tensor:
@@ -79,9 +150,41 @@ def reduce_sums(values: torch.Tensor, dist: Dist) -> torch.Tensor:
     return values
 
 
-def broadcast_int(value: int, dist: Dist) -> int:
-    if not dist.enabled:
-        return value
-    tensor = torch.tensor([value], device=dist.device if dist.device.type == "cuda" else "cpu")
-    td.broadcast(tensor, src=0)
-    return int(tensor.item())
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole `module.state_dict()` as ordinary CPU tensors: what `save_pretrained(state_dict=...)` wants.
+
+    For an FSDP2-sharded module every rank must call this (each parameter is all-gathered); only rank 0 keeps
+    the gathered tensors, the other ranks get an empty dict.
+    """
+    if not is_sharded(module):
+        return {name: tensor.detach().cpu() for name, tensor in module.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_sharded(path: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Write model and optimizer state with `torch.distributed.checkpoint`: each rank writes its own shards.
+
+    Keys are the parameters' names without any FSDP prefix, so `load_sharded` can read the folder back on any
+    number of ranks (DCP reshards on load), sharded or not. Every rank must call it.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(module, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
+
+
+def load_sharded(path: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Read a `save_sharded` folder into `module` and `optimizer` in place, whatever the number of ranks now.
+
+    A fresh optimizer is fine: `get_state_dict` first creates its (zero) state, so DCP knows the shapes.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(module, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

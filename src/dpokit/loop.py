@@ -89,7 +89,11 @@ def train(cfg: Config) -> Summary:
         max_prompt_length=cfg.max_prompt_length, max_completion_length=cfg.max_completion_length,
         truncation_mode=cfg.truncation_mode, pairs=cfg.pairs, unpaired=any(not spec.paired for spec in specs),
         cache=cfg.cache, cache_dir=cfg.cache_dir, progress=cfg.progress)
-    policy = models.load_model(cfg.model, dtype=cfg.dtype, seed=cfg.seed,
+    sharded = cfg.fsdp and dist.enabled
+    if sharded and cfg.merge_lora:
+        raise DPOError("--merge-lora is not supported with --fsdp; save the adapter and merge it afterwards")
+    # FSDP2 keeps float32 master weights (sharded 1/N) and computes in bfloat16 through its MixedPrecisionPolicy.
+    policy = models.load_model(cfg.model, dtype="float32" if sharded else cfg.dtype, seed=cfg.seed,
                                attn_implementation=cfg.attn_implementation).to(dist.device)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -112,7 +116,12 @@ def train(cfg: Config) -> Summary:
     scorer = SequenceScorer(policy, cfg.logprob_chunk_size)
     if cfg.compile:
         scorer = torch.compile(scorer)  # type: ignore[assignment]
-    model = distributed.wrap(scorer, dist)
+    compute_dtype = models.DTYPES[cfg.dtype] if cfg.dtype != "float32" else None
+    model = distributed.wrap(scorer, dist, fsdp=cfg.fsdp, param_dtype=compute_dtype)
+    if sharded and isinstance(reference, ModelReference):
+        distributed.shard(reference.scorer, dist, param_dtype=compute_dtype)  # the reference sharded like the policy
+    elif dist.enabled and isinstance(reference, AdapterReference):
+        reference.scorer = model  # the same wrapped scorer, so DDP/FSDP2 hooks see the call (adapter off inside)
 
     # ---- optimizer and schedule ------------------------------------------------------------------------------
     pairs_per_step = cfg.batch_size * cfg.grad_accum * dist.world_size
@@ -150,11 +159,15 @@ def train(cfg: Config) -> Summary:
         eval_size = cfg.eval_batch_size or cfg.batch_size
         with torch.no_grad():
             mine = list(range(dist.rank, len(data.eval), dist.world_size))
-            for i in range(0, len(mine), eval_size):
-                ids = mine[i:i + eval_size]
-                batch = to_batch([data.eval[j] for j in ids], ids)
+            # Every rank runs the same number of forwards (FSDP2 all-gathers weights in each one); a rank
+            # with fewer pairs scores pair 0 in its spare rounds and leaves it out of the metrics.
+            rounds = math.ceil(math.ceil(len(data.eval) / dist.world_size) / eval_size)
+            for i in range(rounds):
+                ids = mine[i * eval_size:(i + 1) * eval_size]
+                batch = to_batch([data.eval[j] for j in ids or [0]], ids or [0])
                 per_pair, policy_logps, outputs = forward_loss(batch)
-                meter.add(per_pair, policy_logps, outputs, batch.num_tokens)
+                if ids:
+                    meter.add(per_pair, policy_logps, outputs, batch.num_tokens)
         model.train()
         metrics = meter.reduce(dist)
         metrics.pop("pairs"), metrics.pop("tokens")
@@ -195,7 +208,7 @@ def train(cfg: Config) -> Summary:
                 loss.backward()
             step_loss += loss.detach()
             meter.add(per_pair, policy_logps, outputs, batch.num_tokens)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
+        grad_norm = distributed.clip_grad_norm(
             policy.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         if torch.isfinite(grad_norm) and torch.isfinite(step_loss):
             optimizer.step()
@@ -236,10 +249,12 @@ def train(cfg: Config) -> Summary:
 
     # ---- save ------------------------------------------------------------------------------------------------
     model_dir = None
+    full_state = distributed.full_state_dict(policy) if sharded else None  # collective: every rank gathers
     if dist.is_main:
         reporter.close()
-        movement = parameter_movement(policy, initial)  # before saving: merging LoRA unwraps the policy
-        model_dir = models.save_policy(policy, output, merge_lora=cfg.merge_lora, base_model=cfg.model)
+        movement = parameter_movement(full_state or dict(policy.named_parameters()), initial)  # before merging LoRA
+        model_dir = models.save_policy(policy, output, merge_lora=cfg.merge_lora, base_model=cfg.model,
+                                       state_dict=full_state)
         if tokenizer is not None:
             tokenizer.save_pretrained(model_dir)
         report.write_report([output], output / "training_curves.png", output / "summary.md")
@@ -251,7 +266,7 @@ def train(cfg: Config) -> Summary:
         lines.append(f"\nsaved model to {model_dir}, metrics to {output / 'metrics.jsonl'}, "
                      f"curves to {output / 'training_curves.png'}, run summary to {output / 'summary.md'}")
         print("\n".join(lines), flush=True)
-    distributed.cleanup()
+    distributed.cleanup(dist)
     return Summary(output, model_dir, step, eval_before, eval_after, final_train,
                    time.perf_counter() - start_time, data.counts)
 
@@ -302,25 +317,34 @@ class MetricMeter:
         return out
 
 
-def micro_batches(num_pairs: int, batch_size: int, seed: int, rank: int, world_size: int,
+def micro_batches(num_pairs: int, batch_size: int, seed: int, rank: int, world_size: int, consumed: int = 0,
                   ) -> Iterator[tuple[int, list[int]]]:
-    """Endless `(epoch, pair indices)` for this rank: a fresh seeded permutation each epoch, split across ranks.
+    """Endless `(epoch, pair indices)` for this rank: seeded permutations (one per epoch) laid end to end, cut
+    into global batches of `batch_size * world_size` pairs, of which rank r takes slice r.
 
-    Each global batch is `batch_size * world_size` consecutive pairs of the permutation; rank r takes its slice,
-    so every pair is seen once per epoch across ranks. The tail that cannot fill a global batch is dropped
-    (and differs each epoch).
+    Nothing is dropped or repeated: every pair is seen exactly once per epoch across ranks, and a global batch
+    may straddle two epochs (it reports the epoch of its first pair). The pairs of a step depend only on the
+    global batch, so 2 ranks x batch 4, 1 rank x batch 8 and 1 rank x batch 4 x grad-accum 2 see the same ones.
+    `consumed` pairs (all ranks together, e.g. a checkpoint's step x pairs per step) are skipped without
+    replay; counting in pairs lets a run resume on a different number of ranks.
     """
     global_batch = batch_size * world_size
     if num_pairs < global_batch:
         raise DPOError(f"{num_pairs} training pairs cannot fill one batch of {batch_size} pairs x {world_size} "
                        "processes; lower --batch-size")
-    epoch = 0
+
+    def stream() -> Iterator[tuple[int, int]]:
+        epoch, offset = divmod(consumed, num_pairs)
+        while True:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = torch.randperm(num_pairs, generator=generator).tolist()[offset:]
+            yield from ((epoch, index) for index in order)
+            epoch, offset = epoch + 1, 0
+
+    pairs = stream()
     while True:
-        order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-        for start in range(0, num_pairs - global_batch + 1, global_batch):
-            mine = order[start + rank * batch_size:start + (rank + 1) * batch_size]
-            yield epoch, mine
-        epoch += 1
+        global_pairs = [next(pairs) for _ in range(global_batch)]
+        yield global_pairs[0][0], [index for _, index in global_pairs[rank * batch_size:(rank + 1) * batch_size]]
 
 
 def resolve_losses(loss_names: list[str]) -> list[losses.LossSpec]:
@@ -381,13 +405,14 @@ def snapshot_parameters(model: torch.nn.Module, limit: int = 200_000_000) -> dic
     return {n: p.detach().float().cpu().clone() for n, p in trainable}
 
 
-def parameter_movement(model: torch.nn.Module, initial: dict[str, torch.Tensor] | None) -> dict[str, float]:
+def parameter_movement(weights: dict[str, torch.Tensor], initial: dict[str, torch.Tensor] | None,
+                       ) -> dict[str, float]:
     """Relative change ||w - w0|| / ||w0|| per group (embeddings, each layer, final norm, LM head)."""
     if initial is None:
         return {}
     delta: dict[str, float] = {}
     base: dict[str, float] = {}
-    for name, param in model.named_parameters():
+    for name, param in weights.items():
         if name not in initial:
             continue
         parts = name.removeprefix("base_model.model.").removeprefix("model.").split(".")  # PEFT adds a prefix

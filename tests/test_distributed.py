@@ -1,0 +1,145 @@
+"""Distributed training equals single-process training: 2 CPU processes (gloo) x batch 4 against 1 process x
+batch 4 x grad-accum 2, same seed, same global batch: same loss curve, same eval metrics, same final weights
+(within 1e-5), with DDP and with FSDP2; an FSDP2 checkpoint written by 2 ranks loads on 1.
+
+The 2-process side runs once per session under `torchrun --standalone`: this file is also the worker script
+(`__main__` below), which trains with DDP, then with FSDP2, then writes a sharded checkpoint, all in one
+process group so the costly imports are paid once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpokit import distributed
+from dpokit.config import Config
+from dpokit.loop import micro_batches
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def run_config(model_dir: str, output: Path, *, grad_accum: int, fsdp: bool = False) -> Config:
+    """The synthetic task on the 2-layer hidden-32 Llama: 20 train pairs (3 steps of 8 cross an epoch
+    boundary) and 5 held-out pairs (uneven over 2 ranks, eval batch 2: rank 1 runs a spare round)."""
+    return Config(model=model_dir, data="synthetic", max_pairs=25, eval_fraction=0.2, max_steps=3,
+                  batch_size=4, grad_accum=grad_accum, eval_batch_size=2, lr=1e-3, seed=0, fsdp=fsdp,
+                  output=str(output), progress=False)
+
+
+def tiny_batch(vocab: int) -> torch.Tensor:
+    return torch.arange(24).reshape(2, 12) % vocab
+
+
+# ---- data sharding -------------------------------------------------------------------------------------------
+
+
+def test_every_pair_seen_once_per_epoch_and_split_like_one_process():
+    num_pairs, batch, world, steps = 10, 3, 2, 7                      # 42 pairs drawn: 4 epochs and 2 pairs
+    ranks = [micro_batches(num_pairs, batch, seed=5, rank=r, world_size=world) for r in range(world)]
+    single = micro_batches(num_pairs, batch * world, seed=5, rank=0, world_size=1)
+    drawn = []
+    for _ in range(steps):
+        shards = [next(it)[1] for it in ranks]
+        assert sum(shards, []) == next(single)[1]                     # ranks' slices = the 1-process batch
+        drawn += sum(shards, [])
+    for epoch in range(len(drawn) // num_pairs):                      # each epoch is a permutation of all pairs
+        assert sorted(drawn[epoch * num_pairs:(epoch + 1) * num_pairs]) == list(range(num_pairs))
+    resumed = micro_batches(num_pairs, batch, seed=5, rank=1, world_size=world, consumed=5 * batch * world)
+    assert [next(resumed)[1] for _ in range(2)] == [drawn[33:36], drawn[39:42]]
+
+
+# ---- 2 processes against 1 -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir):
+    """Outputs of the single-process run and of the 2-process worker (one torchrun launch)."""
+    from dpokit.loop import train
+
+    root = tmp_path_factory.mktemp("distributed")
+    train(run_config(str(tiny_model_dir), root / "single", grad_accum=2))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               __file__, str(tiny_model_dir), str(root)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return root
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_processes_match_one(runs, tiny_model_dir, strategy):
+    single, multi = read_rows(runs / "single" / "metrics.jsonl"), read_rows(runs / strategy / "metrics.jsonl")
+    assert [r["step"] for r in multi] == [r["step"] for r in single] == [0, 1, 2, 3, 3]
+    for one, two in zip(single, multi):
+        for key in [k for k in one if not k.endswith("_s")]:          # all but timings (pairs_per_s, ...)
+            assert two[key] == pytest.approx(one[key], abs=1e-5), (one["step"], key)
+    assert len(single[-1]) > 5 and "eval/rewards/accuracies" in single[-1]   # eval rows compared too
+
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after_single = load_file(runs / "single" / "model" / "model.safetensors")
+    after_multi = load_file(runs / strategy / "model" / "model.safetensors")
+    assert after_multi.keys() == after_single.keys()
+    assert max((after_single[k] - before[k]).abs().max() for k in before) > 1e-3  # training moved the weights
+    for name in after_single:
+        torch.testing.assert_close(after_multi[name], after_single[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_fsdp_checkpoint_written_by_two_ranks_loads_on_one(runs, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    expected = torch.load(runs / "dcp-full.pt")                       # gathered on rank 0 from the 2 shards
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    distributed.load_sharded(runs / "dcp", model, optimizer)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected["model"][name], atol=0, rtol=0, msg=name)
+    state = optimizer.state_dict()["state"]
+    for index, (name, _) in enumerate(model.named_parameters()):
+        torch.testing.assert_close(state[index]["exp_avg"], expected["optimizer"][name]["exp_avg"], atol=0, rtol=0)
+    assert any(state[i]["exp_avg"].abs().max() > 0 for i in state)   # a real, non-zero state came back
+
+
+# ---- the worker: `torchrun --nproc-per-node 2 tests/test_distributed.py MODEL_DIR OUT` -----------------------
+
+
+def worker(model_dir: str, root: Path) -> None:
+    import torch.distributed as td
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from dpokit.loop import train
+
+    td.init_process_group("gloo")  # ours: train() uses it and leaves it alive between runs
+    rank = td.get_rank()
+    for strategy in STRATEGIES:
+        train(run_config(model_dir, root / strategy, grad_accum=1, fsdp=strategy == "fsdp"))
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    dist = distributed.init("cpu")
+    distributed.shard(model, dist)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(input_ids=tiny_batch(model.config.vocab_size)[rank:rank + 1]).logits.float().pow(2).mean().backward()
+    optimizer.step()
+    distributed.save_sharded(root / "dcp", model, optimizer)
+    full_model, full_optimizer = get_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        torch.save({"model": full_model, "optimizer": full_optimizer["state"]}, root / "dcp-full.pt")
+    td.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    worker(sys.argv[1], Path(sys.argv[2]))
