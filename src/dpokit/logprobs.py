@@ -71,35 +71,94 @@ def chunked_target_logps(hidden: torch.Tensor, head: torch.nn.Module, target_ids
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`log_softmax(head(hidden))[target]` per row of `hidden`, chunk by chunk; `[scored]` in float32.
 
-    Under autograd each chunk is checkpointed: the backward pass recomputes that chunk's logits instead of
-    keeping all of them, so peak memory is O(chunk x vocab) rather than O(tokens x vocab).
+    A plain bias-free `nn.Linear` head (every causal LM we know) goes through `_LinearTargetLogps`, which keeps
+    only `hidden`, the weight and one float per token for the backward and rebuilds each chunk's softmax there.
+    Any other head is checkpointed chunk by chunk (the backward recomputes that chunk's logits). Either way the
+    peak memory of this part is O(chunk x vocab) rather than O(tokens x vocab).
     """
-    logps, wpo = [], []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start:start + chunk_size], target_ids[start:start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
-            logps.append(checkpoint(_head_logps, h, head, t, softcap, use_reentrant=False))
-        else:
-            logps.append(_head_logps(h, head, t, softcap))
-        if with_wpo:
-            with torch.no_grad():
-                log_probs = _head_log_softmax(h, head, softcap)          # [chunk, vocab]
-                wpo.append(logps[-1].detach() - torch.logsumexp(2 * log_probs, dim=-1))
-    empty = hidden.new_zeros(0, dtype=torch.float32)
-    return (torch.cat(logps) if logps else empty), ((torch.cat(wpo) if wpo else empty) if with_wpo else None)
+    if type(head) is torch.nn.Linear and head.bias is None:
+        logps = _LinearTargetLogps.apply(hidden, head.weight, target_ids, chunk_size, softcap)
+    else:
+        pieces = []
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[start:start + chunk_size], target_ids[start:start + chunk_size]
+            if torch.is_grad_enabled() and h.requires_grad:
+                pieces.append(checkpoint(_head_logps, h, head, t, softcap, use_reentrant=False))
+            else:
+                pieces.append(_head_logps(h, head, t, softcap))
+        logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    if not with_wpo:
+        return logps, None
+    wpo = []
+    with torch.no_grad():
+        for start in range(0, hidden.shape[0], chunk_size):
+            log_probs = _head_log_softmax(hidden[start:start + chunk_size], head, softcap)  # [chunk, vocab]
+            wpo.append(logps[start:start + chunk_size].detach() - torch.logsumexp(2 * log_probs, dim=-1))
+    return logps, (torch.cat(wpo) if wpo else logps.new_zeros(0))
+
+
+class _LinearTargetLogps(torch.autograd.Function):
+    """Target log-probs through a linear head, one chunk of logits at a time, forward and backward.
+
+    With z = softcap(h W^T) and p = softmax(z), d log p_y / d z = onehot(y) - p; so for upstream weights g the
+    backward needs only each chunk's p, rebuilt from h, W and the saved logsumexp (no second reduction over the
+    vocabulary), then grad_h = (g (onehot - p)) W and grad_W = (g (onehot - p))^T h, chunk by chunk, in place.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
+                chunk_size: int, softcap: float | None) -> torch.Tensor:
+        logps = hidden.new_empty(hidden.shape[0], dtype=torch.float32)   # [scored]
+        lse = torch.empty_like(logps)                                   # [scored]
+        compute_dtype = hidden.dtype
+        for start in range(0, hidden.shape[0], chunk_size):
+            raw = F.linear(hidden[start:start + chunk_size], weight)     # [chunk, vocab], autocast's dtype
+            compute_dtype = raw.dtype
+            logits = _capped(raw.float(), softcap)
+            chunk_lse = torch.logsumexp(logits, dim=-1)
+            lse[start:start + chunk_size] = chunk_lse
+            logps[start:start + chunk_size] = logits.gather(-1, targets[start:start + chunk_size, None])[:, 0] - chunk_lse
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_size, ctx.softcap, ctx.compute_dtype = chunk_size, softcap, compute_dtype
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        hidden, weight, targets, lse = ctx.saved_tensors
+        dtype, softcap = ctx.compute_dtype, ctx.softcap
+        w = weight.to(dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = start + ctx.chunk_size
+            h, g = hidden[start:end].to(dtype), grad[start:end]
+            raw = F.linear(h, w).float()                                 # [chunk, vocab]
+            capped = torch.tanh(raw / softcap) if softcap else None
+            logits = softcap * capped if softcap else raw
+            grad_logits = logits.sub_(lse[start:end, None]).exp_().mul_(-g[:, None])  # -g p, in place
+            rows = torch.arange(h.shape[0], device=h.device)
+            grad_logits[rows, targets[start:end]] += g                   # + g onehot(y)
+            if softcap:
+                grad_logits.mul_(1 - capped.square_())                   # d softcap(x)/dx = 1 - tanh^2
+            grad_logits = grad_logits.to(dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:end] = grad_logits @ w
+            if grad_weight is not None:
+                grad_weight.add_((grad_logits.T @ h).float())
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None)
+
+
+def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma-style final logit soft-capping, `softcap * tanh(logits / softcap)`; identity without it."""
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
 
 
 def _head_log_softmax(h: torch.Tensor, head: torch.nn.Module, softcap: float | None) -> torch.Tensor:
-    logits = head(h).float()                                             # [chunk, vocab]
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits.log_softmax(-1)
+    return _capped(head(h).float(), softcap).log_softmax(-1)
 
 
 def _head_logps(h: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    logits = head(h).float()                                             # [chunk, vocab]
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = _capped(head(h).float(), softcap)                           # [chunk, vocab]
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 

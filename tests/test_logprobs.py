@@ -1,0 +1,75 @@
+"""Chunked, completion-only log-probs equal the textbook full-logits computation, forward and backward, and
+never keep more than one chunk of logits alive."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpokit.logprobs import chunked_target_logps
+
+TOKENS, HIDDEN, VOCAB = 13, 16, 50
+
+
+def _inputs(seed: int = 0, tokens: int = TOKENS) -> tuple[torch.Tensor, torch.nn.Linear, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, HIDDEN, generator=generator, requires_grad=True)
+    head = torch.nn.Linear(HIDDEN, VOCAB, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(VOCAB, HIDDEN, generator=generator))
+    targets = torch.randint(0, VOCAB, (tokens,), generator=generator)
+    upstream = torch.randn(tokens, generator=generator)  # arbitrary per-token weights, as a loss would give
+    return hidden, head, targets, upstream
+
+
+def _full(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = hidden @ weight.T                                           # [tokens, vocab], all at once
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return torch.log_softmax(logits, dim=-1)[torch.arange(len(targets)), targets]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, TOKENS, 100])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("fused", [True, False])
+def test_chunked_log_probs_and_gradients_equal_full_logits(chunk_size, softcap, fused):
+    hidden, head, targets, upstream = _inputs()
+    want = _full(hidden, head.weight, targets, softcap)
+    want_grads = torch.autograd.grad((want * upstream).sum(), [hidden, head.weight])
+
+    # A plain Linear takes the fused autograd Function; any other module the checkpointed path.
+    module = head if fused else torch.nn.Sequential(head)
+    got, wpo = chunked_target_logps(hidden, module, targets, chunk_size, softcap)
+    got_grads = torch.autograd.grad((got * upstream).sum(), [hidden, head.weight])
+
+    assert wpo is None
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_wpo_term_is_log_prob_minus_log_sum_of_squared_probs():
+    hidden, head, targets, _ = _inputs(1)
+    _, wpo = chunked_target_logps(hidden, head, targets, 5, with_wpo=True)
+    probs = torch.softmax(hidden.detach() @ head.weight.detach().T, dim=-1)  # [tokens, vocab]
+    want = probs[torch.arange(TOKENS), targets].log() - probs.pow(2).sum(-1).log()
+    torch.testing.assert_close(wpo, want, rtol=1e-5, atol=1e-5)
+    assert not wpo.requires_grad
+
+
+def test_no_more_than_one_chunk_of_logits_is_kept_for_the_backward():
+    tokens = 40
+    hidden, head, targets, _ = _inputs(2, tokens)
+    chunk_size = 4
+    largest = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal largest
+        largest = max(largest, tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logps, _ = chunked_target_logps(hidden, head, targets, chunk_size)
+    logps.sum().backward()
+    # Saved for the backward: the inputs (hidden, weight) and per-chunk vectors, never a [chunk, vocab] block.
+    assert largest <= max(tokens * HIDDEN, VOCAB * HIDDEN) < tokens * VOCAB
