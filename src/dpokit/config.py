@@ -71,7 +71,7 @@ class Config:
     ld_alpha: float | None = _opt(None, "LD-DPO: weight of the log-probs of tokens past the shorter completion")
     f_divergence: str = _opt("reverse_kl", "f-DPO divergence",
                              choices=("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"))
-    f_alpha_divergence_coef: float = _opt(1.0, "alpha of the alpha-divergence (f-DPO)")
+    f_alpha_divergence_coef: float = _opt(0.5, "alpha of the alpha-divergence (f-DPO; TRL's default 0.5)")
     discopop_tau: float = _opt(0.05, "temperature of the DiscoPOP loss")
     use_margin: bool = _opt(False, "use per-pair margin/score fields as an offset (ODPO-style margin-aware DPO)")
     simpo_gamma: float = _opt(0.5, "SimPO target reward margin gamma (note: gamma, not gamma/beta)")
@@ -151,6 +151,8 @@ class Config:
             yield f"--eval-fraction must be in [0, 1), got {self.eval_fraction}"
         if not 0.0 <= self.label_smoothing <= 0.5:
             yield f"--label-smoothing must be in [0, 0.5], got {self.label_smoothing}"
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            yield f"--ld-alpha must be in [0, 1], got {self.ld_alpha}"
         if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0 or self.num_workers < 0:
             yield "--warmup-steps, --max-grad-norm, --weight-decay and --num-workers must not be negative"
         if not 0.0 < self.ref_sync_alpha <= 1.0:

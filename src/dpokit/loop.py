@@ -72,6 +72,9 @@ def train(cfg: Config) -> Summary:
     # ---- losses ----------------------------------------------------------------------------------------------
     specs = resolve_losses(cfg.loss_names)
     weights = parse_loss_weights(cfg.loss_weights, len(specs))
+    if cfg.rpo_alpha is not None:  # RPO's NLL term is the `sft` loss, as TRL 1.16's loss_type=[..., "sft"]
+        specs, weights = specs + [losses.get("sft")], weights + [cfg.rpo_alpha]
+    check_losses(specs, cfg)
     needs_reference = any(spec.needs_reference for spec in specs)
     strategy = reference_strategy(loss_names=cfg.loss_names, needs_reference=needs_reference,
                                   lora=bool(cfg.lora_r or cfg.lora_adapter), ref_model=cfg.ref_model,
@@ -89,6 +92,7 @@ def train(cfg: Config) -> Summary:
         max_prompt_length=cfg.max_prompt_length, max_completion_length=cfg.max_completion_length,
         truncation_mode=cfg.truncation_mode, pairs=cfg.pairs, unpaired=any(not spec.paired for spec in specs),
         cache=cfg.cache, cache_dir=cfg.cache_dir, progress=cfg.progress)
+    check_losses(specs, cfg, extras=frozenset.intersection(*(frozenset(p.extras) for p in data.train + data.eval)))
     sharded = cfg.fsdp and dist.enabled
     if sharded and cfg.merge_lora:
         raise DPOError("--merge-lora is not supported with --fsdp; save the adapter and merge it afterwards")
@@ -144,10 +148,8 @@ def train(cfg: Config) -> Summary:
         outputs = [spec.function(policy_logps, reference_logps, batch.extras,
                                  **{k: loss_params[k] for k in spec.params}) for spec in specs]
         per_pair = sum(w * out.losses for w, out in zip(weights, outputs))
-        if use_wpo:  # WPO (Zhou et al. 2024, Eq. 6): weight = clamp(exp(w_chosen + w_rejected), max=1), no grad
-            per_pair = per_pair * torch.clamp(torch.exp(policy_logps.chosen_wpo + policy_logps.rejected_wpo), max=1)
-        if cfg.rpo_alpha is not None:  # RPO (Pang et al. 2024, Eq. 3): NLL of chosen, per token
-            per_pair = per_pair + cfg.rpo_alpha * (-policy_logps.chosen / policy_logps.chosen_lengths)
+        if use_wpo:  # WPO (Zhou et al. 2024, arXiv 2406.11827, Eq. 2) as TRL 1.16: w(y_w) w(y_l), no grad, no clamp
+            per_pair = per_pair * torch.exp(policy_logps.chosen_wpo + policy_logps.rejected_wpo)
         return per_pair, policy_logps, outputs
 
     def evaluate() -> dict[str, float]:
@@ -357,6 +359,18 @@ def resolve_losses(loss_names: list[str]) -> list[losses.LossSpec]:
     if not specs:
         raise DPOError("--loss: give at least one loss name")
     return specs
+
+
+def check_losses(specs: list[losses.LossSpec], cfg: Config, extras: frozenset[str] | None = None) -> None:
+    """Every problem with the selected losses' settings (and, once loaded, the data's extra fields), at once."""
+    settings = cfg.to_dict()
+    problems = [f"--loss {spec.name}: parameter {name!r} is not a setting (a Config field)"
+                for spec in specs for name in spec.params if name not in settings]
+    if len({spec.paired for spec in specs}) > 1:
+        problems.append(f"--loss {cfg.loss}: paired and unpaired (kto) losses cannot be combined")
+    problems += [problem for spec in specs for problem in spec.problems(settings, extras)]
+    if problems:
+        raise DPOError("; ".join(dict.fromkeys(problems)))
 
 
 def parse_loss_weights(text: str | None, count: int) -> list[float]:

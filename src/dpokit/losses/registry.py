@@ -1,34 +1,45 @@
-"""Preference losses as pure functions of log-prob tensors, and the registry that names them.
+"""The loss registry: `LossOutput`, `LossSpec`, `register`, `get`, `names`.
 
 Every loss has the signature
 
     loss(policy: PairLogps, reference: PairLogps | None, extras: dict[str, Tensor], *, <params>) -> LossOutput
 
-where `policy` and `reference` hold per-pair summed completion log-probs (`[pairs]`), `extras` the optional
-per-pair fields of the data (score_chosen, score_rejected, margin, label), and the keyword-only `<params>` are
-named like `Config` fields (beta, label_smoothing, ...), which is how the loop fills them. A loss returns
-per-pair losses and the implicit rewards that TRL logs as `rewards/*`.
+where `policy` and `reference` hold per-pair summed completion log-probs and lengths (`[pairs]`), `extras` the
+optional per-pair fields of the data (score_chosen, score_rejected, margin, label; NaN where a pair lacks one),
+and the keyword-only `<params>` are named like `Config` fields (beta, label_smoothing, ...): that is how the loop
+fills them, so a parameter is also a `dpo train` flag (`--label-smoothing`). A loss returns per-pair losses, the
+implicit rewards that are logged as `rewards/*`, and any loss-specific scalars to log next to them.
 
-Register your own without editing the package:
+Register your own loss without editing the package, in a module you import before training:
 
-    from dpokit.losses import register, LossOutput
+    import torch.nn.functional as F
+    from dpokit.losses import LossOutput, register
 
-    @register("my_loss", needs_reference=True)
-    def my_loss(policy, reference, extras, *, beta: float = 0.1) -> LossOutput: ...
+    def _check(settings, extras):                  # optional: problems to report before training starts
+        return [] if settings["beta"] < 10 else ["--beta must be below 10 for my_loss"]
 
-and train with `--loss my_loss` (import your module first, e.g. from your own script that calls `dpokit.train`).
+    @register("my_loss", needs_reference=True, check=_check)
+    def my_loss(policy, reference, extras, *, beta: float) -> LossOutput:
+        chosen = policy.chosen - reference.chosen                                    # [pairs]
+        rejected = policy.rejected - reference.rejected                              # [pairs]
+        return LossOutput(-F.logsigmoid(beta * (chosen - rejected)), beta * chosen.detach(), beta * rejected.detach())
+
+    dpokit.train(Config(loss="my_loss,sigmoid", loss_weights="1,0.5"))
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .logprobs import PairLogps
+LossFunction = Callable[..., "LossOutput"]
+# `check(settings, extras) -> problems`: `settings` maps every Config field name to its value; `extras` is the set
+# of extra fields that every pair of the data has, or None when the data is not loaded yet.
+Check = Callable[[Mapping[str, Any], "frozenset[str] | None"], Iterable[str]]
 
 
 @dataclass
@@ -41,17 +52,19 @@ class LossOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-LossFunction = Callable[..., LossOutput]
-
-
 @dataclass(frozen=True)
 class LossSpec:
-    """A registered loss and what it needs from the loop."""
+    """A registered loss and what it needs from the loop.
+
+    `needs_reference`: the loop builds and runs a reference model only when some selected loss needs one.
+    `paired`: False for losses on single labelled completions (KTO); the loop then asks for unpaired examples.
+    """
 
     name: str
     function: LossFunction
     needs_reference: bool
     paired: bool
+    check: Check | None = None
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -59,15 +72,20 @@ class LossSpec:
         signature = inspect.signature(self.function)
         return tuple(p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
+    def problems(self, settings: Mapping[str, Any], extras: frozenset[str] | None = None) -> list[str]:
+        """What is wrong with these settings (and data extras) for this loss, one message each; [] when fine."""
+        return [f"--loss {self.name}: {p}" for p in (self.check(settings, extras) if self.check else ())]
+
 
 _REGISTRY: dict[str, LossSpec] = {}
 
 
-def register(name: str, *, needs_reference: bool = True, paired: bool = True) -> Callable[[LossFunction], LossFunction]:
-    """Decorator: make `function` available as `--loss name`."""
+def register(name: str, *, needs_reference: bool = True, paired: bool = True, check: Check | None = None,
+             ) -> Callable[[LossFunction], LossFunction]:
+    """Decorator: make `function` available as `--loss name` (re-registering a name replaces it)."""
 
     def decorate(function: LossFunction) -> LossFunction:
-        _REGISTRY[name] = LossSpec(name, function, needs_reference, paired)
+        _REGISTRY[name] = LossSpec(name, function, needs_reference, paired, check)
         return function
 
     return decorate
@@ -81,25 +99,3 @@ def get(name: str) -> LossSpec:
 
 def names() -> list[str]:
     return sorted(_REGISTRY)
-
-
-def _log_ratios(policy: PairLogps, reference: PairLogps | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi/pi_ref for chosen and rejected (plain policy log-probs when reference-free)."""
-    if reference is None:
-        return policy.chosen, policy.rejected
-    return policy.chosen - reference.chosen, policy.rejected - reference.rejected
-
-
-@register("sigmoid")
-def sigmoid(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
-            beta: float, label_smoothing: float) -> LossOutput:
-    """DPO (Rafailov et al. 2023, arXiv 2305.18290, Eq. 7), with conservative DPO's label smoothing.
-
-    L = -(1 - e) log s(b*D) - e log s(-b*D),  D = log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l).
-    `beta` (b) sets how far the policy may move from the reference; `label_smoothing` (e) is the assumed rate of
-    flipped labels (cDPO, Mitchell 2023, Eq. 3). e = 0 is plain DPO. Rewards are b * log pi/pi_ref.
-    """
-    chosen_logratios, rejected_logratios = _log_ratios(policy, reference)
-    logits = chosen_logratios - rejected_logratios                                  # [pairs]
-    losses = -(1 - label_smoothing) * F.logsigmoid(beta * logits) - label_smoothing * F.logsigmoid(-beta * logits)
-    return LossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())

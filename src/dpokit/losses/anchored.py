@@ -1,0 +1,138 @@
+"""Paired losses with a reference that treat each side's log-ratio on its own (anchored to zero, squared toward
+a target, or sorted across the batch) rather than only through the chosen-minus-rejected difference.
+
+With u_w = log pi(y_w)/pi_ref(y_w) and u_l likewise; rewards are beta * u (detached), as TRL logs them.
+The beta*log Z(x) term of the f-DPO reparameterisation does not cancel here, so, as TRL 1.16 does, these losses
+refuse `--f-divergence` other than reverse_kl.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..logprobs import PairLogps
+from .registry import LossOutput, register
+from .terms import log_ratios, reverse_kl_only, smoothed_logistic
+
+
+def _check(settings: Mapping[str, Any], extras: frozenset[str] | None) -> Iterator[str]:
+    yield from reverse_kl_only(settings)
+
+
+def _check_sorted(settings: Mapping[str, Any], extras: frozenset[str] | None) -> Iterator[str]:
+    yield from reverse_kl_only(settings)
+    if settings.get("use_weighting"):
+        yield "--use-weighting (WPO) cannot be combined with AOT: sorting the batch misaligns per-pair weights"
+
+
+def _output(losses: torch.Tensor, beta: float, chosen: torch.Tensor, rejected: torch.Tensor) -> LossOutput:
+    return LossOutput(losses, beta * chosen.detach(), beta * rejected.detach())
+
+
+@register("nca_pair", check=_check)
+def nca_pair(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
+             beta: float = 0.1) -> LossOutput:
+    """NCA, pairwise (Chen et al. 2024, "Noise Contrastive Alignment", arXiv 2402.05369, the NCA loss for K = 2).
+
+    L = -log s(beta u_w) - 1/2 log s(-beta u_w) - 1/2 log s(-beta u_l).
+    Optimises absolute likelihoods: it pushes u_w up against zero (not only above u_l), so the chosen
+    completion's likelihood does not fall as it can under DPO.
+    """
+    chosen, rejected = log_ratios(policy, reference)
+    zw, zl = beta * chosen, beta * rejected                                          # [pairs]
+    losses = -F.logsigmoid(zw) - 0.5 * F.logsigmoid(-zw) - 0.5 * F.logsigmoid(-zl)
+    return _output(losses, beta, chosen, rejected)
+
+
+@register("bco_pair", check=_check)
+def bco_pair(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
+             beta: float = 0.1) -> LossOutput:
+    """BCO on pairs (Jung et al. 2024, "Binary Classifier Optimization", arXiv 2404.04656), TRL's version.
+
+    L = -log s(beta u_w) - log s(-beta u_l): a binary classifier with chosen as class 1, rejected as class 0.
+    The paper shifts both rewards by delta, a running mean of the batch rewards (L = -log s(beta u_w - delta)
+    - log s(-(beta u_l - delta))); TRL 1.16's `bco_pair` drops delta, and so do we, so results carry over.
+    """
+    chosen, rejected = log_ratios(policy, reference)
+    losses = -F.logsigmoid(beta * chosen) - F.logsigmoid(-beta * rejected)
+    return _output(losses, beta, chosen, rejected)
+
+
+@register("sppo_hard", check=_check)
+def sppo_hard(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
+              beta: float = 0.1) -> LossOutput:
+    """SPPO with hard probabilities (Wu et al. 2024, arXiv 2405.00675, Eq. 4.7 in Algorithm 1).
+
+    L = (u_w - 1/(2 beta))^2 + (u_l + 1/(2 beta))^2.
+    The paper regresses u toward eta (P(y wins) - 1/2) with P estimated by a preference model (PairRM); here
+    P = 1 for the chosen and 0 for the rejected completion and eta = 1/beta, as TRL does.
+    """
+    chosen, rejected = log_ratios(policy, reference)
+    losses = (chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2
+    return _output(losses, beta, chosen, rejected)
+
+
+@register("aot", check=_check_sorted)
+def aot(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
+        beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
+    """AOT, paired (Melnyk et al. 2024, "Distributional Preference Alignment via Optimal Transport",
+    arXiv 2406.05882): first-order stochastic dominance of the policy's log-odds over the reference's.
+
+    With v = log pi(y_w) - log pi(y_l) and v_ref likewise, sorted separately over the batch (the 1-D optimal
+    transport plan between the two empirical distributions): L_i = -(1-e) log s(beta d_i) - e log s(-beta d_i),
+    d = sort(v) - sort(v_ref). Depends on the whole batch: larger batches estimate the quantiles better.
+    `label_smoothing` (e) as in cDPO. WPO weighting is refused (sorting breaks the pair alignment).
+    """
+    chosen, rejected = log_ratios(policy, reference)
+    policy_margin = policy.chosen - policy.rejected                                  # [pairs]
+    reference_margin = (reference.chosen - reference.rejected if reference is not None
+                        else torch.zeros_like(policy_margin))
+    policy_sorted, _ = torch.sort(policy_margin, dim=0)
+    reference_sorted, _ = torch.sort(reference_margin, dim=0)
+    losses = smoothed_logistic(beta * (policy_sorted - reference_sorted), label_smoothing)
+    return _output(losses, beta, chosen, rejected)
+
+
+@register("aot_unpaired", check=_check_sorted)
+def aot_unpaired(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
+                 beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
+    """AOT, unpaired (Melnyk et al. 2024, arXiv 2406.05882): the distribution of chosen log-ratios u_w should
+    dominate that of rejected log-ratios u_l, without using which completions were paired.
+
+    L_i = -(1-e) log s(beta d_i) - e log s(-beta d_i),  d = sort(u_w) - sort(u_l) over the batch.
+    """
+    chosen, rejected = log_ratios(policy, reference)
+    chosen_sorted, _ = torch.sort(chosen, dim=0)                                      # [pairs]
+    rejected_sorted, _ = torch.sort(rejected, dim=0)
+    losses = smoothed_logistic(beta * (chosen_sorted - rejected_sorted), label_smoothing)
+    return _output(losses, beta, chosen, rejected)
+
+
+@register("apo_zero", check=_check)
+def apo_zero(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
+             beta: float = 0.1) -> LossOutput:
+    """APO-zero (D'Oosterlinck et al. 2024, "Anchored Preference Optimization", arXiv 2408.06266, Eq. 7).
+
+    L = (1 - s(beta u_w)) + s(beta u_l): raise the chosen and lower the rejected likelihood, each anchored at the
+    reference. For chosen completions better than what the model already writes.
+    """
+    chosen, rejected = log_ratios(policy, reference)
+    losses = (1 - torch.sigmoid(beta * chosen)) + torch.sigmoid(beta * rejected)
+    return _output(losses, beta, chosen, rejected)
+
+
+@register("apo_down", check=_check)
+def apo_down(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
+             beta: float = 0.1) -> LossOutput:
+    """APO-down (D'Oosterlinck et al. 2024, arXiv 2408.06266, Eq. 8).
+
+    L = s(beta u_w) + (1 - s(beta (u_w - u_l))): lower both likelihoods, the rejected one more. For chosen
+    completions worse than what the model already writes.
+    """
+    chosen, rejected = log_ratios(policy, reference)
+    losses = torch.sigmoid(beta * chosen) + (1 - torch.sigmoid(beta * (chosen - rejected)))
+    return _output(losses, beta, chosen, rejected)
