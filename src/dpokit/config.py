@@ -184,7 +184,11 @@ class Config:
 
     def to_args(self) -> list[str]:
         """The `dpo train` flags that rebuild this Config (`Config.from_args(cfg.to_args()) == cfg`): every
-        field that differs from its default, so a run's command line can be written down and re-run."""
+        field that differs from its default, so a run's command line can be written down and re-run.
+
+        One setting has no flag spelling: `max_prompt_length=None` (no prompt limit, possible from Python only)
+        is left out, so the command falls back to the default limit.
+        """
         args: list[str] = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
