@@ -265,7 +265,8 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
-        raise DPOError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())  # yaml's messages span lines
+        raise DPOError(f"{path}{where}: not valid YAML ({problem})") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

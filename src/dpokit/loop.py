@@ -13,7 +13,7 @@ import math
 import random
 import shlex
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import distributed, losses, model_card, models, pipeline, report, trackers
-from .batching import Batch, make_batch
+from . import checkpoint, data_cache, distributed, losses, model_card, models, pipeline, report, trackers
+from .batching import Batch, grouped_permutation, make_batch
 from .config import Config
 from .errors import DPOError, TrainingFailure
 from .logprobs import PairLogps, SequenceScorer, sequence_logps
 from .reference import (AdapterReference, ModelReference, NoReference, Reference, paired_parameters,
-                        reference_strategy)
+                        precompute_reference, reference_cache_key, reference_strategy)
 from .tokenization import TokenizedPair
 
 # Order of the summed metrics kept on device between log steps; reduced across ranks in one call.
@@ -62,7 +62,15 @@ class Summary:
 
 
 def train(cfg: Config) -> Summary:
-    """Run DPO (or any registered loss) as `cfg` says; returns a `Summary`."""
+    """Run DPO (or any registered loss) as `cfg` says; returns a `Summary`.
+
+    The first SIGTERM/SIGINT saves a checkpoint at the end of the current step and stops (`Interrupted`).
+    """
+    with checkpoint.StopSignals() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
     start_time = time.perf_counter()
     dist = distributed.init(cfg.device)
     seed_everything(cfg.seed)
@@ -115,6 +123,10 @@ def train(cfg: Config) -> Summary:
         reference = ModelReference(ref_model.to(dist.device), chunk_size=cfg.logprob_chunk_size, ld_alpha=cfg.ld_alpha)
         if cfg.ref_sync_every:
             paired_parameters(ref_model, policy)  # refuse a --ref-model that TR-DPO cannot update, before training
+    if cfg.precompute_ref and strategy != "none":
+        reference = precompute_reference_once(cfg, reference, ref_model if strategy in ("copy", "model") else policy,
+                                              data.train + data.eval, data.pad_id, dist.device, dist.is_main)
+        ref_model = None  # the reference's weights are freed: only the [pairs] table is kept
     policy.train()
     initial = snapshot_parameters(policy)
     scorer = SequenceScorer(policy, cfg.logprob_chunk_size)
@@ -132,7 +144,20 @@ def train(cfg: Config) -> Summary:
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train) / pairs_per_step))
     optimizer, schedule = make_optimizer_and_schedule(policy, cfg, total_steps)
 
-    layout = "packed" if cfg.prefix_sharing and cfg.packing else "shared" if cfg.prefix_sharing else "concatenated"
+    # ---- resume: weights, optimizer, schedule now; RNG, data position and metric sums just before the loop ----
+    if sharded and (cfg.save_every or cfg.resume):
+        raise DPOError("--save-every/--resume are not supported with --fsdp yet")
+    checkpoints = output / "checkpoints"
+    resumed = checkpoint.load(cfg.resume, output, print) if cfg.resume else None
+    if resumed is not None:
+        checkpoint.restore_trainable(policy, resumed.weights, resumed.path)
+        optimizer.load_state_dict(resumed.optimizer)
+        schedule.load_state_dict(resumed.trainer["scheduler"])
+        if dist.is_main:
+            checkpoint.restore_metrics(resumed.path, output / "metrics.jsonl")  # rows after it are redone
+        print(f"resuming from {resumed.path}", flush=True)
+
+    layout = layout_name(cfg)
     autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     use_wpo = cfg.use_weighting
 
@@ -166,7 +191,8 @@ def train(cfg: Config) -> Summary:
             rounds = math.ceil(math.ceil(len(data.eval) / dist.world_size) / eval_size)
             for i in range(rounds):
                 ids = mine[i * eval_size:(i + 1) * eval_size]
-                batch = to_batch([data.eval[j] for j in ids or [0]], ids or [0])
+                ids_or_first = ids or [0]  # pair ids of eval pairs follow the train pairs' (precomputed reference)
+                batch = to_batch([data.eval[j] for j in ids_or_first], [len(data.train) + j for j in ids_or_first])
                 per_pair, policy_logps, outputs = forward_loss(batch)
                 if ids:
                     meter.add(per_pair, policy_logps, outputs, batch.num_tokens)
@@ -177,7 +203,7 @@ def train(cfg: Config) -> Summary:
 
     # ---- outputs ---------------------------------------------------------------------------------------------
     reporter: report.Reporter | report.NullReporter = (
-        report.Reporter(output, total_steps=total_steps, progress=cfg.progress,
+        report.Reporter(output, total_steps=total_steps, progress=cfg.progress, append=resumed is not None,
                         sinks=[trackers.build_tracker(tracker_names, output, config=cfg.to_dict())])
         if dist.is_main else report.NullReporter())
     if dist.is_main:
@@ -186,24 +212,42 @@ def train(cfg: Config) -> Summary:
             reporter.print(note)
 
     # ---- train -----------------------------------------------------------------------------------------------
-    eval_before = evaluate()
-    if eval_before:
+    state = resumed.trainer if resumed is not None else {}
+    eval_before = state["eval_before"] if resumed is not None else evaluate()
+    if eval_before and resumed is None:
         reporter.log({"step": 0, "epoch": 0.0, **{f"eval/{k}": v for k, v in eval_before.items()}})
         reporter.print(f"held-out reward accuracy before training: {eval_before['rewards/accuracies']:.3f}")
-    batches = micro_batches(len(data.train), cfg.batch_size, cfg.seed, dist.rank, dist.world_size)
+    groups = [("group", p.group) if p.group is not None else ("pair", i) for i, p in enumerate(data.train)]
+    batches = batch_stream(micro_batches(len(data.train), cfg.batch_size, cfg.seed, dist.rank, dist.world_size,
+                                         consumed=state.get("pairs_consumed", 0), groups=groups),
+                           data.train, cfg.num_workers, layout=layout, pad_id=data.pad_id,
+                           row_capacity=cfg.max_tokens_per_batch)
     meter = MetricMeter(dist.device)
-    bad_steps = 0
-    last_log_time = time.perf_counter()
-    step = 0
-    for step in range(1, total_steps + 1):
+    meter.load_state_dict(state.get("meter", {}))
+    bad_steps = state.get("bad_steps", 0)
+    last_log_time = time.perf_counter() - state.get("since_log_s", 0.0)
+    step = state.get("step", 0)
+    epoch_progress, row = round(step * pairs_per_step / len(data.train), 4), {}
+    if resumed is not None:
+        checkpoint.restore_rng(state["rng"])
+
+    def save_checkpoint(step: int) -> Path:
+        trainer = {"step": step, "pairs_consumed": step * pairs_per_step, "scheduler": schedule.state_dict(),
+                   "meter": meter.state_dict(), "bad_steps": bad_steps, "eval_before": eval_before,
+                   "since_log_s": time.perf_counter() - last_log_time, "rng": checkpoint.capture_rng()}
+        return checkpoint.save(checkpoints, step, weights=checkpoint.trainable_state(policy),
+                               optimizer=optimizer.state_dict(), trainer=trainer, metrics=reporter.metrics_path,
+                               keep=cfg.save_total_limit)
+
+    for step in range(step + 1, total_steps + 1):
         # One optimizer step = grad_accum micro-batches on every rank. Each micro-loss is its pairs' loss sum
         # over the pairs in the whole step (all ranks), times world size because DDP averages gradients: the
         # gradient is then exactly that of the mean loss over the step's pairs, however they are split.
         micro = [next(batches) for _ in range(cfg.grad_accum)]
         step_pairs = cfg.grad_accum * cfg.batch_size * dist.world_size
         step_loss = torch.zeros((), device=dist.device)
-        for i, (_, ids) in enumerate(micro):
-            batch = to_batch([data.train[j] for j in ids], ids)
+        for i, (_, ids, batch) in enumerate(micro):
+            batch = batch.to(dist.device)
             with distributed.no_sync(model, enabled=i < cfg.grad_accum - 1):
                 per_pair, policy_logps, outputs = forward_loss(batch)
                 loss = per_pair.sum() * dist.world_size / step_pairs
@@ -218,10 +262,6 @@ def train(cfg: Config) -> Summary:
         else:
             bad_steps += 1
             meter.bad_steps += 1
-            if bad_steps >= cfg.max_bad_steps:
-                raise TrainingFailure(
-                    f"step {step}: {bad_steps} consecutive non-finite losses or gradients; try a lower --lr, "
-                    "--dtype float32, or --max-grad-norm 1.0")
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         if cfg.ref_sync_every and step % cfg.ref_sync_every == 0 and isinstance(reference, ModelReference):
@@ -243,6 +283,26 @@ def train(cfg: Config) -> Summary:
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
             reporter.log({"step": step, "epoch": epoch_progress,
                           **{f"eval/{k}": v for k, v in evaluate().items()}})
+
+        # ---- checkpoint at the step boundary: every --save-every steps, at the end, on a signal, on failure ----
+        failed = bad_steps >= cfg.max_bad_steps
+        stopping = stop.received is not None
+        if dist.enabled:  # every rank stops at the same step, whichever got the signal
+            stopping = bool(distributed.reduce_sums(torch.tensor([float(stopping)], device=dist.device), dist))
+        saved = None
+        if dist.is_main and not sharded and (
+                failed or stopping or (cfg.save_every and (step % cfg.save_every == 0 or step == total_steps))):
+            saved = save_checkpoint(step)
+        if failed:
+            kept = f"checkpoint {saved} holds the weights from before them" if saved else "no checkpoint saved"
+            raise TrainingFailure(
+                f"step {step}: {bad_steps} consecutive steps with a non-finite loss or gradient were skipped "
+                f"({kept}); try a lower --lr, --dtype float32 instead of bfloat16, or --max-grad-norm 1.0")
+        if stopping:
+            signal_name = checkpoint.signal_name(stop.received)
+            where = f"saved checkpoint {saved}; continue with the same command plus --resume" if saved else \
+                "no checkpoint saved"
+            raise checkpoint.Interrupted(f"stopped by {signal_name} after step {step}: {where}", stop.received or 15)
 
     eval_after = evaluate()
     if eval_after:
@@ -318,9 +378,49 @@ class MetricMeter:
             out["bad_steps"] = bad / dist.world_size
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        """The sums since the last log step, so that a run resumed between log steps logs the same row."""
+        return {name: value for name, value in vars(self).items() if name != "device"}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        move = lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        for name, value in state.items():
+            setattr(self, name, {k: move(v) for k, v in value.items()} if isinstance(value, dict) else move(value))
+
+
+class _BuildBatches(torch.utils.data.Dataset):
+    """Maps one `(epoch, pair ids)` item to `(epoch, ids, Batch)` on the CPU; runs in DataLoader workers."""
+
+    def __init__(self, pairs: Sequence[TokenizedPair], **layout: Any) -> None:
+        self.pairs, self.layout = pairs, layout
+
+    def __getitem__(self, item: tuple[int, list[int]]) -> tuple[int, list[int], Batch]:
+        epoch, ids = item
+        return epoch, ids, make_batch([self.pairs[j] for j in ids], pair_ids=ids, **self.layout)
+
+
+def batch_stream(order: Iterator[tuple[int, list[int]]], pairs: Sequence[TokenizedPair], num_workers: int,
+                 **layout: Any) -> Iterator[tuple[int, list[int], Batch]]:
+    """`(epoch, ids, Batch)` in `order`'s order; with `num_workers`, built ahead in that many processes.
+
+    A batch is a pure function of its ids and the DataLoader keeps `order`, so results do not depend on the
+    number of workers. The DataLoader gets its own generator: otherwise each iterator draws its worker seed from
+    the global torch RNG, and the run would differ with and without workers.
+    """
+    build = _BuildBatches(pairs, **layout)
+    if num_workers == 0:
+        return map(build.__getitem__, order)
+    loader = torch.utils.data.DataLoader(build, sampler=order, batch_size=None, num_workers=num_workers,  # type: ignore[arg-type]
+                                         collate_fn=_keep, generator=torch.Generator())
+    return iter(loader)
+
+
+def _keep(item: Any) -> Any:
+    return item
+
 
 def micro_batches(num_pairs: int, batch_size: int, seed: int, rank: int, world_size: int, consumed: int = 0,
-                  ) -> Iterator[tuple[int, list[int]]]:
+                  groups: Sequence[Hashable] | None = None) -> Iterator[tuple[int, list[int]]]:
     """Endless `(epoch, pair indices)` for this rank: seeded permutations (one per epoch) laid end to end, cut
     into global batches of `batch_size * world_size` pairs, of which rank r takes slice r.
 
@@ -328,7 +428,9 @@ def micro_batches(num_pairs: int, batch_size: int, seed: int, rank: int, world_s
     may straddle two epochs (it reports the epoch of its first pair). The pairs of a step depend only on the
     global batch, so 2 ranks x batch 4, 1 rank x batch 8 and 1 rank x batch 4 x grad-accum 2 see the same ones.
     `consumed` pairs (all ranks together, e.g. a checkpoint's step x pairs per step) are skipped without
-    replay; counting in pairs lets a run resume on a different number of ranks.
+    replay; counting in pairs lets a run resume on a different number of ranks. Pairs of one `groups` value
+    (several responses to one prompt) are kept consecutive, so that they share batches and their prompt is
+    forwarded once (`grouped_permutation`).
     """
     global_batch = batch_size * world_size
     if num_pairs < global_batch:
@@ -339,7 +441,7 @@ def micro_batches(num_pairs: int, batch_size: int, seed: int, rank: int, world_s
         epoch, offset = divmod(consumed, num_pairs)
         while True:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            order = torch.randperm(num_pairs, generator=generator).tolist()[offset:]
+            order = grouped_permutation(groups, num_pairs, generator)[offset:]
             yield from ((epoch, index) for index in order)
             epoch, offset = epoch + 1, 0
 
@@ -347,6 +449,27 @@ def micro_batches(num_pairs: int, batch_size: int, seed: int, rank: int, world_s
     while True:
         global_pairs = [next(pairs) for _ in range(global_batch)]
         yield global_pairs[0][0], [index for _, index in global_pairs[rank * batch_size:(rank + 1) * batch_size]]
+
+
+def layout_name(cfg: Config) -> str:
+    """The batch layout the flags ask for (see batching.py)."""
+    return "packed" if cfg.prefix_sharing and cfg.packing else "shared" if cfg.prefix_sharing else "concatenated"
+
+
+def precompute_reference_once(cfg: Config, reference: Reference, weights: torch.nn.Module,
+                              pairs: Sequence[TokenizedPair], pad_id: int, device: torch.device,
+                              is_main: bool) -> Reference:
+    """`--precompute-ref`: the reference's log-probs for every pair, read from the on-disk cache when an
+    earlier run computed them with the same reference weights, token ids and settings (else computed now)."""
+    settings = {"dtype": cfg.dtype, "attn": cfg.attn_implementation, "ld_alpha": cfg.ld_alpha}
+    cache_file = None
+    if cfg.cache:
+        key = reference_cache_key(weights, pairs, settings)
+        cache_file = Path(cfg.cache_dir or data_cache.default_dir()) / "reference" / f"{key}.safetensors"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+        return precompute_reference(reference, pairs, layout=layout_name(cfg), pad_id=pad_id,
+                                    batch_size=cfg.eval_batch_size or cfg.batch_size, device=device,
+                                    cache_file=cache_file, progress=cfg.progress and is_main)
 
 
 def resolve_losses(loss_names: list[str]) -> list[losses.LossSpec]:
