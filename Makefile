@@ -11,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 EXTRAS ?= dev,lora,tensorboard,wandb,bench
 STAMP   = $(VENV)/.installed-$(TORCH_VERSION)
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test typecheck setup bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+typecheck: setup  # mypy --strict on the public API modules (list in pyproject.toml)
+	$(VENV)/bin/mypy
 
 bench: setup
 	$(PY) benchmarks/throughput.py
