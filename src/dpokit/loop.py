@@ -568,7 +568,8 @@ def card_info(cfg: Config, output: Path, loss_params: dict[str, Any], counts: di
         losses=cfg.loss_names, loss_params=loss_params, data=[d for d in (cfg.data, cfg.eval_data) if d],
         counts=counts, command=shlex.join(["dpo", "train", *cfg.replace(resume=None).to_args()]),
         eval_before=eval_before, eval_after=eval_after, final_train=final_train, steps=steps,
-        tags=["lora"] if cfg.lora_r or cfg.lora_adapter else [], rows=report.read_metrics(output / "metrics.jsonl"))
+        tags=["lora", "peft"] if cfg.lora_r or cfg.lora_adapter else [],
+        rows=report.read_metrics(output / "metrics.jsonl"))
 
 
 def write_config(cfg: Config, path: Path) -> None:
