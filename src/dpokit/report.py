@@ -177,10 +177,9 @@ def summary_table(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]]) -> st
     return "\n".join(lines) + "\n"
 
 
-def write_report(runs: Sequence[str | Path], png: str | Path, markdown: str | Path | None = None,
-                 labels: Sequence[str] | None = None) -> str:
+def write_report(runs: Sequence[str | Path], png: str | Path, markdown: str | Path | None = None) -> str:
     """`dpo report`: curves of every run to `png`, the summary table to `markdown` (if given); returns the table."""
-    loaded = list(zip(labels or run_labels(runs), [load_run(run) for run in runs]))
+    loaded = list(zip(run_labels(runs), [load_run(run) for run in runs]))
     plot_curves(loaded, png)
     table = summary_table(loaded)
     if markdown is not None:
