@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import add_arguments, from_namespace
+from .config import SFT_DEFAULTS, add_arguments, from_namespace
 from .errors import DPOError
 
 
@@ -23,6 +23,19 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train a policy on preference pairs. Every flag can also be set in "
                                             "the --config YAML file; the command line wins.")
     add_arguments(train)
+    sft = commands.add_parser("sft", help="supervised fine-tuning on prompt+completion (or text) records",
+                              description="Supervised fine-tuning: `dpo train` with --loss sft (NLL of the "
+                                          "completion per token, no reference) and output runs/sft. Same flags, "
+                                          "outputs and checkpoints as `dpo train`; preference files train on chosen.")
+    add_arguments(sft)
+    _add_generate_arguments(commands.add_parser(
+        "generate", help="sample completions of prompts from a saved model, to JSONL",
+        description="Batched sampling from a saved model; the same --seed gives the same samples."))
+    _add_eval_arguments(commands.add_parser(
+        "eval", help="reward accuracy on pairs; reward, win rate and KL of samples vs the reference",
+        description="Evaluate a policy against its reference: on preference pairs (--data), DPO's implicit reward "
+                    "accuracy and margins; on prompts (--prompts) with --reward module:function, the mean reward "
+                    "of samples, their win rate over the reference's samples, and KL(policy || reference)."))
     _add_data_arguments(commands.add_parser("data", help="look at a data file before training on it"))
     report = commands.add_parser(
         "report", help="compare runs: curves on shared axes (PNG) and a summary table (markdown)",
@@ -53,6 +66,49 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
                                  choices=f.metadata.get("choices"))
 
 
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder (save_pretrained), with its tokenizer")
+    parser.add_argument("--num-samples", type=int, default=1, help="completions per prompt (default: 1)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens per completion (default: 64)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (default: 1)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1 = off)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (default: 32)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights dtype")
+
+
+def _sampling_options(args: argparse.Namespace) -> dict[str, object]:
+    for name in ("num_samples", "max_new_tokens", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise DPOError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise DPOError("--temperature must be >= 0 and --top-p in (0, 1]")
+    return dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+
+
+def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_sampling_arguments(parser)
+    parser.add_argument("--prompts", required=True, help="JSONL/JSON/Parquet file of records with a prompt field")
+    parser.add_argument("--field", default="prompt", help="the record field holding the prompt (default: prompt)")
+    parser.add_argument("--out", required=True, help="JSONL file to write: prompt, completion, indices")
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_sampling_arguments(parser)
+    parser.add_argument("--ref-model", required=True, help="the reference model folder (e.g. the SFT model)")
+    parser.add_argument("--data", help="held-out preference pairs: reward accuracy and margins")
+    parser.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward (default: 0.1)")
+    parser.add_argument("--max-length", type=int, default=1024, help="max tokens of prompt + completion (--data)")
+    parser.add_argument("--max-prompt-length", type=int, default=512, help="max prompt tokens (--data)")
+    parser.add_argument("--prompts", help="prompts (records with a prompt field) to sample from both models")
+    parser.add_argument("--reward", help="module:function or file.py:function, called as f(prompts, completions) "
+                                         "-> one float per completion")
+    parser.add_argument("--out", help="write the metrics here as JSON")
+    parser.add_argument("--samples-out", help="write the policy's scored samples here as JSONL")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -64,6 +120,22 @@ def main(argv: list[str] | None = None) -> None:
             from .loop import train
 
             train(from_namespace(args))
+        elif args.command == "sft":
+            from .loop import train
+
+            train(from_namespace(args, defaults=SFT_DEFAULTS))
+        elif args.command == "generate":
+            from .generate import generate_file
+
+            generate_file(model=args.model, prompts=args.prompts, out=args.out, field=args.field,
+                          **_sampling_options(args))
+        elif args.command == "eval":
+            from .evaluation import evaluate_models
+
+            evaluate_models(model=args.model, ref_model=args.ref_model, data=args.data, prompts=args.prompts,
+                            reward=args.reward, out=args.out, samples_out=args.samples_out, beta=args.beta,
+                            max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                            **_sampling_options(args))
         elif args.command == "report":
             from .report import write_report
 
