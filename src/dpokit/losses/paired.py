@@ -73,7 +73,7 @@ def _check_robust(settings: Mapping[str, Any], extras: frozenset[str] | None) ->
 def robust(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
            beta: float = 0.1, label_smoothing: float = 0.0,
            f_divergence: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> LossOutput:
-    """Robust DPO (rDPO, Chowdhury et al. 2024, arXiv 2403.00409, the de-biased loss of Sec. 3).
+    """Robust DPO (rDPO, Chowdhury et al. 2024, arXiv 2403.00409: the de-biased loss for noisy labels).
 
     L = [(1 - e) l(z) - e l(-z)] / (1 - 2e),  l(z) = -log s(z),  z = beta * D.
     An unbiased estimate of the clean-label DPO loss when each label is flipped with probability
@@ -103,8 +103,8 @@ def ipo(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.
 @register("hinge")
 def hinge(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
           beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> LossOutput:
-    """SLiC hinge loss on reference-normalised likelihoods (Zhao et al. 2023, arXiv 2305.10425, Eq. 3, as
-    rewritten with pi_ref by RSO, Liu et al. 2023, arXiv 2309.06657): L = max(0, 1 - beta * D).
+    """SLiC's rank-calibration hinge loss (Zhao et al. 2023, arXiv 2305.10425) on reference-normalised
+    likelihoods, as RSO writes it (Liu et al. 2023, arXiv 2309.06657): L = max(0, 1 - beta * D).
 
     `beta` is 1/margin: the loss is zero once D exceeds 1/beta. (SLiC itself uses the unnormalised likelihood
     and a margin delta; TRL and RSO use the log-ratio, which we follow.)
@@ -163,7 +163,7 @@ def discopop(policy: PairLogps, reference: PairLogps | None, extras: dict[str, t
 def sigmoid_norm(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
                  beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
                  ) -> LossOutput:
-    """Length-normalised DPO (as used by Tulu 3, Lambert et al. 2024, arXiv 2411.15124, Sec. 5, "DPO-norm").
+    """Length-normalised DPO (the DPO variant Tulu 3 trains with, Lambert et al. 2024, arXiv 2411.15124).
 
     L = -log s(beta * (s_w/|y_w| - s_l/|y_l|)): DPO on per-token average log-ratios, which removes DPO's pull
     toward long completions; `beta` is then per token (Tulu 3 uses a larger beta, e.g. 5).

@@ -24,7 +24,8 @@ Register your own loss without editing the package, in a module you import befor
         rejected = policy.rejected - reference.rejected                              # [pairs]
         return LossOutput(-F.logsigmoid(beta * (chosen - rejected)), beta * chosen.detach(), beta * rejected.detach())
 
-    dpokit.train(Config(loss="my_loss,sigmoid", loss_weights="1,0.5"))
+    from dpokit import Config, train
+    train(Config(loss="my_loss,sigmoid", loss_weights="1,0.5"))   # my_loss + 0.5 * DPO
 """
 
 from __future__ import annotations
