@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field, fields
+from itertools import chain
 
 import torch
 
@@ -142,13 +143,14 @@ class _RowBuilder:
                     prompt_end.append(end_of_prompt)
                     offset += len(segment)
         lengths = torch.tensor(length)                                       # [segments]
-        flat = torch.cat([torch.arange(s, s + n) for s, n in zip(start, length)])  # [tokens] flat positions
-        within = flat - torch.tensor(start).repeat_interleave(lengths)       # [tokens] index within segment
         per_token = lambda values: torch.tensor(values).repeat_interleave(lengths)  # noqa: E731
+        total = int(lengths.sum())
+        within = torch.arange(total) - (lengths.cumsum(0) - lengths).repeat_interleave(lengths)  # [tokens]
+        flat = per_token(start) + within                                     # [tokens] index into rows * width
 
         size = len(self.rows) * width
         input_ids = torch.full((size,), pad_id, dtype=torch.long)
-        input_ids[flat] = torch.tensor([t for segment in ids for t in segment], dtype=torch.long)
+        input_ids[flat] = torch.tensor(list(chain.from_iterable(ids)), dtype=torch.long)
         position_ids = torch.zeros(size, dtype=torch.long)
         position_ids[flat] = per_token(first_position) + within
         token_sequence = per_token(sequence)
@@ -184,7 +186,7 @@ class _RowBuilder:
             chosen_index=torch.tensor(chosen_index, dtype=torch.long),
             rejected_index=torch.tensor(rejected_index, dtype=torch.long),
             pair_ids=torch.tensor(pair_ids, dtype=torch.long), extras=extras,
-            num_sequences=self.num_sequences, num_tokens=int(lengths.sum()))
+            num_sequences=self.num_sequences, num_tokens=total)
 
 
 def _prompt_blocks(pairs: Sequence[TokenizedPair], builder: _RowBuilder,
