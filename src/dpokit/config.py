@@ -97,7 +97,8 @@ class Config:
     # --- layout and speed ----------------------------------------------------------------------------------
     prefix_sharing: bool = _opt(True, "forward each prompt once for its chosen and rejected completions")
     packing: bool = _opt(True, "pack several pairs per row, no padding (needs --prefix-sharing)")
-    max_tokens_per_batch: int | None = _opt(None, "build batches by token budget instead of pair count")
+    max_tokens_per_batch: int | None = _opt(None, "tokens per packed row: a batch's pairs are packed into rows of "
+                                                  "this many tokens (default: its longest prompt + responses)")
     logprob_chunk_size: int = _opt(1024, "completion tokens per LM-head chunk (bounds logits memory)")
 
     # --- optimisation --------------------------------------------------------------------------------------
