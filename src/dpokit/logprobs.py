@@ -12,6 +12,7 @@ an `nn.Module` is what lets DDP and FSDP2 wrap the scorer and see every paramete
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,8 @@ class SequenceScorer(torch.nn.Module):
         head = self.model.get_output_embeddings()
         if attention_mask.dim() == 4 and self._attn_implementation() == "eager":
             attention_mask = _additive(attention_mask, self._dtype())
+        elif attention_mask.dim() == 4 and self._attn_implementation() == "flex_attention":
+            attention_mask = _block_mask(attention_mask)  # transformers would add a bool tensor to the scores
         hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                          use_cache=False).last_hidden_state           # [rows, seq, hidden]
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_index)  # [scored, hidden]
@@ -208,6 +211,16 @@ def naive_sequence_logps(model: torch.nn.Module, prompt_ids: list[int], completi
     mask = torch.zeros_like(per_token)
     mask[:, len(prompt_ids) - 1:] = 1.0                                          # completion tokens only
     return (per_token * mask).sum(-1)[0]
+
+
+def _block_mask(mask: torch.Tensor) -> Any:
+    """Boolean allow-mask `[rows, 1, seq, seq]` -> FlexAttention `BlockMask`, which skips every block of the
+    score matrix that the mask rules out entirely (other pairs' tokens in a packed row, chosen for rejected)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    dense = mask[:, 0]                                                   # [rows, seq, seq]
+    rows, seq = dense.shape[0], dense.shape[-1]
+    return create_block_mask(lambda b, h, q, k: dense[b, q, k], rows, None, seq, seq, device=mask.device)
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
