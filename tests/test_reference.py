@@ -118,30 +118,38 @@ def test_reference_strategy_choice(options, strategy):
 
 
 def test_ref_model_gives_its_own_logps_not_the_policys(tiny_model_dir, tmp_path, pairs_jsonl):
-    """End to end: before any step, rewards are beta * (policy - reference) log-ratios. With a frozen copy they
-    are exactly 0; with --ref-model (other weights) they are beta times the two models' naive log-prob gap."""
+    """The reference scores with --ref-model's weights, and `dpo train --ref-model` uses them: before any step the
+    rewards are beta * (policy - reference) log-ratios, which are 0 with the default frozen copy."""
     from conftest import build_tiny_llama
 
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
     other_dir = tmp_path / "other"
-    other = build_tiny_llama(other_dir, vocab_size=json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"],
-                             seed=7)
+    other = build_tiny_llama(other_dir, vocab_size=vocab, seed=7)
     reference = ModelReference(models.load_model(str(other_dir)))
     policy = models.load_model(str(tiny_model_dir))
-    pairs = random_pairs(other.config.vocab_size)
+    pairs = random_pairs(vocab)
     got = reference.logps(make_batch(pairs, layout="packed"))
     torch.testing.assert_close(got.chosen, naive_pair_logps(other, pairs)[0], rtol=1e-5, atol=1e-4)
     assert (got.chosen - naive_pair_logps(policy, pairs)[0]).abs().min() > 1e-3
 
-    common = ["train", "--model", str(tiny_model_dir), "--data", str(pairs_jsonl), "--max-steps", "1",
-              "--batch-size", "4", "--no-progress", "--no-cache", "--eval-fraction", "0.1"]
-    main(common + ["--output", str(tmp_path / "copy")])
-    main(common + ["--output", str(tmp_path / "ref"), "--ref-model", str(other_dir)])
-    first = [json.loads(line) for line in (tmp_path / "copy" / "metrics.jsonl").read_text().splitlines()][0]
-    first_ref = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()][0]
-    assert first["step"] == first_ref["step"] == 0
-    assert first["eval/rewards/chosen"] == 0.0 and first["eval/rewards/rejected"] == 0.0
-    assert abs(first_ref["eval/rewards/chosen"]) > 1e-3
-    assert first_ref["eval/logps/chosen"] == first["eval/logps/chosen"]  # same policy, different reference
+    main(["train", "--model", str(tiny_model_dir), "--data", str(pairs_jsonl), "--max-steps", "1",
+          "--batch-size", "4", "--no-progress", "--no-cache", "--eval-fraction", "0.1",
+          "--output", str(tmp_path / "run"), "--ref-model", str(other_dir)])
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and abs(first["eval/rewards/chosen"]) > 1e-3
+
+
+def test_dpo_train_hard_ref_sync_leaves_the_reference_equal_to_the_policy(tiny_model_dir, tmp_path, pairs_jsonl):
+    """With --ref-sync-every 1 --ref-sync-alpha 1 the reference is the policy after every step, so the held-out
+    rewards after training (beta * log-ratios) are exactly 0, although the policy moved (log-probs changed)."""
+    main(["train", "--model", str(tiny_model_dir), "--data", str(pairs_jsonl), "--max-steps", "2", "--lr", "1e-2",
+          "--batch-size", "4", "--no-progress", "--no-cache", "--eval-fraction", "0.1",
+          "--output", str(tmp_path / "run"), "--ref-sync-every", "1", "--ref-sync-alpha", "1"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    before, after = rows[0], rows[-1]
+    assert before["step"] == 0 and after["step"] == 2 and "eval/rewards/chosen" in after
+    assert after["eval/logps/chosen"] != pytest.approx(before["eval/logps/chosen"], abs=1e-3)
+    assert after["eval/rewards/chosen"] == 0.0 and after["eval/rewards/rejected"] == 0.0
 
 
 def test_cli_refuses_ref_model_with_a_reference_free_loss(tiny_model_dir, tmp_path, pairs_jsonl, capsys):

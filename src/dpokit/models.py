@@ -96,7 +96,8 @@ def apply_lora(model: torch.nn.Module, *, r: int, alpha: float, dropout: float, 
 
     targets: str | list[str] = (target_modules if target_modules == "all-linear"
                                 else [name.strip() for name in target_modules.split(",") if name.strip()])
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    config = LoraConfig(r=r, lora_alpha=alpha,  # type: ignore[arg-type]  # annotated int; scaling = alpha / r
+                        lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, config)
     except ValueError as err:

@@ -85,7 +85,7 @@ class AdapterReference:
 
     @torch.no_grad()
     def logps(self, batch: Batch) -> PairLogps | None:
-        with self.policy.disable_adapter():  # type: ignore[operator]
+        with self.policy.disable_adapter():
             return sequence_logps(self.scorer, batch, ld_alpha=self.ld_alpha).detach()
 
 
@@ -101,7 +101,8 @@ def paired_parameters(reference: torch.nn.Module, policy: torch.nn.Module,
                            "same architecture (drop --ref-model or --ref-sync-every)")
         pairs.append((ref, param))
     if reference_params:
-        raise DPOError(f"--ref-sync-every: the reference has parameters the policy lacks ({next(iter(reference_params))})")
+        extra = next(iter(reference_params))
+        raise DPOError(f"--ref-sync-every: the reference has parameters the policy lacks ({extra})")
     return pairs
 
 
