@@ -113,6 +113,7 @@ def test_kl_is_zero_for_the_same_model_and_the_mean_log_ratio_otherwise(tiny_mod
     assert [r["reward"] for r in records] == [float(len(r["completion"])) for r in records]
 
 
+@torch.no_grad()
 def test_preference_metrics_match_an_independent_count(tiny_model, other_model, tokenizer):
     pairs = []
     for i, prompt in enumerate(PROMPTS):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from . import generate
+from . import generate, models, pipeline
 from .batching import make_batch
 from .errors import DPOError
 from .logprobs import PairLogps, SequenceScorer, sequence_logps
@@ -156,10 +157,6 @@ def evaluate_models(*, model: str, ref_model: str, data: str | None = None, prom
                     ) -> dict[str, float]:
     """`dpo eval`: preference metrics on `data` and/or sample metrics on `prompts` under `reward`; prints them,
     writes them as JSON to `out` and the policy's scored samples to `samples_out` (JSONL) when given."""
-    import json
-
-    from . import models, pipeline
-
     if data is None and prompts is None:
         raise DPOError("eval: give --data (preference pairs) and/or --prompts with --reward")
     if prompts is not None and reward is None:

@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
+from . import models
 from .errors import DPOError
+from .formats import read_records
 
 
 @dataclass(frozen=True)
@@ -157,8 +159,6 @@ def sample_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
 
 def read_prompts(path: str, field: str = "prompt") -> list[str]:
     """The `field` string of every record of a JSONL/JSON/Parquet file."""
-    from .formats import read_records
-
     prompts = []
     for where, record in read_records(path):
         value = record.get(field)
@@ -195,8 +195,6 @@ def resolve_device(device: str) -> torch.device:
 def generate_file(*, model: str, prompts: str, out: str, field: str = "prompt", device: str = "auto",
                   dtype: str = "float32", batch_size: int = 32, **sampling: Any) -> Path:
     """`dpo generate`: sample completions of every prompt in a file from a saved model, write them as JSONL."""
-    from . import models
-
     texts_in = read_prompts(prompts, field)
     tokenizer = models.load_tokenizer(model)
     policy = models.load_model(model, dtype=dtype).to(resolve_device(device))
