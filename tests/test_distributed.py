@@ -2,20 +2,18 @@
 batch 4 x grad-accum 2, same seed, same global batch: same loss curve, same eval metrics, same final weights
 (within 1e-5), with DDP and with FSDP2; an FSDP2 checkpoint written by 2 ranks loads on 1.
 
-The 2 processes are forked from the test process (which has already imported torch and transformers: a fresh
-interpreter per rank costs more than the training) and given the variables torchrun sets. Each trains with DDP,
+The 2 processes are forked from the test process (`distributed_helpers.fork_ranks`). Each trains with DDP,
 then with FSDP2, then writes a sharded checkpoint, all in one process group.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
+from distributed_helpers import fork_ranks
 from safetensors.torch import load_file
 
 from dpokit import distributed
@@ -65,11 +63,7 @@ def runs(tmp_path_factory, tiny_model_dir):
 
     root = tmp_path_factory.mktemp("distributed")
     train(run_config(str(tiny_model_dir), root / "single", grad_accum=2))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.multiprocessing.start_processes(worker, args=(2, port, str(tiny_model_dir), root), nprocs=2,
-                                          start_method="fork")
+    fork_ranks(worker, 2, str(tiny_model_dir), root)
     return root
 
 
@@ -114,17 +108,12 @@ def test_fsdp_checkpoint_written_by_two_ranks_loads_on_one(runs, tiny_model_dir)
 # ---- the worker: one rank ------------------------------------------------------------------------------------
 
 
-def worker(rank: int, world_size: int, port: int, model_dir: str, root: Path) -> None:
-    import torch.distributed as td
+def worker(rank: int, world_size: int, model_dir: str, root: Path) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     from transformers import AutoModelForCausalLM
 
     from dpokit.loop import train
 
-    torch.set_num_threads(1)  # as DataLoader workers do: a forked child must not reuse the parent's OpenMP pool
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    td.init_process_group("gloo")  # ours: train() uses it and leaves it alive between runs
     for strategy in STRATEGIES:
         train(run_config(model_dir, root / strategy, grad_accum=1, fsdp=strategy == "fsdp"))
 
@@ -139,4 +128,3 @@ def worker(rank: int, world_size: int, port: int, model_dir: str, root: Path) ->
         model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         torch.save({"model": full_model, "optimizer": full_optimizer["state"]}, root / "dcp-full.pt")
-    td.destroy_process_group()

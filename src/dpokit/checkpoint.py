@@ -8,8 +8,14 @@ A checkpoint is a folder `OUTPUT/checkpoints/step-N/`:
     metrics.jsonl       the rows of OUTPUT/metrics.jsonl so far (restored on resume, so rows are never doubled)
     complete.json       written last: the step and every file's size; a folder without it is not a checkpoint
 
-It is written into `.tmp-step-N-PID/`, each file fsynced, then renamed to `step-N/` in one step, so a kill at any
-moment leaves either the old set of checkpoints or the new one. Resuming takes the newest usable checkpoint:
+With `--fsdp` the weights and optimizer are sharded, and `model.safetensors` + `optimizer.pt` give way to
+
+    sharded/            `torch.distributed.checkpoint` (DCP): `.metadata` + one `__R_0.distcp` per rank; DCP
+                        reshards on load, so it resumes on any number of ranks (or on one process, unsharded)
+    rank-R.pt           rank R's generator states and metric sums since the last log step (see `rank_state`)
+
+It is written into a temporary folder, each file fsynced, then renamed to `step-N/` in one step by rank 0 (after
+every rank has written its part), so a kill at any moment leaves either the old set of checkpoints or the new one. Resuming takes the newest usable checkpoint:
 one with a missing marker, a missing file, a truncated file or an unreadable file is skipped with a warning that
 names it and the one used instead. Nothing is replayed: the data order is a pure function of (seed, epoch), so
 the saved (epoch, batch index) is enough to continue it.
@@ -33,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed
 from .errors import DPOError, TrainingFailure
 
 MODEL = "model.safetensors"
@@ -40,17 +47,21 @@ OPTIMIZER = "optimizer.pt"
 TRAINER = "trainer.pt"
 METRICS = "metrics.jsonl"
 MARKER = "complete.json"
+SHARDED = "sharded"
+RANK_STATE = "rank-{rank}.pt"
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
 @dataclass
 class Loaded:
-    """A checkpoint read back: where it was, and its three parts (tensors on the CPU)."""
+    """A checkpoint read back: where it was, and its three parts (tensors on the CPU). A sharded one carries
+    only `trainer`: its weights and optimizer go straight into the model with `distributed.load_sharded`."""
 
     path: Path
     weights: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     trainer: dict[str, Any]
+    sharded: bool = False
 
 
 class Interrupted(TrainingFailure):
@@ -77,38 +88,93 @@ def save(root: Path, step: int, *, weights: dict[str, torch.Tensor], optimizer: 
     """
     from safetensors.torch import save_file
 
-    target = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    target, tmp = root / f"step-{step}", root / f".tmp-step-{step}-{os.getpid()}"
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-step-*"):  # left by a run killed while saving
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
+        _make_temporary(root, tmp)
         save_file(weights, str(tmp / MODEL))
         _fsync(tmp / MODEL)
         _torch_save(optimizer, tmp / OPTIMIZER)
-        _torch_save(trainer, tmp / TRAINER)
-        if metrics is not None and metrics.is_file():
-            shutil.copyfile(metrics, tmp / METRICS)
-            _fsync(tmp / METRICS)
-        sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
-        (tmp / MARKER).write_text(json.dumps({"step": step, "files": sizes}), encoding="utf-8")
-        _fsync(tmp / MARKER)
-        _fsync(tmp)
-        if target.exists():  # the same step saved before (a resumed run re-reaching it): replace it
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-        _fsync(root)
+        _commit(tmp, target, step, trainer, metrics)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = [c for c in complete_checkpoints(root) if c != target]
-        kept = f"the previous checkpoint {previous[0]} is intact" if previous else "no earlier checkpoint exists"
-        raise TrainingFailure(f"could not write checkpoint {target}: {err.strerror or err}; {kept}; "
-                              "free disk space or fix the folder's permissions, then resume") from None
+        raise _write_failure(root, target, err) from None
+    _rotate(root, keep)
+    return target
+
+
+def save_sharded(root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 trainer: dict[str, Any], own: dict[str, Any], dist: distributed.Dist, metrics: Path | None = None,
+                 keep: int | None = None) -> Path:
+    """`save` for FSDP2: every rank calls it with its sharded `model` (`reshard`ed), `optimizer` and `own`
+    state (its metric sums); `trainer` and `metrics` matter on rank 0 only.
+
+    Rank 0 makes the temporary folder; every rank writes its DCP shards and `rank-R.pt`; once all have
+    (the all-reduce after each phase is the barrier), rank 0 writes `trainer.pt`, the metrics and the marker,
+    renames the folder and rotates. A failure on any rank raises `TrainingFailure` on every rank (none is left
+    waiting in a collective) and leaves earlier checkpoints intact.
+    """
+    target, tmp = root / f"step-{step}", root / f".tmp-step-{step}-sharded"
+
+    def everywhere(main_only: bool, work: Callable[[], None]) -> None:
+        error = None
+        if dist.is_main or not main_only:
+            try:
+                work()
+            except OSError as err:
+                error = err
+        failures = distributed.reduce_sums(torch.tensor([float(error is not None)], device=dist.device), dist)
+        if failures.item():
+            if dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise _write_failure(root, target, error or OSError(f"{int(failures.item())} other rank(s) failed"))
+
+    def write_shards() -> None:
+        distributed.save_sharded(tmp / SHARDED, model, optimizer)
+        _torch_save({**own, "rng": capture_rng()}, tmp / RANK_STATE.format(rank=dist.rank))
+
+    everywhere(True, lambda: _make_temporary(root, tmp))
+    everywhere(False, write_shards)
+    everywhere(True, lambda: (_commit(tmp, target, step, {**trainer, "world_size": dist.world_size}, metrics),
+                              _rotate(root, keep)))
+    return target
+
+
+def _make_temporary(root: Path, tmp: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-step-*"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+
+
+def _commit(tmp: Path, target: Path, step: int, trainer: dict[str, Any], metrics: Path | None) -> None:
+    """Add the trainer state, the metrics and (last) the marker to `tmp`, then rename it to `target`."""
+    _torch_save(trainer, tmp / TRAINER)
+    if metrics is not None and metrics.is_file():
+        shutil.copyfile(metrics, tmp / METRICS)
+        _fsync(tmp / METRICS)
+    files = sorted(f for f in tmp.rglob("*") if f.is_file())
+    sizes = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in files}
+    (tmp / MARKER).write_text(json.dumps({"step": step, "files": sizes}), encoding="utf-8")
+    _fsync(tmp / MARKER)
+    for folder in {f.parent for f in files} | {tmp}:
+        _fsync(folder)
+    if target.exists():  # the same step saved before (a resumed run re-reaching it): replace it
+        shutil.rmtree(target)
+    os.rename(tmp, target)
+    _fsync(target.parent)
+
+
+def _write_failure(root: Path, target: Path, err: OSError) -> TrainingFailure:
+    previous = [c for c in complete_checkpoints(root) if c != target]
+    kept = f"the previous checkpoint {previous[0]} is intact" if previous else "no earlier checkpoint exists"
+    return TrainingFailure(f"could not write checkpoint {target}: {err.strerror or err}; {kept}; "
+                           "free disk space or fix the folder's permissions, then resume")
+
+
+def _rotate(root: Path, keep: int | None) -> None:
     if keep is not None:
         for old in complete_checkpoints(root)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def _torch_save(obj: Any, path: Path) -> None:
@@ -149,7 +215,7 @@ def problem(path: Path) -> str | None:
         sizes = dict(marker["files"])
     except (OSError, ValueError, KeyError, TypeError):
         return "no completeness marker (the save was interrupted)"
-    for name in (MODEL, OPTIMIZER, TRAINER):
+    for name in _required(sizes):
         if name not in sizes:
             return f"{name} is not listed in {MARKER}"
     for name, size in sizes.items():
@@ -161,6 +227,13 @@ def problem(path: Path) -> str | None:
     return None
 
 
+def _required(files: dict[str, int]) -> tuple[str, ...]:
+    """The files a checkpoint must have, by its format (sharded when its marker lists DCP files)."""
+    if any(name.startswith(f"{SHARDED}/") for name in files):
+        return f"{SHARDED}/.metadata", TRAINER
+    return MODEL, OPTIMIZER, TRAINER
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """The `step-N` folders under `root` that pass `problem`, newest first."""
     return [p for p in checkpoints(root) if problem(p) is None]
@@ -170,14 +243,17 @@ def read(path: Path) -> Loaded:
     """Read every part of a checkpoint; raises `ValueError` naming the part if one cannot be read."""
     from safetensors.torch import load_file
 
+    sharded = (path / SHARDED).is_dir()
+    if sharded and (why := distributed.sharded_metadata_problem(path / SHARDED)):
+        raise ValueError(why)
     parts: list[Any] = []
-    for name in (MODEL, OPTIMIZER, TRAINER):
+    for name in (TRAINER,) if sharded else (MODEL, OPTIMIZER, TRAINER):
         try:
             parts.append(load_file(path / name) if name == MODEL
                          else torch.load(path / name, map_location="cpu", weights_only=True))
         except Exception as err:  # safetensors, zipfile and pickle raise many unrelated types for a bad file
             raise ValueError(f"{name} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
-    return Loaded(path, *parts)
+    return Loaded(path, {}, {}, parts[0], sharded=True) if sharded else Loaded(path, *parts)
 
 
 def load(resume: str, output: Path, warn: Callable[[str], None]) -> Loaded | None:
@@ -238,6 +314,7 @@ def restore_metrics(checkpoint: Path, metrics: Path) -> None:
     """Put back the metrics rows saved with the checkpoint, dropping those logged after it."""
     saved = checkpoint / METRICS
     if saved.is_file():
+        metrics.parent.mkdir(parents=True, exist_ok=True)  # `--resume PATH` into a new --output
         shutil.copyfile(saved, metrics)
     else:
         metrics.unlink(missing_ok=True)
@@ -252,6 +329,25 @@ def capture_rng() -> dict[str, Any]:
     return {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def rank_state(loaded: Loaded, rank: int, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(generator states, metric sums since the last log step) that rank `rank` resumes with.
+
+    - A sharded checkpoint written by as many ranks: the rank's own, from `rank-R.pt` (exact resume).
+    - A sharded checkpoint written by another number of ranks: rank 0's generators for every rank (as every
+      rank shares the seed at the start of a run) and no metric sums, so a row logged after the resume covers
+      only the steps since it. Only dropout draws from the generators (off in the policy, on with LoRA's
+      `--lora-dropout`); on another number of ranks the batch is split differently, so masks differ anyway.
+    - The single-file format (one process, DDP): what rank 0 saved, for every rank.
+    """
+    if not loaded.sharded:
+        return loaded.trainer["rng"], loaded.trainer.get("meter", {})
+    own = loaded.path / RANK_STATE.format(rank=rank)
+    if loaded.trainer.get("world_size") == world_size and own.is_file():
+        state = torch.load(own, map_location="cpu", weights_only=True)
+        return state["rng"], state["meter"]
+    return loaded.trainer["rng"], {}
 
 
 def restore_rng(state: dict[str, Any]) -> None:

@@ -22,9 +22,13 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as td
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 
 @dataclass(frozen=True)
@@ -163,28 +167,94 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def _trainable_only() -> StateDictOptions:
+    """State-dict options for checkpoints: trainable parameters only; `strict=False` lets `set_state_dict`
+    skip the frozen ones left out on purpose (`dcp.load` still fails on a key the folder lacks)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def reshard(module: torch.nn.Module) -> None:
+    """Put every FSDP2 group in `module` back to its sharded (float32 master) parameters.
+
+    FSDP2 does not reshard the root group after a forward, expecting backward to follow; after a no-grad
+    forward (evaluation, the reference) the root's embeddings, final norm and LM head stay gathered, and
+    `named_parameters()` then yields those temporary (possibly bfloat16) copies. Call this on the root before
+    reading or writing weights outside forward/backward. No-op for modules that are not sharded.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
+
+
 def save_sharded(path: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Write model and optimizer state with `torch.distributed.checkpoint`: each rank writes its own shards.
+    """Write the trainable parameters and the optimizer state with `torch.distributed.checkpoint`: each rank
+    writes its own shards (one `.distcp` file per rank plus a `.metadata` index).
 
     Keys are the parameters' names without any FSDP prefix, so `load_sharded` can read the folder back on any
-    number of ranks (DCP reshards on load), sharded or not. Every rank must call it.
+    number of ranks (DCP reshards on load), sharded or not. Frozen parameters (a LoRA model's base) are left
+    out, as in the single-process checkpoint. Every rank must call it; `reshard` the FSDP root first. A failed
+    write on any rank raises `OSError` on every rank.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optim_state = get_state_dict(module, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
+    model_state, optim_state = get_state_dict(module, optimizer, options=_trainable_only())
+    try:
+        with _one_process_quietly():
+            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
+    except CheckpointException as err:  # a BaseException carrying each failed rank's exception
+        raise OSError(_first_failure(err)) from None
 
 
 def load_sharded(path: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Read a `save_sharded` folder into `module` and `optimizer` in place, whatever the number of ranks now.
 
-    A fresh optimizer is fine: `get_state_dict` first creates its (zero) state, so DCP knows the shapes.
+    A fresh optimizer is fine: `get_state_dict` first creates its (zero) state, so DCP knows the shapes. A
+    folder lacking a key this model asks for (another model, other LoRA settings) raises `ValueError`.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_state, optim_state = get_state_dict(module, optimizer)
+    model_state, optim_state = get_state_dict(module, optimizer, options=_trainable_only())
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    try:
+        with _one_process_quietly():
+            dcp.load(state, checkpoint_id=str(path))
+    except CheckpointException as err:
+        raise ValueError(_first_failure(err)) from None
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_trainable_only())
+
+
+def _first_failure(err: BaseException) -> str:
+    """One line from DCP's `CheckpointException` (a BaseException holding each failed rank's exception)."""
+    rank, (first, _) = next(iter(err.failures.items()))  # type: ignore[attr-defined]
+    return f"rank {rank}: {getattr(first, 'strerror', None) or first}"
+
+
+@contextlib.contextmanager
+def _one_process_quietly() -> Iterator[None]:
+    """DCP warns that it runs without a process group; for one process that is the intended use."""
+    import warnings
+
+    with warnings.catch_warnings():
+        if not td.is_initialized():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        yield
+
+
+def sharded_metadata_problem(path: str | Path) -> str | None:
+    """Why the DCP index (`.metadata`) of a `save_sharded` folder cannot be read, or None."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        FileSystemReader(str(path)).read_metadata()
+    except Exception as err:  # pickle and the file system raise many unrelated types for a bad file
+        return f"{Path(path).name}/.metadata is unreadable ({type(err).__name__})"
+    return None

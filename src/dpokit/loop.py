@@ -145,13 +145,21 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
     optimizer, schedule = make_optimizer_and_schedule(policy, cfg, total_steps)
 
     # ---- resume: weights, optimizer, schedule now; RNG, data position and metric sums just before the loop ----
-    if sharded and (cfg.save_every or cfg.resume):
-        raise DPOError("--save-every/--resume are not supported with --fsdp yet")
     checkpoints = output / "checkpoints"
-    resumed = checkpoint.load(cfg.resume, output, print) if cfg.resume else None
+    resumed = checkpoint.load(cfg.resume, output, print if dist.is_main else _quiet) if cfg.resume else None
     if resumed is not None:
-        checkpoint.restore_trainable(policy, resumed.weights, resumed.path)
-        optimizer.load_state_dict(resumed.optimizer)
+        if resumed.sharded:  # DCP reshards: written by any number of ranks, read by any number, sharded or not
+            try:
+                distributed.load_sharded(resumed.path / checkpoint.SHARDED, policy, optimizer)
+            except ValueError as err:
+                raise DPOError(f"--resume: checkpoint {resumed.path} does not fit this model ({err}); resume "
+                               "with the same --model and LoRA flags") from None
+        elif sharded:
+            raise DPOError(f"--resume: checkpoint {resumed.path} was saved without --fsdp; resume it without "
+                           "--fsdp (a run with --fsdp saves checkpoints that any number of ranks can resume)")
+        else:
+            checkpoint.restore_trainable(policy, resumed.weights, resumed.path)
+            optimizer.load_state_dict(resumed.optimizer)
         schedule.load_state_dict(resumed.trainer["scheduler"])
         if dist.is_main:
             checkpoint.restore_metrics(resumed.path, output / "metrics.jsonl")  # rows after it are redone
@@ -222,19 +230,26 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
                                          consumed=state.get("pairs_consumed", 0), groups=groups),
                            data.train, cfg.num_workers, layout=layout, pad_id=data.pad_id,
                            row_capacity=cfg.max_tokens_per_batch)
+    rng_state, meter_state = (checkpoint.rank_state(resumed, dist.rank, dist.world_size) if resumed is not None
+                              else ({}, {}))
     meter = MetricMeter(dist.device)
-    meter.load_state_dict(state.get("meter", {}))
+    meter.load_state_dict(meter_state)
     bad_steps = state.get("bad_steps", 0)
     last_log_time = time.perf_counter() - state.get("since_log_s", 0.0)
     step = state.get("step", 0)
     epoch_progress, row = round(step * pairs_per_step / len(data.train), 4), {}
     if resumed is not None:
-        checkpoint.restore_rng(state["rng"])
+        checkpoint.restore_rng(rng_state)
 
     def save_checkpoint(step: int) -> Path:
         trainer = {"step": step, "pairs_consumed": step * pairs_per_step, "scheduler": schedule.state_dict(),
                    "meter": meter.state_dict(), "bad_steps": bad_steps, "eval_before": eval_before,
                    "since_log_s": time.perf_counter() - last_log_time, "rng": checkpoint.capture_rng()}
+        if cfg.fsdp:  # every rank writes its shards (DCP), also when one process runs with --fsdp
+            distributed.reshard(model)
+            return checkpoint.save_sharded(checkpoints, step, model=policy, optimizer=optimizer, trainer=trainer,
+                                           own={"meter": meter.state_dict()}, dist=dist,
+                                           metrics=reporter.metrics_path, keep=cfg.save_total_limit)
         return checkpoint.save(checkpoints, step, weights=checkpoint.trainable_state(policy),
                                optimizer=optimizer.state_dict(), trainer=trainer, metrics=reporter.metrics_path,
                                keep=cfg.save_total_limit)
@@ -290,7 +305,7 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
         if dist.enabled:  # every rank stops at the same step, whichever got the signal
             stopping = bool(distributed.reduce_sums(torch.tensor([float(stopping)], device=dist.device), dist))
         saved = None
-        if dist.is_main and not sharded and (
+        if (dist.is_main or cfg.fsdp) and (
                 failed or stopping or (cfg.save_every and (step % cfg.save_every == 0 or step == total_steps))):
             saved = save_checkpoint(step)
         if failed:
@@ -311,6 +326,8 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
 
     # ---- save ------------------------------------------------------------------------------------------------
     model_dir = None
+    if sharded:
+        distributed.reshard(model)  # evaluation left the root's weights gathered (in the compute dtype)
     full_state = distributed.full_state_dict(policy) if sharded else None  # collective: every rank gathers
     if dist.is_main:
         reporter.close()
@@ -570,6 +587,10 @@ def card_info(cfg: Config, output: Path, loss_params: dict[str, Any], counts: di
         eval_before=eval_before, eval_after=eval_after, final_train=final_train, steps=steps,
         tags=["lora", "peft"] if cfg.lora_r or cfg.lora_adapter else [],
         rows=report.read_metrics(output / "metrics.jsonl"))
+
+
+def _quiet(message: str) -> None:
+    """Ranks other than 0 keep checkpoint warnings to themselves (rank 0 prints the same ones)."""
 
 
 def write_config(cfg: Config, path: Path) -> None:

@@ -60,7 +60,15 @@ class ModelReference:
         """TR-DPO (Gorbatovski et al. 2024, Sec. 3): `ref <- alpha * policy + (1 - alpha) * ref`, per parameter.
 
         alpha = 1 is the hard update (the reference becomes a copy of the policy); below 1 the soft update.
+        Under FSDP2 both are sharded alike, so each rank updates its own shard of each DTensor in place. The
+        reference is resharded first: after a no-grad forward FSDP2 leaves the root group (embeddings, final
+        norm, LM head) gathered, and an update to that temporary copy would be lost at the next reshard.
         """
+        from torch.distributed.fsdp import FSDPModule  # as distributed.reshard, which this room may not import
+
+        for module in self.scorer.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
         for reference_param, policy_param in paired_parameters(self.model, policy):
             value = policy_param  # sharded like the reference under FSDP2 (DTensors), or both plain tensors
             if hasattr(policy_param, "full_tensor") and not hasattr(reference_param, "full_tensor"):
