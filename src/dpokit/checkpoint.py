@@ -105,7 +105,7 @@ def save(root: Path, step: int, *, weights: dict[str, torch.Tensor], optimizer: 
 def save_sharded(root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  trainer: dict[str, Any], own: dict[str, Any], dist: distributed.Dist, metrics: Path | None = None,
                  keep: int | None = None) -> Path:
-    """`save` for FSDP2: every rank calls it with its sharded `model` (`reshard`ed), `optimizer` and `own`
+    """`save` for FSDP2: every rank calls it with its sharded `model`, `optimizer` and `own`
     state (its metric sums); `trainer` and `metrics` matter on rank 0 only.
 
     Rank 0 makes the temporary folder; every rank writes its DCP shards and `rank-R.pt`; once all have

@@ -175,29 +175,14 @@ def _trainable_only() -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
-def reshard(module: torch.nn.Module) -> None:
-    """Put every FSDP2 group in `module` back to its sharded (float32 master) parameters.
-
-    FSDP2 does not reshard the root group after a forward, expecting backward to follow; after a no-grad
-    forward (evaluation, the reference) the root's embeddings, final norm and LM head stay gathered, and
-    `named_parameters()` then yields those temporary (possibly bfloat16) copies. Call this on the root before
-    reading or writing weights outside forward/backward. No-op for modules that are not sharded.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    for sub in module.modules():
-        if isinstance(sub, FSDPModule):
-            sub.reshard()
-
-
 def save_sharded(path: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Write the trainable parameters and the optimizer state with `torch.distributed.checkpoint`: each rank
     writes its own shards (one `.distcp` file per rank plus a `.metadata` index).
 
     Keys are the parameters' names without any FSDP prefix, so `load_sharded` can read the folder back on any
     number of ranks (DCP reshards on load), sharded or not. Frozen parameters (a LoRA model's base) are left
-    out, as in the single-process checkpoint. Every rank must call it; `reshard` the FSDP root first. A failed
-    write on any rank raises `OSError` on every rank.
+    out, as in the single-process checkpoint. Every rank must call it. A failed write on any rank raises
+    `OSError` on every rank.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException

@@ -246,7 +246,6 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
                    "meter": meter.state_dict(), "bad_steps": bad_steps, "eval_before": eval_before,
                    "since_log_s": time.perf_counter() - last_log_time, "rng": checkpoint.capture_rng()}
         if cfg.fsdp:  # every rank writes its shards (DCP), also when one process runs with --fsdp
-            distributed.reshard(model)
             return checkpoint.save_sharded(checkpoints, step, model=policy, optimizer=optimizer, trainer=trainer,
                                            own={"meter": meter.state_dict()}, dist=dist,
                                            metrics=reporter.metrics_path, keep=cfg.save_total_limit)
@@ -326,8 +325,6 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
 
     # ---- save ------------------------------------------------------------------------------------------------
     model_dir = None
-    if sharded:
-        distributed.reshard(model)  # evaluation left the root's weights gathered (in the compute dtype)
     full_state = distributed.full_state_dict(policy) if sharded else None  # collective: every rank gathers
     if dist.is_main:
         reporter.close()

@@ -62,9 +62,10 @@ class ModelReference:
         alpha = 1 is the hard update (the reference becomes a copy of the policy); below 1 the soft update.
         Under FSDP2 both are sharded alike, so each rank updates its own shard of each DTensor in place. The
         reference is resharded first: after a no-grad forward FSDP2 leaves the root group (embeddings, final
-        norm, LM head) gathered, and an update to that temporary copy would be lost at the next reshard.
+        norm, LM head) gathered, and an update to that temporary (compute-dtype) copy would never reach the
+        sharded weights; the next reshard (any state dict) would drop it.
         """
-        from torch.distributed.fsdp import FSDPModule  # as distributed.reshard, which this room may not import
+        from torch.distributed.fsdp import FSDPModule
 
         for module in self.scorer.modules():
             if isinstance(module, FSDPModule):
