@@ -336,7 +336,7 @@ def _list_of(record: dict[str, Any], name: str, length: int) -> list[Any]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except ValueError:
             pass
     if not isinstance(value, list) or len(value) != length:
         raise _BadRecord(f"field '{name}' must be a list with one entry per response ({length}), got {value!r:.80}")
@@ -438,6 +438,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DPOError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+            except ValueError as err:  # e.g. an integer longer than Python's int-digits limit
+                raise DPOError(f"{where}: unreadable JSON ({err})") from None
             if not isinstance(record, dict):
                 raise DPOError(f"{where}: expected a JSON object, got {type(record).__name__}")
             yield where, record
@@ -450,6 +452,8 @@ def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise DPOError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as err:
         raise DPOError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+    except ValueError as err:  # e.g. an integer longer than Python's int-digits limit
+        raise DPOError(f"{path}: unreadable JSON ({err})") from None
     if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
         lists = [v for v in data.values() if isinstance(v, list)]
         data = lists[0] if len(lists) == 1 else [data]

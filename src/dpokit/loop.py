@@ -221,10 +221,13 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
 
     # ---- train -----------------------------------------------------------------------------------------------
     state = resumed.trainer if resumed is not None else {}
+    # SFT alone has no rewards to rank: its held-out number is the NLL per token.
+    headline, headline_name = (("loss", "held-out NLL per token") if all(s.name == "sft" for s in specs)
+                               else ("rewards/accuracies", "held-out reward accuracy"))
     eval_before = state["eval_before"] if resumed is not None else evaluate()
     if eval_before and resumed is None:
         reporter.log({"step": 0, "epoch": 0.0, **{f"eval/{k}": v for k, v in eval_before.items()}})
-        reporter.print(f"held-out reward accuracy before training: {eval_before['rewards/accuracies']:.3f}")
+        reporter.print(f"{headline_name} before training: {eval_before[headline]:.3f}")
     groups = [("group", p.group) if p.group is not None else ("pair", i) for i, p in enumerate(data.train)]
     batches = batch_stream(micro_batches(len(data.train), cfg.batch_size, cfg.seed, dist.rank, dist.world_size,
                                          consumed=state.get("pairs_consumed", 0), groups=groups),
@@ -338,7 +341,7 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
                                                    eval_after, final_train))
         lines = report.summary_lines(eval_before, eval_after, movement)
         if eval_after:
-            lines.insert(0, f"held-out reward accuracy after training: {eval_after['rewards/accuracies']:.3f}")
+            lines.insert(0, f"{headline_name} after training: {eval_after[headline]:.3f}")
         lines.append(f"\nsaved model to {model_dir}, metrics to {output / 'metrics.jsonl'}, "
                      f"curves to {output / 'training_curves.png'}, run summary to {output / 'summary.md'}")
         print("\n".join(lines), flush=True)

@@ -8,6 +8,7 @@ default; `tiny` is the same family, shallow and narrow enough to train on a lapt
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ def load_model(name_or_path: str, *, dtype: str = "float32", seed: int = 0,
         model = build_preset(name_or_path, seed, attn_implementation)
     else:
         from transformers import AutoModelForCausalLM
+
+        quiet_progress_bars_without_terminal()
 
         _check_model_path(name_or_path)
         try:
@@ -130,6 +133,14 @@ def is_lora(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
+def quiet_progress_bars_without_terminal() -> None:
+    """transformers' "Loading weights" / "Writing model shards" bars are noise in log files and CI."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def save_policy(policy: torch.nn.Module, output: Path, *, merge_lora: bool = False, base_model: str | None = None,
                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the trained policy to `output/model` and return that folder.
@@ -143,6 +154,7 @@ def save_policy(policy: torch.nn.Module, output: Path, *, merge_lora: bool = Fal
 
     `state_dict` replaces the policy's own weights when they are sharded (FSDP2: the gathered full state).
     """
+    quiet_progress_bars_without_terminal()
     model_dir = output / "model"
     if not is_lora(policy):
         policy.save_pretrained(model_dir, safe_serialization=True, state_dict=state_dict)
