@@ -99,7 +99,7 @@ class Config:
     packing: bool = _opt(True, "pack several pairs per row, no padding (needs --prefix-sharing)")
     max_tokens_per_batch: int | None = _opt(None, "tokens per packed row: a batch's pairs are packed into rows of "
                                                   "this many tokens (default: its longest prompt + responses)")
-    logprob_chunk_size: int = _opt(1024, "completion tokens per LM-head chunk (bounds logits memory)")
+    logprob_chunk_size: int = _opt(512, "completion tokens per LM-head chunk (bounds logits memory)")
 
     # --- optimisation --------------------------------------------------------------------------------------
     lr: float | None = _opt(None, f"AdamW learning rate (default: {DEFAULT_LR}; {SFT_LR} with --loss sft; "

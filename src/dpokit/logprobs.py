@@ -42,7 +42,7 @@ class PairLogps:
 class SequenceScorer(torch.nn.Module):
     """`forward(batch tensors) -> token log-probs [scored]` for a Hugging Face causal LM (or a PEFT wrap of one)."""
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int = 1024) -> None:
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 512) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size

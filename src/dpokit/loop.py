@@ -128,7 +128,9 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
                                               data.train + data.eval, data.pad_id, dist.device, dist.is_main)
         ref_model = None  # the reference's weights are freed: only the [pairs] table is kept
     policy.train()
-    initial = snapshot_parameters(policy)
+    # The end summary reports how far the weights moved; a frozen copy of the start already holds them.
+    reference_is_start = strategy == "copy" and not (cfg.ref_sync_every or cfg.precompute_ref or sharded)
+    initial = dict(ref_model.named_parameters()) if reference_is_start else snapshot_parameters(policy)
     scorer = SequenceScorer(policy, cfg.logprob_chunk_size)
     if cfg.compile:
         scorer = torch.compile(scorer)  # type: ignore[assignment]
@@ -571,8 +573,9 @@ def parameter_movement(weights: dict[str, torch.Tensor], initial: dict[str, torc
             continue
         parts = name.removeprefix("base_model.model.").removeprefix("model.").split(".")  # PEFT adds a prefix
         group = ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
-        delta[group] = delta.get(group, 0.0) + float((param.detach().float().cpu() - initial[name]).pow(2).sum())
-        base[group] = base.get(group, 0.0) + float(initial[name].pow(2).sum())
+        start = initial[name].detach().float().cpu()
+        delta[group] = delta.get(group, 0.0) + float((param.detach().float().cpu() - start).pow(2).sum())
+        base[group] = base.get(group, 0.0) + float(start.pow(2).sum())
     return {g: math.sqrt(delta[g]) / max(math.sqrt(base[g]), 1e-12) for g in delta}
 
 

@@ -44,7 +44,7 @@ class NoReference:
 class ModelReference:
     """A frozen model scored like the policy, without gradients."""
 
-    def __init__(self, model: torch.nn.Module, *, chunk_size: int = 1024, ld_alpha: float | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, *, chunk_size: int = 512, ld_alpha: float | None = None) -> None:
         model.eval()
         model.requires_grad_(False)
         self.model = model
@@ -87,7 +87,7 @@ class AdapterReference:
     memory beyond the policy's own weights (TRL does the same when no `ref_model` is given with PEFT).
     """
 
-    def __init__(self, policy: torch.nn.Module, *, chunk_size: int = 1024, ld_alpha: float | None = None) -> None:
+    def __init__(self, policy: torch.nn.Module, *, chunk_size: int = 512, ld_alpha: float | None = None) -> None:
         self.policy = policy
         self.scorer = SequenceScorer(policy, chunk_size)
         self.ld_alpha = ld_alpha
