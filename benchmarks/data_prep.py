@@ -138,8 +138,7 @@ def main() -> None:
     mean_response = sum(c for _, c in lengths) / len(lengths)
     rows = [("TRL 1.16 DPOTrainer (load_dataset + _prepare_dataset)", trl_s),
             ("dpokit pipeline.prepare, cold", ours_s), ("dpokit pipeline.prepare, cache hit", hit_s)]
-    machine = (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU cores (shared with other "
-               f"jobs while measured), Python {platform.python_version()}, transformers {transformers.__version__}, "
+    machine = (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, transformers {transformers.__version__}, "
                f"tokenizers {tokenizers.__version__}, trl {trl.__version__}")
     lines = ["## Data preparation: dpokit vs TRL", "",
              f"{args.pairs} pairs, prompt {mean_prompt:.0f} tokens and responses {mean_response:.0f} tokens on average "

@@ -71,6 +71,15 @@ def _data_cache_dir(tmp_path_factory) -> None:
     os.environ["DPOKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("dpokit-cache"))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls run fastest on one thread, and far faster than two on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tokenizer")

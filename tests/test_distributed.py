@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from dpokit import distributed
 from dpokit.config import Config
-from dpokit.loop import micro_batches
+from dpokit.sampling import micro_batches
 
 STRATEGIES = ("ddp", "fsdp")
 

@@ -18,13 +18,7 @@ from dpokit.tokenization import TokenizedPair
 PROMPTS = ["Human: What is", "The quick brown fox jumps over the lazy", "def", "Question: how many legs"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls run fastest on one thread, and far faster than two on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls run fastest on one thread
 
 
 @pytest.fixture

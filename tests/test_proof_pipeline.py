@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "controlled_generation"
 sys.path.insert(0, str(EXAMPLE))
@@ -24,12 +23,7 @@ MINIATURE = run.Scale(hidden=32, layers=2, corpus=320, sft_epochs=2, sft_lr=3e-3
                       max_new_tokens=24)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls run fastest on one thread
 
 
 def test_miniature_pipeline_raises_the_reward(tmp_path):

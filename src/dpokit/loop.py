@@ -13,7 +13,7 @@ import math
 import random
 import shlex
 import time
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from . import checkpoint, data_cache, distributed, losses, model_card, models, pipeline, report, trackers
-from .batching import Batch, grouped_permutation, make_batch
+from .batching import Batch, make_batch
 from .config import Config
 from .errors import DPOError, TrainingFailure
 from .logprobs import PairLogps, SequenceScorer, sequence_logps
+from .sampling import batch_stream, micro_batches
 from .reference import (AdapterReference, ModelReference, NoReference, Reference, paired_parameters,
                         precompute_reference, reference_cache_key, reference_strategy)
 from .tokenization import TokenizedPair
@@ -405,69 +406,6 @@ class MetricMeter:
         move = lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v  # noqa: E731
         for name, value in state.items():
             setattr(self, name, {k: move(v) for k, v in value.items()} if isinstance(value, dict) else move(value))
-
-
-class _BuildBatches(torch.utils.data.Dataset):
-    """Maps one `(epoch, pair ids)` item to `(epoch, ids, Batch)` on the CPU; runs in DataLoader workers."""
-
-    def __init__(self, pairs: Sequence[TokenizedPair], **layout: Any) -> None:
-        self.pairs, self.layout = pairs, layout
-
-    def __getitem__(self, item: tuple[int, list[int]]) -> tuple[int, list[int], Batch]:
-        epoch, ids = item
-        return epoch, ids, make_batch([self.pairs[j] for j in ids], pair_ids=ids, **self.layout)
-
-
-def batch_stream(order: Iterator[tuple[int, list[int]]], pairs: Sequence[TokenizedPair], num_workers: int,
-                 **layout: Any) -> Iterator[tuple[int, list[int], Batch]]:
-    """`(epoch, ids, Batch)` in `order`'s order; with `num_workers`, built ahead in that many processes.
-
-    A batch is a pure function of its ids and the DataLoader keeps `order`, so results do not depend on the
-    number of workers. The DataLoader gets its own generator: otherwise each iterator draws its worker seed from
-    the global torch RNG, and the run would differ with and without workers.
-    """
-    build = _BuildBatches(pairs, **layout)
-    if num_workers == 0:
-        return map(build.__getitem__, order)
-    loader = torch.utils.data.DataLoader(build, sampler=order, batch_size=None, num_workers=num_workers,  # type: ignore[arg-type]
-                                         collate_fn=_keep, generator=torch.Generator())
-    return iter(loader)
-
-
-def _keep(item: Any) -> Any:
-    return item
-
-
-def micro_batches(num_pairs: int, batch_size: int, seed: int, rank: int, world_size: int, consumed: int = 0,
-                  groups: Sequence[Hashable] | None = None) -> Iterator[tuple[int, list[int]]]:
-    """Endless `(epoch, pair indices)` for this rank: seeded permutations (one per epoch) laid end to end, cut
-    into global batches of `batch_size * world_size` pairs, of which rank r takes slice r.
-
-    Nothing is dropped or repeated: every pair is seen exactly once per epoch across ranks, and a global batch
-    may straddle two epochs (it reports the epoch of its first pair). The pairs of a step depend only on the
-    global batch, so 2 ranks x batch 4, 1 rank x batch 8 and 1 rank x batch 4 x grad-accum 2 see the same ones.
-    `consumed` pairs (all ranks together, e.g. a checkpoint's step x pairs per step) are skipped without
-    replay; counting in pairs lets a run resume on a different number of ranks. Pairs of one `groups` value
-    (several responses to one prompt) are kept consecutive, so that they share batches and their prompt is
-    forwarded once (`grouped_permutation`).
-    """
-    global_batch = batch_size * world_size
-    if num_pairs < global_batch:
-        raise DPOError(f"{num_pairs} training pairs cannot fill one batch of {batch_size} pairs x {world_size} "
-                       "processes; lower --batch-size")
-
-    def stream() -> Iterator[tuple[int, int]]:
-        epoch, offset = divmod(consumed, num_pairs)
-        while True:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            order = grouped_permutation(groups, num_pairs, generator)[offset:]
-            yield from ((epoch, index) for index in order)
-            epoch, offset = epoch + 1, 0
-
-    pairs = stream()
-    while True:
-        global_pairs = [next(pairs) for _ in range(global_batch)]
-        yield global_pairs[0][0], [index for _, index in global_pairs[rank * batch_size:(rank + 1) * batch_size]]
 
 
 def layout_name(cfg: Config) -> str:
