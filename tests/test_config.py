@@ -54,3 +54,10 @@ def test_yaml_unknown_key_and_bad_type(tmp_path):
     path.write_text("beta: [0.1\n")
     with pytest.raises(DPOError, match=r"bad.yaml:\d+: not valid YAML"):
         Config.from_yaml(path)
+
+
+def test_a_limit_that_is_on_by_default_can_be_turned_off_from_the_command_line():
+    assert Config.from_args(["--max-prompt-length", "none"]).max_prompt_length is None
+    assert Config.from_args(["--max-prompt-length", "64"]).max_prompt_length == 64
+    with pytest.raises(SystemExit):
+        Config.from_args(["--max-prompt-length", "lots"])

@@ -228,6 +228,16 @@ def _base_type(annotation: Any) -> type:
     return hint  # type: ignore[no-any-return]
 
 
+def _none_or(kind: type) -> Any:
+    """An argparse type that reads "none" as None (for limits that are on by default)."""
+
+    def convert(text: str) -> Any:
+        return None if text.lower() == "none" else kind(text)
+
+    convert.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return convert
+
+
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
@@ -242,6 +252,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         else:
+            if f.default is not None and "None" in str(f.type) and kind in (int, float):
+                kind = _none_or(kind)  # e.g. --max-prompt-length none turns the limit off
             parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text,
                                 choices=f.metadata.get("choices"), nargs=f.metadata.get("nargs"),
                                 const=f.metadata.get("const"), metavar=None if f.metadata.get("choices") else f.name.upper())
