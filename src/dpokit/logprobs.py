@@ -146,8 +146,10 @@ class _LinearTargetLogps(torch.autograd.Function):
             grad_logits = grad_logits.to(dtype)
             if grad_hidden is not None:
                 grad_hidden[start:end] = grad_logits @ w
-            if grad_weight is not None:
-                grad_weight.add_((grad_logits.T @ h).float())
+            if grad_weight is not None and dtype == torch.float32:
+                grad_weight.addmm_(grad_logits.T, h)                     # in place: no [vocab, hidden] temporary
+            elif grad_weight is not None:
+                grad_weight.add_((grad_logits.T @ h).float())            # low-precision chunks, fp32 sums
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None)
 
 

@@ -179,8 +179,9 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
     def forward_loss(batch: Batch) -> tuple[torch.Tensor, PairLogps, list[losses.LossOutput]]:
         """Per-pair weighted loss `[pairs]`, the policy's log-probs and each loss's output."""
         with autocast:
-            policy_logps = sequence_logps(model, batch, ld_alpha=cfg.ld_alpha, with_wpo=use_wpo)
+            # The reference first: its transient activations are gone before the policy's are kept for backward.
             reference_logps = reference.logps(batch)
+            policy_logps = sequence_logps(model, batch, ld_alpha=cfg.ld_alpha, with_wpo=use_wpo)
         outputs = [spec.function(policy_logps, reference_logps, batch.extras,
                                  **{k: loss_params[k] for k in spec.params}) for spec in specs]
         per_pair = sum(w * out.losses for w, out in zip(weights, outputs))
