@@ -3,7 +3,7 @@
 The key is a hash of everything the result depends on: the data's bytes (every file, or a hub dataset's
 `datasets` fingerprint), the tokenizer (its full serialised vocabulary, merges, normaliser, special tokens and
 chat template), the settings (format, columns, limits, seed, ...) and the source of the modules that produce it
-(`formats.py`, `tokenization.py`), so editing them never serves stale tokens. An entry is one `.npz` file of
+(`formats.py`, `sources.py`, `tokenization.py`), so editing them never serves stale tokens. An entry is one `.npz` file of
 flat token arrays written atomically (no pickle: loading a cache file cannot run code).
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import formats, tokenization
+from . import formats, sources, tokenization
 from .tokenization import TokenizedPair
 
 VERSION = 1
@@ -117,7 +117,7 @@ def _unflatten(stored: Any, name: str, extra_names: list[str]) -> list[Tokenized
 
 def _source_fingerprint(path: str, split: str) -> list[str]:
     """Hashes of every file's bytes (and relative name), or a hub dataset's `datasets` fingerprint."""
-    files = formats.data_files(path)
+    files = sources.data_files(path)
     if files and not files[0].exists():  # a hub name: datasets fingerprints its downloaded files
         import datasets
 
@@ -141,4 +141,4 @@ def _file_hash(path: Path) -> str:
 
 
 def _code_fingerprint() -> str:
-    return "".join(_file_hash(Path(module.__file__)) for module in (formats, tokenization))  # type: ignore[arg-type]
+    return "".join(_file_hash(Path(module.__file__)) for module in (formats, sources, tokenization))  # type: ignore[arg-type]

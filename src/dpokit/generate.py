@@ -22,7 +22,7 @@ import torch
 
 from . import models
 from .errors import DPOError
-from .formats import read_records
+from .sources import read_records
 
 
 @dataclass(frozen=True)

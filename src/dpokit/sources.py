@@ -1,0 +1,136 @@
+"""Where records come from: JSONL / JSON / CSV / Parquet files, folders of them, `datasets` folders written by
+`save_to_disk`, and hub datasets through `datasets.load_dataset`.
+
+Each reader yields `(where, record)`, with `where` naming the place for error messages: "file:line" (JSONL),
+"file:record N" (JSON) or "file:row N" (CSV, Parquet, datasets). A file that cannot be read is one `DPOError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import DPOError
+
+FILE_TYPES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def read_records(path: str, *, split: str = "train") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield `(where, record)`: "file:line" (JSONL, CSV), "file:record N" (JSON) or "source:row N" (Parquet,
+    `datasets`). `path` is a file, a folder of files, a `save_to_disk` folder, or a hub dataset name."""
+    for source in data_files(path):
+        if source.is_dir():
+            yield from _read_dataset(path, split, load_from_disk=True)
+        elif source.suffix.lower() == ".jsonl":
+            yield from _read_jsonl(source)
+        elif source.suffix.lower() == ".json":
+            yield from _read_json(source)
+        elif source.suffix.lower() == ".csv":
+            yield from _read_csv(source)
+        elif source.suffix.lower() == ".parquet":
+            yield from _read_parquet(source)
+        else:
+            yield from _read_dataset(path, split, load_from_disk=False)
+
+
+def data_files(path: str) -> list[Path]:
+    """The files `path` names, sorted (a `save_to_disk` folder is one entry; a hub name is `[Path(name)]`)."""
+    source = Path(path)
+    if source.is_file():
+        if source.suffix.lower() not in FILE_TYPES:
+            raise DPOError(f"{path}: unsupported file type {source.suffix or '(none)'}; use {', '.join(FILE_TYPES)}")
+        return [source]
+    if source.is_dir():
+        if any((source / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
+            return [source]
+        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in FILE_TYPES)
+        if not files:
+            raise DPOError(f"{path}: folder holds no {', '.join(FILE_TYPES)} files and is not a save_to_disk dataset")
+        return files
+    looks_local = path.startswith((".", "/", "~")) or Path(path).suffix.lower() in FILE_TYPES or path.count("/") > 1
+    if looks_local:
+        raise DPOError(f"{path}: file not found")
+    return [source]  # a hub dataset name
+
+
+def _read_dataset(path: str, split: str, *, load_from_disk: bool) -> Iterator[tuple[str, dict[str, Any]]]:
+    import datasets
+
+    try:
+        data = datasets.load_from_disk(path) if load_from_disk else datasets.load_dataset(path, split=split)
+    except Exception as err:  # datasets raises many unrelated types (network, missing files, bad configs)
+        raise DPOError(f"{path}: could not load this dataset ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})") from None
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DPOError(f"{path}: no split {split!r}; it has {', '.join(data)} (choose with --data-split)")
+        data = data[split]
+    for number, record in enumerate(data, start=1):
+        yield f"{path}:row {number}", record
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DPOError(f"{where}: not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DPOError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+            except ValueError as err:  # e.g. an integer longer than Python's int-digits limit
+                raise DPOError(f"{where}: unreadable JSON ({err})") from None
+            if not isinstance(record, dict):
+                raise DPOError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield where, record
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DPOError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise DPOError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+    except ValueError as err:  # e.g. an integer longer than Python's int-digits limit
+        raise DPOError(f"{path}: unreadable JSON ({err})") from None
+    if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
+        lists = [v for v in data.values() if isinstance(v, list)]
+        data = lists[0] if len(lists) == 1 else [data]
+    if not isinstance(data, list):
+        raise DPOError(f"{path}: expected a list of records")
+    for number, record in enumerate(data, start=1):
+        where = f"{path}:record {number}"
+        if not isinstance(record, dict):
+            raise DPOError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
+
+
+def _read_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            for record in reader:
+                yield f"{path}:{reader.line_num}", {k: v for k, v in record.items() if k is not None}
+    except UnicodeDecodeError:
+        raise DPOError(f"{path}: not UTF-8 text") from None
+    except csv.Error as err:
+        raise DPOError(f"{path}: malformed CSV ({err})") from None
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several unrelated types for unreadable files
+        raise DPOError(f"{path}: not a readable Parquet file ({err})") from None
+    for number, record in enumerate(table.to_pylist(), start=1):
+        yield f"{path}:row {number}", record
