@@ -130,3 +130,15 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run_after_a_checkpoin
 def test_the_number_of_dataloader_workers_does_not_change_the_weights(model_dir, uninterrupted, tmp_path):
     train(Config.from_args(args(model_dir, tmp_path, "--num-workers", "2")))
     assert_same_run(tmp_path, uninterrupted)
+
+
+def test_resume_with_tr_dpo_continues_from_the_synced_reference(model_dir, tmp_path):
+    """TR-DPO moves the reference during training; a resumed run must start from the moved one, not the initial."""
+    tr_dpo = ("--ref-sync-every", "2", "--ref-sync-alpha", "0.5", "--lr", "1e-2", "--save-every", "4")
+    whole = tmp_path / "whole"
+    train(Config.from_args(args(model_dir, whole, *tr_dpo)))
+    resumed = tmp_path / "resumed"
+    train(Config.from_args(args(model_dir, resumed, *tr_dpo, "--resume", str(whole / "checkpoints" / "step-4"))))
+    for name, tensor in final_weights(whole).items():
+        assert torch.equal(tensor, final_weights(resumed)[name]), name
+    assert metric_rows(whole)[4:] == metric_rows(resumed)[4:]

@@ -103,6 +103,10 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
         cache=cfg.cache, cache_dir=cfg.cache_dir, progress=cfg.progress)
     check_losses(specs, cfg, extras=frozenset.intersection(*(frozenset(p.extras) for p in data.train + data.eval)))
     sharded = cfg.fsdp and dist.enabled
+    synced_reference = bool(cfg.ref_sync_every) and strategy in ("copy", "model")
+    if synced_reference and cfg.fsdp and (cfg.save_every or cfg.resume):
+        raise DPOError("--ref-sync-every with --fsdp cannot be checkpointed yet (the synced reference is not saved "
+                       "sharded); drop --save-every/--resume or run without --fsdp")
     if sharded and cfg.merge_lora:
         raise DPOError("--merge-lora is not supported with --fsdp; save the adapter and merge it afterwards")
     # FSDP2 keeps float32 master weights (sharded 1/N) and computes in bfloat16 through its MixedPrecisionPolicy.
@@ -164,6 +168,8 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
             checkpoint.restore_trainable(policy, resumed.weights, resumed.path)
             optimizer.load_state_dict(resumed.optimizer)
         schedule.load_state_dict(resumed.trainer["scheduler"])
+        if "reference" in resumed.trainer and isinstance(reference, ModelReference):  # TR-DPO: where it had moved
+            reference.model.load_state_dict(resumed.trainer["reference"])
         if dist.is_main:
             checkpoint.restore_metrics(resumed.path, output / "metrics.jsonl")  # rows after it are redone
         print(f"resuming from {resumed.path}", flush=True)
@@ -252,6 +258,8 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
         trainer = {"step": step, "pairs_consumed": step * pairs_per_step, "scheduler": schedule.state_dict(),
                    "meter": meter.state_dict(), "bad_steps": bad_steps, "eval_before": eval_before,
                    "since_log_s": time.perf_counter() - last_log_time, "rng": checkpoint.capture_rng()}
+        if synced_reference:  # TR-DPO has moved the reference: a resumed run must start from where it is now
+            trainer["reference"] = {k: v.detach().cpu().clone() for k, v in reference.model.state_dict().items()}
         if cfg.fsdp:  # every rank writes its shards (DCP), also when one process runs with --fsdp
             return checkpoint.save_sharded(checkpoints, step, model=policy, optimizer=optimizer, trainer=trainer,
                                            own={"meter": meter.state_dict()}, dist=dist,
