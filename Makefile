@@ -32,7 +32,8 @@ typecheck: setup  # mypy --strict on the public API modules (list in pyproject.t
 
 bench: setup
 	$(PY) benchmarks/throughput.py
-	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/memory.py --jobs 1
+	$(PY) benchmarks/data_prep.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
