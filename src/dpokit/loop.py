@@ -26,14 +26,11 @@ from .batching import Batch, make_batch
 from .config import Config
 from .errors import DPOError, TrainingFailure
 from .logprobs import PairLogps, SequenceScorer, sequence_logps
-from .sampling import batch_stream, micro_batches
+from .metrics import MetricMeter
 from .reference import (AdapterReference, ModelReference, NoReference, Reference, paired_parameters,
                         precompute_reference, reference_cache_key, reference_strategy)
+from .sampling import batch_stream, micro_batches
 from .tokenization import TokenizedPair
-
-# Order of the summed metrics kept on device between log steps; reduced across ranks in one call.
-SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-          "logps/chosen", "logps/rejected")
 
 
 @dataclass
@@ -363,58 +360,6 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
 
 
 # ---- pieces of the loop ----------------------------------------------------------------------------------------
-
-
-class MetricMeter:
-    """Sums metrics on device between log steps; one reduction and one host sync when read."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.sums = torch.zeros(len(SUMMED), device=device, dtype=torch.float64)
-        self.extra: dict[str, torch.Tensor] = {}
-        self.pairs = 0
-        self.tokens = 0
-        self.steps = 0
-        self.bad_steps = 0
-        self.grad_norm_sum: torch.Tensor | float = 0.0
-
-    def add(self, per_pair: torch.Tensor, policy: PairLogps, outputs: list[losses.LossOutput], tokens: int) -> None:
-        first = outputs[0]
-        chosen, rejected = first.chosen_rewards, first.rejected_rewards
-        values = torch.stack([per_pair.detach().sum(), chosen.sum(), rejected.sum(),
-                              (chosen > rejected).float().sum(), (chosen - rejected).sum(),
-                              policy.chosen.detach().sum(), policy.rejected.detach().sum()])
-        self.sums += values.double()
-        n = per_pair.numel()
-        for out in outputs:
-            for name, value in out.metrics.items():  # loss-specific means, weighted by pairs
-                self.extra[name] = self.extra.get(name, 0.0) + value.detach().double() * n
-        self.pairs += n
-        self.tokens += tokens
-
-    def reduce(self, dist: distributed.Dist) -> dict[str, float]:
-        names = list(SUMMED) + sorted(self.extra)
-        counts = torch.tensor([self.pairs, self.tokens, self.bad_steps], device=self.device, dtype=torch.float64)
-        packed = torch.cat([self.sums, torch.stack([self.extra[k] for k in sorted(self.extra)]) if self.extra
-                            else self.sums.new_zeros(0), counts, torch.as_tensor(
-                                self.grad_norm_sum, device=self.device, dtype=torch.float64).reshape(1)])
-        packed = distributed.reduce_sums(packed, dist).tolist()            # the one host sync
-        pairs, tokens, bad = packed[len(names)], packed[len(names) + 1], packed[len(names) + 2]
-        out = {name: value / max(pairs, 1) for name, value in zip(names, packed)}
-        out["pairs"], out["tokens"] = pairs, tokens
-        if self.steps:
-            out["grad_norm"] = packed[-1] / (self.steps * dist.world_size)
-            out["bad_steps"] = bad / dist.world_size
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        """The sums since the last log step, so that a run resumed between log steps logs the same row."""
-        return {name: value for name, value in vars(self).items() if name != "device"}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        move = lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v  # noqa: E731
-        for name, value in state.items():
-            setattr(self, name, {k: move(v) for k, v in value.items()} if isinstance(value, dict) else move(value))
 
 
 def layout_name(cfg: Config) -> str:
