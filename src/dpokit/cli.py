@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import SFT_DEFAULTS, add_arguments, from_namespace
+from .config import SFT_DEFAULTS, add_arguments, add_field_arguments, from_namespace
 from .errors import DPOError
 
 
@@ -48,22 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    from .config import FIELDS
-
     inspect = parser.add_subparsers(dest="data_command", metavar="inspect", required=True).add_parser(
         "inspect", help="pairs, format, token lengths, truncation, duplicates and examples with the boundary marked")
     inspect.add_argument("file", metavar="FILE", help="data file, folder, save_to_disk folder or hub dataset name")
     inspect.add_argument("--model", help="model or tokenizer folder: lengths in tokens and truncation counts")
     inspect.add_argument("--examples", type=int, default=2, help="examples to print (default: 2)")
-    for name in ("data_split", "format", "columns", "pairs", "max_pairs", "skip_invalid", "max_length",
-                 "max_prompt_length", "max_completion_length", "truncation_mode"):
-        f = FIELDS[name]
-        flag, text = f"--{name.replace('_', '-')}", f"{f.metadata['help']} (default: {f.default})"
-        if f.default is False:
-            inspect.add_argument(flag, action="store_true", help=text)
-        else:
-            inspect.add_argument(flag, type=int if "max" in name else str, default=f.default, help=text,
-                                 choices=f.metadata.get("choices"))
+    add_field_arguments(inspect, ("data_split", "format", "columns", "pairs", "max_pairs", "skip_invalid",
+                                  "max_length", "max_prompt_length", "max_completion_length", "truncation_mode"),
+                        with_defaults=True)
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,17 +245,26 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per Config field. Defaults are left unset (SUPPRESS) so that YAML values are not overridden."""
     parser.add_argument("--config", metavar="FILE.yaml", help="read settings from a YAML file (flags win)")
-    for f in dataclasses.fields(Config):
+    add_field_arguments(parser, FIELDS)
+
+
+def add_field_arguments(parser: argparse.ArgumentParser, names: Iterable[str], *, with_defaults: bool = False,
+                        ) -> None:
+    """Flags for the Config fields `names`, typed and described as in `dpo train`. Without `with_defaults` an
+    unset flag is absent from the namespace (so YAML values are not overridden); with it, it holds the default."""
+    for name in names:
+        f = FIELDS[name]
         kind = _base_type(f.type)
         help_text = f"{f.metadata['help']} (default: {f.default})"
         flag = f"--{_flag(f.name)}"
+        default = f.default if with_defaults else argparse.SUPPRESS
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
         else:
             if f.default is not None and "None" in str(f.type) and kind in (int, float):
                 kind = _none_or(kind)  # e.g. --max-prompt-length none turns the limit off
-            parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text,
+            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=help_text,
                                 choices=f.metadata.get("choices"), nargs=f.metadata.get("nargs"),
                                 const=f.metadata.get("const"), metavar=None if f.metadata.get("choices") else f.name.upper())
 
