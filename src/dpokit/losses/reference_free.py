@@ -15,18 +15,14 @@ import torch.nn.functional as F
 
 from ..logprobs import PairLogps
 from .registry import LossOutput, register
-from .terms import batch_nll, per_token, reverse_kl_only, smoothed_logistic
+from .terms import batch_nll, non_negative, per_token, reverse_kl_only, smoothed_logistic
 
 # ORPO's odds need log(1 - p); a per-token average log-prob of exactly 0 (p = 1, reachable in float32) would
 # make it -inf and the gradient NaN, so averages are capped just below 0 (p <= 1 - 1e-6).
 MAX_MEAN_LOGP = -1e-6
 
 
-def _check_reference_free(settings: Mapping[str, Any], extras: frozenset[str] | None) -> Iterator[str]:
-    yield from reverse_kl_only(settings)
-
-
-@register("simpo", needs_reference=False, check=_check_reference_free)
+@register("simpo", needs_reference=False, check=reverse_kl_only)
 def simpo(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
           beta: float = 0.1, simpo_gamma: float = 0.5, label_smoothing: float = 0.0) -> LossOutput:
     """SimPO (Meng et al. 2024, arXiv 2405.14734, Eq. 6).
@@ -51,8 +47,7 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 def _check_orpo(settings: Mapping[str, Any], extras: frozenset[str] | None) -> Iterator[str]:
     yield from reverse_kl_only(settings)
-    if settings.get("orpo_lambda", 0.1) < 0:
-        yield f"--orpo-lambda must not be negative, got {settings['orpo_lambda']}"
+    yield from non_negative(settings, "orpo_lambda", 0.1)
 
 
 @register("orpo", needs_reference=False, check=_check_orpo)
@@ -80,8 +75,7 @@ def orpo(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch
 
 def _check_cpo(settings: Mapping[str, Any], extras: frozenset[str] | None) -> Iterator[str]:
     yield from reverse_kl_only(settings)
-    if settings.get("cpo_alpha", 1.0) < 0:
-        yield f"--cpo-alpha must not be negative, got {settings['cpo_alpha']}"
+    yield from non_negative(settings, "cpo_alpha", 1.0)
 
 
 @register("cpo", needs_reference=False, check=_check_cpo)

@@ -74,8 +74,16 @@ def batch_nll(policy: PairLogps) -> torch.Tensor:
     return nll.expand_as(policy.chosen)
 
 
-def reverse_kl_only(settings: Mapping[str, Any]) -> Iterator[str]:
-    """TRL 1.16 rejects f-divergences for losses not built on the chosen-minus-rejected score difference."""
+def reverse_kl_only(settings: Mapping[str, Any], extras: frozenset[str] | None = None) -> Iterator[str]:
+    """TRL 1.16 rejects f-divergences for losses not built on the chosen-minus-rejected score difference.
+
+    Has the signature of a loss `check`, so a loss with no other requirement registers it as its check."""
     if settings.get("f_divergence", "reverse_kl") != "reverse_kl":
         yield (f"--f-divergence {settings['f_divergence']} needs a loss built on the chosen-rejected difference "
                "(sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop); use reverse_kl")
+
+
+def non_negative(settings: Mapping[str, Any], name: str, default: float) -> Iterator[str]:
+    """The problem with a loss weight setting that must not be negative, if any."""
+    if settings.get(name, default) < 0:
+        yield f"--{name.replace('_', '-')} must not be negative, got {settings[name]}"
