@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from itertools import chain
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +80,17 @@ def save(directory: Path, key: str, data: CachedData) -> Path:
     meta = {**data.meta, "splits": list(data.splits), "extras": extras}
     arrays["meta"] = np.array(json.dumps(meta))
     path = directory / f"{key}.npz"
-    partial = directory / f".{key}.{os.getpid()}.partial.npz"
-    np.savez(partial, **arrays)
-    os.replace(partial, path)  # atomic: a concurrent or interrupted run never sees half a file
+    write_atomically(path, lambda partial: np.savez(partial, **arrays))
     return path
+
+
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(partial)` to a temporary sibling of `path`, then rename it to `path`: a concurrent or interrupted
+    run never reads half a file. The sibling keeps `path`'s suffix (np.savez would add one otherwise)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    write(partial)
+    os.replace(partial, path)
 
 
 def _flatten(pairs: list[TokenizedPair], name: str, arrays: dict[str, np.ndarray]) -> list[str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from .batching import Batch, make_batch
+from .data_cache import write_atomically
 from .errors import DPOError
 from .logprobs import PairLogps, SequenceScorer, sequence_logps
 
@@ -202,8 +202,5 @@ def precompute_reference(reference: Reference, pairs: Sequence[Any], *, layout: 
         for name in _FIELDS:
             table[name][ids] = getattr(logps, name).float().cpu()
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.partial")
-        save_file(table, partial)
-        partial.replace(cache_file)  # atomic: a concurrent or interrupted run never reads half a file
+        write_atomically(cache_file, lambda partial: save_file(table, partial))
     return PrecomputedReference(table)
