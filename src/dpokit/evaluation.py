@@ -29,27 +29,21 @@ from typing import Any
 import torch
 
 from . import generate, models, pipeline
-from .batching import make_batch
 from .errors import DPOError
-from .logprobs import PairLogps, SequenceScorer, sequence_logps
+from .logprobs import PairLogps
+from .reference import ModelReference, precompute_reference
 from .tokenization import TokenizedPair
 
 RewardFunction = Callable[[list[str], list[str]], Sequence[float]]  # (prompts, completions) -> one reward each
 
 
-@torch.no_grad()
-def pair_logps(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, batch_size: int = 32,
-               chunk_size: int = 1024) -> PairLogps:
-    """Summed completion log-probs of every pair under `model`, concatenated over batches (`[pairs]` each)."""
-    model.eval()
+def pair_logps(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, batch_size: int = 32) -> PairLogps:
+    """Summed completion log-probs of every pair under `model` (`[pairs]` each, on the CPU): the same batched,
+    no-grad pass that `--precompute-ref` makes over a dataset, with `model` frozen as a reference."""
     device = next(model.parameters()).device
-    scorer = SequenceScorer(model, chunk_size)
-    parts = []
-    for start in range(0, len(pairs), batch_size):
-        batch = make_batch(pairs[start:start + batch_size], layout="packed").to(device)
-        parts.append(sequence_logps(scorer, batch))
-    return PairLogps(*(torch.cat([getattr(p, name) for p in parts]).cpu() for name in
-                       ("chosen", "rejected", "chosen_lengths", "rejected_lengths")))
+    table = precompute_reference(ModelReference(model), pairs, layout="packed", pad_id=0, batch_size=batch_size,
+                                 device=device).table
+    return PairLogps(table["chosen"], table["rejected"], table["chosen_lengths"], table["rejected_lengths"])
 
 
 def completion_logps(model: torch.nn.Module, samples: Sequence[generate.Sample], *, batch_size: int = 32,
