@@ -12,6 +12,7 @@ an `nn.Module` is what lets DDP and FSDP2 wrap the scorer and see every paramete
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +34,12 @@ class PairLogps:
     chosen_wpo: torch.Tensor | None = None
     rejected_wpo: torch.Tensor | None = None
 
+    def select(self, pairs: torch.Tensor) -> PairLogps:
+        """The same numbers for the pairs at indices `pairs` only."""
+        return PairLogps(*(t[pairs] if t is not None else None for t in
+                           (self.chosen, self.rejected, self.chosen_lengths, self.rejected_lengths,
+                            self.chosen_wpo, self.rejected_wpo)))
+
     def detach(self) -> PairLogps:
         return PairLogps(*(t.detach() if t is not None else None for t in
                            (self.chosen, self.rejected, self.chosen_lengths, self.rejected_lengths,
@@ -49,7 +56,9 @@ class SequenceScorer(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                 score_index: torch.Tensor, target_ids: torch.Tensor, with_wpo: bool = False,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                pair_loss: Callable[..., Any] | None = None) -> tuple[torch.Tensor, ...]:
+        """Token log-probs `[scored]` (and WPO terms when asked); with `pair_loss` (a `fused_loss.FusedPairLoss`),
+        `pair_loss(hidden, head, softcap)` takes over from the backbone's output: LM head and loss in one pass."""
         decoder = self.model.get_decoder()
         head = self.model.get_output_embeddings()
         if attention_mask.dim() == 4 and self._attn_implementation() == "eager":
@@ -60,6 +69,8 @@ class SequenceScorer(torch.nn.Module):
                          use_cache=False).last_hidden_state           # [rows, seq, hidden]
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_index)  # [scored, hidden]
         softcap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
+        if pair_loss is not None:
+            return pair_loss(hidden, head, softcap)
         return chunked_target_logps(hidden, head, target_ids, self.chunk_size, softcap, with_wpo)
 
     def _attn_implementation(self) -> str | None:
@@ -117,10 +128,8 @@ class _LinearTargetLogps(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             raw = F.linear(hidden[start:start + chunk_size], weight)     # [chunk, vocab], autocast's dtype
             compute_dtype = raw.dtype
-            logits = _capped(raw.float(), softcap)
-            chunk_lse = torch.logsumexp(logits, dim=-1)
-            lse[start:start + chunk_size] = chunk_lse
-            logps[start:start + chunk_size] = logits.gather(-1, targets[start:start + chunk_size, None])[:, 0] - chunk_lse
+            parts = softmax_parts(raw, targets[start:start + chunk_size], softcap)
+            lse[start:start + chunk_size], logps[start:start + chunk_size] = parts.lse, parts.target_logps
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size, ctx.softcap, ctx.compute_dtype = chunk_size, softcap, compute_dtype
         return logps
@@ -136,21 +145,71 @@ class _LinearTargetLogps(torch.autograd.Function):
             end = start + ctx.chunk_size
             h, g = hidden[start:end].to(dtype), grad[start:end]
             raw = F.linear(h, w).float()                                 # [chunk, vocab]
-            capped = torch.tanh(raw / softcap) if softcap else None
-            logits = softcap * capped if softcap else raw
-            grad_logits = logits.sub_(lse[start:end, None]).exp_().mul_(-g[:, None])  # -g p, in place
-            rows = torch.arange(h.shape[0], device=h.device)
-            grad_logits[rows, targets[start:end]] += g                   # + g onehot(y)
-            if softcap:
-                grad_logits.mul_(1 - capped.square_())                   # d softcap(x)/dx = 1 - tanh^2
-            grad_logits = grad_logits.to(dtype)
+            tanh = torch.tanh(raw / softcap) if softcap else None
+            logits = softcap * tanh if tanh is not None else raw
+            probs = logits.sub_(lse[start:end, None]).exp_()             # softmax, in place
+            grad_logits = logit_gradient(probs, torch.ones_like(g), g, targets[start:end], tanh).to(dtype)
             if grad_hidden is not None:
                 grad_hidden[start:end] = grad_logits @ w
-            if grad_weight is not None and dtype == torch.float32:
-                grad_weight.addmm_(grad_logits.T, h)                     # in place: no [vocab, hidden] temporary
-            elif grad_weight is not None:
-                grad_weight.add_((grad_logits.T @ h).float())            # low-precision chunks, fp32 sums
+            if grad_weight is not None:
+                accumulate_weight_gradient(grad_weight, grad_logits, h)
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None)
+
+
+@dataclass
+class SoftmaxParts:
+    """One chunk of a linear head's output, reduced over the vocabulary without a second `[chunk, vocab]` buffer.
+
+    `exps` holds exp(z - max z) in the logits' own (float32) buffer, so softmax(z) = exps / sums[:, None];
+    `tanh` is tanh(raw / softcap) for soft-capped heads (for the gradient), else None.
+    """
+
+    exps: torch.Tensor           # [chunk, vocab]
+    sums: torch.Tensor           # [chunk]
+    lse: torch.Tensor            # [chunk] logsumexp of the logits
+    target_logps: torch.Tensor   # [chunk] log-prob of each target
+    tanh: torch.Tensor | None
+
+    def wpo(self) -> torch.Tensor:
+        """WPO's per-token term, log p(y) - log sum_v p(v)^2 (Zhou et al. 2024, arXiv 2406.11827, Eq. 4)."""
+        squares = (self.exps.unsqueeze(1) @ self.exps.unsqueeze(2)).view(-1)   # sum_v exp(z - max)^2, no temporary
+        return self.target_logps - (squares.log() - 2 * self.sums.log())
+
+
+def softmax_parts(raw: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> SoftmaxParts:
+    """Target log-probs and logsumexp of the logits `raw` `[chunk, vocab]`, working in place where it may (the
+    float32 logits are overwritten by `exps`: `torch.logsumexp` would allocate two more `[chunk, vocab]` tensors)."""
+    logits = raw.float()                                                 # float32 head output: the same buffer
+    tanh = None
+    if softcap:
+        tanh = torch.tanh(logits / softcap)
+        logits = tanh * softcap
+    target = logits.gather(-1, targets[:, None])[:, 0]
+    top = logits.amax(-1)
+    exps = logits.sub_(top[:, None]).exp_()
+    sums = exps.sum(-1)
+    lse = top + sums.log()
+    return SoftmaxParts(exps, sums, lse, target - lse, tanh)
+
+
+def logit_gradient(exps: torch.Tensor, scale: torch.Tensor, g: torch.Tensor, targets: torch.Tensor,
+                   tanh: torch.Tensor | None) -> torch.Tensor:
+    """d(sum_t g_t log p_t(y_t)) / d(raw logits) = g (onehot(y) - p) (times 1 - tanh^2 for a soft-capped head),
+    with p = exps * scale[:, None]; computed in the buffer of `exps` (and of `tanh`)."""
+    grad = exps.mul_((-g * scale)[:, None])
+    grad[torch.arange(g.shape[0], device=g.device), targets] += g
+    if tanh is not None:
+        grad.mul_(1 - tanh.square_())                                    # d softcap(x)/dx = 1 - tanh^2
+    return grad
+
+
+def accumulate_weight_gradient(grad_weight: torch.Tensor, grad_logits: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_W += grad_logits^T h, in place (no [vocab, hidden] temporary) in float32; low-precision chunks are
+    multiplied in their dtype and summed in float32."""
+    if grad_logits.dtype == torch.float32:
+        grad_weight.addmm_(grad_logits.T, h)
+    else:
+        grad_weight.add_((grad_logits.T @ h).float())
 
 
 def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -169,31 +228,38 @@ def _head_logps(h: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, s
 
 def pair_logps(batch: Batch, token_logps: torch.Tensor, token_wpo: torch.Tensor | None = None,
                ld_alpha: float | None = None) -> PairLogps:
-    """Sum token log-probs per completion, then pick each pair's chosen and rejected.
+    """Sum token log-probs per completion, then pick each pair's chosen and rejected (see `select_pair_logps`)."""
+    return select_pair_logps(token_logps, batch.sequence_index, batch.token_position, batch.chosen_index,
+                             batch.rejected_index, batch.num_sequences, token_wpo, ld_alpha)
+
+
+def select_pair_logps(token_logps: torch.Tensor, sequence_index: torch.Tensor, token_position: torch.Tensor,
+                      chosen_index: torch.Tensor, rejected_index: torch.Tensor, num_sequences: int,
+                      token_wpo: torch.Tensor | None = None, ld_alpha: float | None = None) -> PairLogps:
+    """`PairLogps` of the pairs `(chosen_index, rejected_index)` from the scored tokens given (each with its
+    sequence and position); every token of those pairs' completions must be among them.
 
     `ld_alpha` (LD-DPO, Liu et al. 2024, Eq. 11): tokens past the shorter completion of the pair count with
     weight alpha, so the length difference stops dominating the reward.
     """
-    n = batch.num_sequences
-    lengths = torch.zeros(n, device=token_logps.device).index_add_(
-        0, batch.sequence_index, torch.ones_like(token_logps))
-    sums = token_logps.new_zeros(n).index_add(0, batch.sequence_index, token_logps)
-    chosen_len, rejected_len = lengths[batch.chosen_index], lengths[batch.rejected_index]
-    chosen, rejected = sums[batch.chosen_index], sums[batch.rejected_index]
+    n = num_sequences
+    lengths = torch.zeros(n, device=token_logps.device).index_add_(0, sequence_index, torch.ones_like(token_logps))
+    sums = token_logps.new_zeros(n).index_add(0, sequence_index, token_logps)
+    chosen_len, rejected_len = lengths[chosen_index], lengths[rejected_index]
+    chosen, rejected = sums[chosen_index], sums[rejected_index]
     if ld_alpha is not None:
         # log p of each sequence's first m tokens, from a [sequences, max_len] table of running sums.
-        width = int(batch.token_position.max()) + 1 if token_logps.numel() else 1
-        table = token_logps.new_zeros(n, width).index_put(
-            (batch.sequence_index, batch.token_position), token_logps).cumsum(-1)
+        width = int(token_position.max()) + 1 if token_logps.numel() else 1
+        table = token_logps.new_zeros(n, width).index_put((sequence_index, token_position), token_logps).cumsum(-1)
         shorter = torch.minimum(chosen_len, rejected_len).long()                   # [pairs]
-        chosen_public = table[batch.chosen_index, shorter - 1]
-        rejected_public = table[batch.rejected_index, shorter - 1]
+        chosen_public = table[chosen_index, shorter - 1]
+        rejected_public = table[rejected_index, shorter - 1]
         chosen = chosen_public + ld_alpha * (chosen - chosen_public)
         rejected = rejected_public + ld_alpha * (rejected - rejected_public)
     chosen_wpo = rejected_wpo = None
     if token_wpo is not None:
-        wpo = token_wpo.new_zeros(n).index_add(0, batch.sequence_index, token_wpo) / lengths.clamp(min=1)
-        chosen_wpo, rejected_wpo = wpo[batch.chosen_index], wpo[batch.rejected_index]
+        wpo = token_wpo.new_zeros(n).index_add(0, sequence_index, token_wpo) / lengths.clamp(min=1)
+        chosen_wpo, rejected_wpo = wpo[chosen_index], wpo[rejected_index]
     return PairLogps(chosen, rejected, chosen_len, rejected_len, chosen_wpo, rejected_wpo)
 
 

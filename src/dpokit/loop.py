@@ -25,6 +25,7 @@ from . import checkpoint, data_cache, distributed, losses, model_card, models, p
 from .batching import Batch, make_batch
 from .config import Config
 from .errors import DPOError, TrainingFailure
+from .fused_loss import fused_sequence_loss
 from .logprobs import PairLogps, SequenceScorer, sequence_logps
 from .metrics import MetricMeter
 from .reference import (AdapterReference, ModelReference, NoReference, Reference, paired_parameters,
@@ -179,18 +180,41 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
         return make_batch(pairs, layout=layout, pad_id=data.pad_id, pair_ids=ids,
                           row_capacity=cfg.max_tokens_per_batch).to(dist.device)
 
-    def forward_loss(batch: Batch) -> tuple[torch.Tensor, PairLogps, list[losses.LossOutput]]:
-        """Per-pair weighted loss `[pairs]`, the policy's log-probs and each loss's output."""
-        with autocast:
-            # The reference first: its transient activations are gone before the policy's are kept for backward.
-            reference_logps = reference.logps(batch)
-            policy_logps = sequence_logps(model, batch, ld_alpha=cfg.ld_alpha, with_wpo=use_wpo)
-        outputs = [spec.function(policy_logps, reference_logps, batch.extras,
+    # Every selected loss scores each pair on its own: the LM head and the loss run fused (one head matmul less).
+    fused = all(spec.pairwise for spec in specs)
+
+    def weighted_losses(policy_logps: PairLogps, reference_logps: PairLogps | None, extras: dict[str, torch.Tensor],
+                        ) -> tuple[torch.Tensor, list[losses.LossOutput]]:
+        """Per-pair weighted loss `[pairs]` and each loss's output."""
+        outputs = [spec.function(policy_logps, reference_logps, extras,
                                  **{k: loss_params[k] for k in spec.params}) for spec in specs]
         per_pair = sum(w * out.losses for w, out in zip(weights, outputs))
         if use_wpo:  # WPO (Zhou et al. 2024, arXiv 2406.11827, Eq. 2) as TRL 1.16: w(y_w) w(y_l), no grad, no clamp
             per_pair = per_pair * torch.exp(policy_logps.chosen_wpo + policy_logps.rejected_wpo)
-        return per_pair, policy_logps, outputs
+        return per_pair, outputs
+
+    def forward_loss(batch: Batch, train: bool = False,
+                     ) -> tuple[torch.Tensor, torch.Tensor, PairLogps, list[losses.LossOutput]]:
+        """The summed loss of the batch's pairs (to backpropagate), per-pair losses, the policy's log-probs and
+        each loss's output."""
+        with autocast:
+            # The reference first: its transient activations are gone before the policy's are kept for backward.
+            reference_logps = reference.logps(batch)
+            if train and fused:
+                def loss_of_pairs(policy_logps: PairLogps, pairs: torch.Tensor) -> torch.Tensor:
+                    selected = None if reference_logps is None else reference_logps.select(pairs)
+                    return weighted_losses(policy_logps, selected, {k: v[pairs] for k, v in batch.extras.items()})[0]
+
+                total, policy_logps = fused_sequence_loss(model, batch, loss_of_pairs, cfg.logprob_chunk_size,
+                                                          ld_alpha=cfg.ld_alpha, with_wpo=use_wpo)
+            else:
+                policy_logps = sequence_logps(model, batch, ld_alpha=cfg.ld_alpha, with_wpo=use_wpo)
+        if train and fused:
+            with torch.no_grad():  # the metrics, from the log-probs that the fused pass returned
+                per_pair, outputs = weighted_losses(policy_logps, reference_logps, batch.extras)
+            return total, per_pair, policy_logps, outputs
+        per_pair, outputs = weighted_losses(policy_logps, reference_logps, batch.extras)
+        return per_pair.sum(), per_pair, policy_logps, outputs
 
     def evaluate() -> dict[str, float]:
         """Mean metrics over the held-out pairs, reduced across ranks."""
@@ -208,7 +232,7 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
                 ids = mine[i * eval_size:(i + 1) * eval_size]
                 ids_or_first = ids or [0]  # pair ids of eval pairs follow the train pairs' (precomputed reference)
                 batch = to_batch([data.eval[j] for j in ids_or_first], [len(data.train) + j for j in ids_or_first])
-                per_pair, policy_logps, outputs = forward_loss(batch)
+                _, per_pair, policy_logps, outputs = forward_loss(batch)
                 if ids:
                     meter.add(per_pair, policy_logps, outputs, batch.num_tokens)
         model.train()
@@ -275,8 +299,8 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
         for i, (_, ids, batch) in enumerate(micro):
             batch = batch.to(dist.device)
             with distributed.no_sync(model, enabled=i < cfg.grad_accum - 1):
-                per_pair, policy_logps, outputs = forward_loss(batch)
-                loss = per_pair.sum() * dist.world_size / step_pairs
+                total, per_pair, policy_logps, outputs = forward_loss(batch, train=True)
+                loss = total * dist.world_size / step_pairs
                 loss.backward()
             step_loss += loss.detach()
             meter.add(per_pair, policy_logps, outputs, batch.num_tokens)

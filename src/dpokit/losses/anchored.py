@@ -29,7 +29,7 @@ def _output(losses: torch.Tensor, beta: float, chosen: torch.Tensor, rejected: t
     return LossOutput(losses, beta * chosen.detach(), beta * rejected.detach())
 
 
-@register("nca_pair", check=reverse_kl_only)
+@register("nca_pair", check=reverse_kl_only, pairwise=True)
 def nca_pair(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
              beta: float = 0.1) -> LossOutput:
     """NCA, pairwise (Chen et al. 2024, "Noise Contrastive Alignment", arXiv 2402.05369, the NCA loss for K = 2).
@@ -44,7 +44,7 @@ def nca_pair(policy: PairLogps, reference: PairLogps | None, extras: dict[str, t
     return _output(losses, beta, chosen, rejected)
 
 
-@register("bco_pair", check=reverse_kl_only)
+@register("bco_pair", check=reverse_kl_only, pairwise=True)
 def bco_pair(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
              beta: float = 0.1) -> LossOutput:
     """BCO on pairs (Jung et al. 2024, "Binary Classifier Optimization", arXiv 2404.04656), TRL's version.
@@ -58,7 +58,7 @@ def bco_pair(policy: PairLogps, reference: PairLogps | None, extras: dict[str, t
     return _output(losses, beta, chosen, rejected)
 
 
-@register("sppo_hard", check=reverse_kl_only)
+@register("sppo_hard", check=reverse_kl_only, pairwise=True)
 def sppo_hard(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
               beta: float = 0.1) -> LossOutput:
     """SPPO with hard probabilities (Wu et al. 2024, arXiv 2405.00675, Eq. 4.7 in Algorithm 1).
@@ -108,7 +108,7 @@ def aot_unpaired(policy: PairLogps, reference: PairLogps | None, extras: dict[st
     return _output(losses, beta, chosen, rejected)
 
 
-@register("apo_zero", check=reverse_kl_only)
+@register("apo_zero", check=reverse_kl_only, pairwise=True)
 def apo_zero(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
              beta: float = 0.1) -> LossOutput:
     """APO-zero (D'Oosterlinck et al. 2024, "Anchored Preference Optimization", arXiv 2408.06266, Eq. 7).
@@ -121,7 +121,7 @@ def apo_zero(policy: PairLogps, reference: PairLogps | None, extras: dict[str, t
     return _output(losses, beta, chosen, rejected)
 
 
-@register("apo_down", check=reverse_kl_only)
+@register("apo_down", check=reverse_kl_only, pairwise=True)
 def apo_down(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
              beta: float = 0.1) -> LossOutput:
     """APO-down (D'Oosterlinck et al. 2024, arXiv 2408.06266, Eq. 8).

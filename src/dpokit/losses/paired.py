@@ -43,7 +43,7 @@ def _check_sigmoid(settings: Mapping[str, Any], extras: frozenset[str] | None) -
                f"the data has {', '.join(sorted(extras)) or 'no extra fields'}")
 
 
-@register("sigmoid", check=_check_sigmoid)
+@register("sigmoid", check=_check_sigmoid, pairwise=True)
 def sigmoid(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
             beta: float = 0.1, label_smoothing: float = 0.0, use_margin: bool = False,
             f_divergence: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> LossOutput:
@@ -69,7 +69,7 @@ def _check_robust(settings: Mapping[str, Any], extras: frozenset[str] | None) ->
         yield f"--label-smoothing (the label-flip rate) must be in [0, 0.5), got {settings['label_smoothing']}"
 
 
-@register("robust", check=_check_robust)
+@register("robust", check=_check_robust, pairwise=True)
 def robust(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
            beta: float = 0.1, label_smoothing: float = 0.0,
            f_divergence: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> LossOutput:
@@ -86,7 +86,7 @@ def robust(policy: PairLogps, reference: PairLogps | None, extras: dict[str, tor
     return _output(losses, beta, chosen, rejected)
 
 
-@register("ipo")
+@register("ipo", pairwise=True)
 def ipo(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
         beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> LossOutput:
     """IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17): L = (D_tok - 1/(2 beta))^2.
@@ -100,7 +100,7 @@ def ipo(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.
     return _output((delta - 1 / (2 * beta)) ** 2, beta, chosen, rejected)
 
 
-@register("hinge")
+@register("hinge", pairwise=True)
 def hinge(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
           beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> LossOutput:
     """SLiC's rank-calibration hinge loss (Zhao et al. 2023, arXiv 2305.10425) on reference-normalised
@@ -119,7 +119,7 @@ def _check_exo(settings: Mapping[str, Any], extras: frozenset[str] | None) -> It
                f"got {settings.get('label_smoothing', 0.0)}")
 
 
-@register("exo_pair", check=_check_exo)
+@register("exo_pair", check=_check_exo, pairwise=True)
 def exo_pair(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
              beta: float = 0.1, label_smoothing: float = 1e-3,
              f_divergence: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> LossOutput:
@@ -142,7 +142,7 @@ def _check_discopop(settings: Mapping[str, Any], extras: frozenset[str] | None) 
         yield f"--discopop-tau must be positive, got {settings['discopop_tau']}"
 
 
-@register("discopop", check=_check_discopop)
+@register("discopop", check=_check_discopop, pairwise=True)
 def discopop(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
              beta: float = 0.1, discopop_tau: float = 0.05,
              f_divergence: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> LossOutput:
@@ -159,7 +159,7 @@ def discopop(policy: PairLogps, reference: PairLogps | None, extras: dict[str, t
     return _output(losses, beta, chosen, rejected)
 
 
-@register("sigmoid_norm")
+@register("sigmoid_norm", pairwise=True)
 def sigmoid_norm(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
                  beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
                  ) -> LossOutput:

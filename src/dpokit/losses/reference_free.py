@@ -22,7 +22,7 @@ from .terms import batch_nll, non_negative, per_token, reverse_kl_only, smoothed
 MAX_MEAN_LOGP = -1e-6
 
 
-@register("simpo", needs_reference=False, check=reverse_kl_only)
+@register("simpo", needs_reference=False, check=reverse_kl_only, pairwise=True)
 def simpo(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
           beta: float = 0.1, simpo_gamma: float = 0.5, label_smoothing: float = 0.0) -> LossOutput:
     """SimPO (Meng et al. 2024, arXiv 2405.14734, Eq. 6).

@@ -59,6 +59,8 @@ class LossSpec:
 
     `needs_reference`: the loop builds and runs a reference model only when some selected loss needs one.
     `paired`: False for losses on single labelled completions (KTO); the loop then asks for unpaired examples.
+    `pairwise`: each pair's loss depends on that pair's log-probs only (not on the rest of the batch), so the
+    loop may compute it chunk by chunk inside the LM head (`fused_loss`): True only when that holds.
     """
 
     name: str
@@ -66,6 +68,7 @@ class LossSpec:
     needs_reference: bool
     paired: bool
     check: Check | None = None
+    pairwise: bool = False
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -82,11 +85,15 @@ _REGISTRY: dict[str, LossSpec] = {}
 
 
 def register(name: str, *, needs_reference: bool = True, paired: bool = True, check: Check | None = None,
-             ) -> Callable[[LossFunction], LossFunction]:
-    """Decorator: make `function` available as `--loss name` (re-registering a name replaces it)."""
+             pairwise: bool = False) -> Callable[[LossFunction], LossFunction]:
+    """Decorator: make `function` available as `--loss name` (re-registering a name replaces it).
+
+    `pairwise=True` promises that pair p's loss depends on pair p's inputs only, which lets training skip one
+    LM-head matmul per token (see `LossSpec`); leave it False when unsure: the result is the same, only slower.
+    """
 
     def decorate(function: LossFunction) -> LossFunction:
-        _REGISTRY[name] = LossSpec(name, function, needs_reference, paired, check)
+        _REGISTRY[name] = LossSpec(name, function, needs_reference, paired, check, pairwise)
         return function
 
     return decorate
