@@ -36,7 +36,7 @@ def make_pairs(vocab: int) -> list[TokenizedPair]:
     ]
 
 
-LAYOUTS = [("concatenated", None), ("shared", None), ("packed", None), ("packed", 40)]
+LAYOUTS = [("concatenated", None), ("shared", None), ("packed", None), ("packed", 40), ("blocks", None)]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,9 @@ Layouts (all exact: the same per-sequence log-probs as scoring each prompt+compl
   each distinct response once, however many pairs use it.
 - `packed`: the `shared` blocks packed first-fit-decreasing into rows of `row_capacity` tokens with
   block-diagonal masks, so short pairs fill the padding that one-block-per-row would waste.
+- `blocks`: the `shared` blocks end to end in one row: no padding at all. Instead of a `[seq, seq]` mask over
+  the row, `attention_mask` is a `BlockMasks` (each block's own small mask), for an attention function that
+  runs block by block (`block_attention`), so attention costs the sum of the blocks' squares, not the row's.
 """
 
 from __future__ import annotations
@@ -26,14 +29,28 @@ import torch
 
 from .tokenization import TokenizedPair
 
-LAYOUTS = ("concatenated", "shared", "packed")
+LAYOUTS = ("concatenated", "shared", "packed", "blocks")
+
+
+@dataclass
+class BlockMasks:
+    """The attention of a `blocks` row: block i covers tokens [starts[i], starts[i] + len(masks[i])) and attends
+    within itself only, under masks[i] (`[size, size]` bool, True where the query token may see the key)."""
+
+    starts: list[int]
+    masks: list[torch.Tensor]
+    calls: int = 0                   # attention calls that used them (set by block_attention, checked after)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> BlockMasks:
+        return BlockMasks(self.starts, [m.to(device, non_blocking=non_blocking) for m in self.masks])
 
 
 @dataclass
 class Batch:
     input_ids: torch.Tensor          # [rows, seq]
     position_ids: torch.Tensor       # [rows, seq]
-    attention_mask: torch.Tensor     # [rows, seq] padding mask (concatenated) or [rows, 1, seq, seq] bool
+    # [rows, seq] padding mask (concatenated), [rows, 1, seq, seq] bool (shared, packed) or BlockMasks (blocks)
+    attention_mask: torch.Tensor | BlockMasks
     score_index: torch.Tensor        # [scored] flat index into rows*seq of the hidden state that predicts...
     target_ids: torch.Tensor         # [scored] ...this token
     sequence_index: torch.Tensor     # [scored] which completion the token belongs to
@@ -52,7 +69,7 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in moved.items():
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, (torch.Tensor, BlockMasks)):
                 moved[name] = value.to(device, non_blocking=True)
         moved["extras"] = {k: v.to(device, non_blocking=True) for k, v in self.extras.items()}
         return Batch(**moved)
@@ -77,6 +94,8 @@ def make_batch(pairs: Sequence[TokenizedPair], *, layout: str = "packed", pad_id
         if layout == "shared":
             for block in blocks:
                 builder.add_row([block])
+        elif layout == "blocks":
+            builder.add_row(blocks)
         else:
             capacity = max([b.size for b in blocks] + [row_capacity or 0])
             for row in _first_fit_decreasing(blocks, capacity):
@@ -84,7 +103,8 @@ def make_batch(pairs: Sequence[TokenizedPair], *, layout: str = "packed", pad_id
     extras = {}
     for name in sorted({k for p in pairs for k in p.extras}):
         extras[name] = torch.tensor([p.extras.get(name, float("nan")) for p in pairs], dtype=torch.float32)
-    return builder.finish(pad_id=pad_id, four_d=layout != "concatenated", chosen_index=chosen_index,
+    mask = {"concatenated": "padding", "blocks": "blocks"}.get(layout, "4d")
+    return builder.finish(pad_id=pad_id, mask=mask, chosen_index=chosen_index,
                           rejected_index=rejected_index, pair_ids=pair_ids, extras=extras)
 
 
@@ -119,7 +139,7 @@ class _RowBuilder:
     def add_row(self, blocks: list[_Block]) -> None:
         self.rows.append(blocks)
 
-    def finish(self, *, pad_id: int, four_d: bool, chosen_index: list[int], rejected_index: list[int],
+    def finish(self, *, pad_id: int, mask: str, chosen_index: list[int], rejected_index: list[int],
                pair_ids: list[int], extras: dict[str, torch.Tensor]) -> Batch:
         width = max(sum(b.size for b in row) for row in self.rows)
         # One entry per segment: flat start (row * width + offset), length, first position id, part (0 = prompt,
@@ -164,21 +184,26 @@ class _RowBuilder:
         real = torch.zeros(size, dtype=torch.bool)
         real[flat] = True
         real = real.view(shape)
-        if four_d:
+        attention_mask: torch.Tensor | BlockMasks
+        if mask == "padding":
+            attention_mask = real.long()                                     # [rows, seq]
+        else:
             block_id = torch.full((size,), -1, dtype=torch.long)
             block_id[flat] = per_token(block_no)
             token_part = torch.zeros(size, dtype=torch.long)
             token_part[flat] = per_token(part)
             block_id, token_part = block_id.view(shape), token_part.view(shape)
-            # Token q may attend to token k when both are in the same block, k is not after q, and k is in the
-            # prompt or in q's own completion. Padding attends to itself only (an all-false row gives NaN).
-            same_block = block_id[:, :, None] == block_id[:, None, :]
-            visible = (token_part[:, None, :] == 0) | (token_part[:, :, None] == token_part[:, None, :])
-            mask = same_block & visible & torch.ones(width, width, dtype=torch.bool).tril() & real[:, :, None]
-            mask |= torch.eye(width, dtype=torch.bool) & ~real[:, :, None]
-            attention_mask = mask[:, None]                                   # [rows, 1, seq, seq]
-        else:
-            attention_mask = real.long()                                     # [rows, seq]
+            if mask == "blocks":  # one row, no padding: each block's own mask
+                sizes = torch.bincount(block_id[0]).tolist()
+                starts = [sum(sizes[:b]) for b in range(len(sizes))]
+                attention_mask = BlockMasks(starts, [_tree_mask(token_part[0, s:s + n]) for s, n in zip(starts, sizes)])
+            else:
+                # Token q may attend to token k when both are in the same block and `_tree_mask` allows it.
+                # Padding attends to itself only (an all-false row gives NaN).
+                same_block = block_id[:, :, None] == block_id[:, None, :]
+                dense = same_block & _tree_mask(token_part) & real[:, :, None]
+                dense |= torch.eye(width, dtype=torch.bool) & ~real[:, :, None]
+                attention_mask = dense[:, None]                              # [rows, 1, seq, seq]
         return Batch(
             input_ids=input_ids.view(shape), position_ids=position_ids.view(shape), attention_mask=attention_mask,
             score_index=score_index, target_ids=target_ids, sequence_index=token_sequence[scored],
@@ -187,6 +212,14 @@ class _RowBuilder:
             rejected_index=torch.tensor(rejected_index, dtype=torch.long),
             pair_ids=torch.tensor(pair_ids, dtype=torch.long), extras=extras,
             num_sequences=self.num_sequences, num_tokens=total)
+
+
+def _tree_mask(token_part: torch.Tensor) -> torch.Tensor:
+    """`[..., seq]` part of each token (0 = prompt, k = k-th completion) -> `[..., seq, seq]` bool: token q may
+    attend to token k when k is not after q and k is in the prompt or in q's own completion."""
+    seq = token_part.shape[-1]
+    visible = (token_part[..., None, :] == 0) | (token_part[..., :, None] == token_part[..., None, :])
+    return visible & torch.ones(seq, seq, dtype=torch.bool, device=token_part.device).tril()
 
 
 def _prompt_blocks(pairs: Sequence[TokenizedPair], builder: _RowBuilder,

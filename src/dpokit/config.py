@@ -99,8 +99,11 @@ class Config:
     prefix_sharing: bool = _opt(True, "forward each prompt once for its chosen and rejected completions")
     packing: bool = _opt(True, "pack several pairs per row, no padding (needs --prefix-sharing)")
     max_tokens_per_batch: int | None = _opt(None, "tokens per packed row: a batch's pairs are packed into rows of "
-                                                  "this many tokens (default: its longest prompt + responses)")
+                                                  "this many tokens with dense masks (default: one row without "
+                                                  "padding, attended block by block with sdpa)")
     logprob_chunk_size: int = _opt(512, "completion tokens per LM-head chunk (bounds logits memory)")
+    lean_host_memory: bool = _opt(True, "on CPU, return freed memory to the OS during training (lower peak RSS, "
+                                        "a few percent slower; glibc only)")
 
     # --- optimisation --------------------------------------------------------------------------------------
     lr: float | None = _opt(None, f"AdamW learning rate (default: {DEFAULT_LR}; {SFT_LR} with --loss sft; "

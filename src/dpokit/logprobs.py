@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .batching import Batch
+from .batching import Batch, BlockMasks
+from .block_attention import decoder_hidden_states
 
 
 @dataclass
@@ -54,19 +55,22 @@ class SequenceScorer(torch.nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | BlockMasks,
                 score_index: torch.Tensor, target_ids: torch.Tensor, with_wpo: bool = False,
                 pair_loss: Callable[..., Any] | None = None) -> tuple[torch.Tensor, ...]:
         """Token log-probs `[scored]` (and WPO terms when asked); with `pair_loss` (a `fused_loss.FusedPairLoss`),
         `pair_loss(hidden, head, softcap)` takes over from the backbone's output: LM head and loss in one pass."""
         decoder = self.model.get_decoder()
         head = self.model.get_output_embeddings()
-        if attention_mask.dim() == 4 and self._attn_implementation() == "eager":
-            attention_mask = _additive(attention_mask, self._dtype())
-        elif attention_mask.dim() == 4 and self._attn_implementation() == "flex_attention":
-            attention_mask = _block_mask(attention_mask)  # transformers would add a bool tensor to the scores
-        hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                         use_cache=False).last_hidden_state           # [rows, seq, hidden]
+        if isinstance(attention_mask, BlockMasks):
+            hidden = decoder_hidden_states(decoder, input_ids, position_ids, attention_mask)
+        else:
+            if attention_mask.dim() == 4 and self._attn_implementation() == "eager":
+                attention_mask = _additive(attention_mask, self._dtype())
+            elif attention_mask.dim() == 4 and self._attn_implementation() == "flex_attention":
+                attention_mask = _block_mask(attention_mask)  # transformers would add a bool tensor to the scores
+            hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                             use_cache=False).last_hidden_state       # [rows, seq, hidden]
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_index)  # [scored, hidden]
         softcap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
         if pair_loss is not None:

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, data_cache, distributed, losses, model_card, models, pipeline, report, trackers
+from . import (checkpoint, data_cache, distributed, host_memory, losses, model_card, models, pipeline, report,
+               trackers)
 from .batching import Batch, make_batch
 from .config import Config
 from .errors import DPOError, TrainingFailure
@@ -173,6 +174,7 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
         print(f"resuming from {resumed.path}", flush=True)
 
     layout = layout_name(cfg)
+    lean_host_memory = cfg.lean_host_memory and dist.device.type == "cpu" and host_memory.lean_allocator()
     autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     use_wpo = cfg.use_weighting
 
@@ -313,6 +315,8 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
             bad_steps += 1
             meter.bad_steps += 1
         optimizer.zero_grad(set_to_none=True)
+        if lean_host_memory:
+            host_memory.release_free_memory()
         schedule.step()
         if cfg.ref_sync_every and step % cfg.ref_sync_every == 0 and isinstance(reference, ModelReference):
             reference.sync(policy, cfg.ref_sync_alpha)  # TR-DPO: the reference follows the policy
@@ -387,8 +391,16 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
 
 
 def layout_name(cfg: Config) -> str:
-    """The batch layout the flags ask for (see batching.py)."""
-    return "packed" if cfg.prefix_sharing and cfg.packing else "shared" if cfg.prefix_sharing else "concatenated"
+    """The batch layout the flags ask for (see batching.py). Packing with sdpa attention lays a micro-batch out
+    as one row without padding, attended block by block (`blocks`); rows of `--max-tokens-per-batch` tokens
+    with dense masks (`packed`) serve the other attention kernels and `--compile`."""
+    if not cfg.prefix_sharing:
+        return "concatenated"
+    if not cfg.packing:
+        return "shared"
+    if cfg.max_tokens_per_batch is None and cfg.attn_implementation == "sdpa" and not cfg.compile:
+        return "blocks"
+    return "packed"
 
 
 def precompute_reference_once(cfg: Config, reference: Reference, weights: torch.nn.Module,
@@ -447,8 +459,11 @@ def make_optimizer_and_schedule(model: torch.nn.Module, cfg: Config, total_steps
                                 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over trainable parameters; linear warmup, then linear or cosine decay to zero (as TRL)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    # The fused kernel updates each tensor in one pass, without foreach's parameter-sized temporaries; FSDP2's
+    # sharded DTensors keep the default implementation.
+    fused = not cfg.fsdp and all(p.device.type in ("cpu", "cuda") for p in params)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, fused=fused)
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:

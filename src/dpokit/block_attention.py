@@ -1,0 +1,76 @@
+"""Attention for the `blocks` layout: one row of blocks end to end, each block attending within itself only.
+
+A dense mask over a packed row makes attention cost (row length)^2 and forces rows padded to a common length;
+running scaled-dot-product attention block by block, each with its own small mask, costs the sum of the
+blocks' squares and needs no padding at all. transformers passes a model's extra forward keyword arguments down
+to its attention function, so the blocks travel as `dpokit_blocks=BlockMasks`; `install` wraps transformers'
+"sdpa" entry so that a call carrying them takes this path, and every other call goes to transformers' own sdpa
+function unchanged (generation, other libraries, batches in other layouts).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .batching import BlockMasks
+
+_original_sdpa: Any = None
+
+
+def install() -> None:
+    """Route sdpa attention calls that carry `dpokit_blocks` through `block_attention` (idempotent)."""
+    global _original_sdpa
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if _original_sdpa is None:
+        _original_sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        AttentionInterface.register("sdpa", _sdpa_or_blocks)
+
+
+def _sdpa_or_blocks(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                    dpokit_blocks: BlockMasks | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    if dpokit_blocks is None:
+        return _original_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return block_attention(query, key, value, dpokit_blocks, dropout=dropout, scaling=scaling), None
+
+
+def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: BlockMasks,
+                    dropout: float = 0.0, scaling: float | None = None) -> torch.Tensor:
+    """`query` `[1, heads, seq, dim]`, `key`/`value` `[1, kv_heads, seq, dim]` -> `[1, seq, heads, dim]` (the
+    layout transformers' attention functions return), each block attending within itself under its mask."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    outputs = []
+    for start, mask in zip(blocks.starts, blocks.masks):
+        end = start + mask.shape[0]
+        outputs.append(F.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], attn_mask=mask,
+            dropout_p=dropout, scale=scaling))
+    blocks.calls += 1
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
+
+
+def decoder_hidden_states(decoder: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                          blocks: BlockMasks) -> torch.Tensor:
+    """The decoder's last hidden states `[1, seq, hidden]` for a `blocks` row.
+
+    Refuses a model whose attention never received the blocks (one that does not pass its keyword arguments down
+    to transformers' attention functions, or does not use sdpa): its output would have ignored them.
+    """
+    install()
+    blocks.calls = 0
+    # A 4-D mask is passed through by transformers untouched (no mask is built for the row); attention ignores it.
+    placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
+    hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=placeholder, use_cache=False,
+                     dpokit_blocks=blocks).last_hidden_state
+    if blocks.calls == 0:
+        raise ValueError("this model's attention did not take dpokit's block layout (it needs transformers' sdpa "
+                         "attention with keyword arguments passed down); pass --max-tokens-per-batch N to pack "
+                         "rows with dense masks instead")
+    return hidden

@@ -1,0 +1,42 @@
+"""Keep a CPU training process's resident memory close to what it actually holds (glibc malloc only).
+
+A training step allocates and frees the same large tensors every time (activations, gradients, a chunk of
+logits). glibc's malloc raises its mmap threshold as such blocks are freed, so after the first steps they come
+from the heap, where they fragment it: the process keeps freed memory and its peak RSS creeps up step after step
+(+200 MB over four steps of the throughput benchmark's short shape). `lean_allocator` fixes the threshold at
+2 MiB, so large blocks are mapped and unmapped (a few percent of speed for the page faults), and
+`release_free_memory`, called after each optimizer step, hands the heap's free pages back. Elsewhere (macOS,
+musl, Windows) both do nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+M_MMAP_THRESHOLD = -3          # mallopt parameter number in glibc's malloc.h
+LEAN_MMAP_THRESHOLD = 2 << 20  # bytes
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def lean_allocator() -> bool:
+    """Map allocations of 2 MiB and more on their own (returned to the OS when freed); True if it took effect."""
+    libc = _glibc()
+    return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, LEAN_MMAP_THRESHOLD))
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the OS (malloc_trim)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
