@@ -31,10 +31,12 @@ def test_blocks_row_holds_every_token_once_and_no_padding(model):
         distinct[tuple(p.prompt_ids)] |= {tuple(p.chosen_ids), tuple(p.rejected_ids)}
     want_tokens = sum(len(prompt) + sum(map(len, completions)) for prompt, completions in distinct.items())
     assert batch.input_ids.shape == (1, want_tokens) == (1, batch.num_tokens)
-    assert isinstance(batch.attention_mask, BlockMasks)
-    assert len(batch.attention_mask.masks) == len(distinct)
-    sizes = [m.shape[0] for m in batch.attention_mask.masks]
-    assert batch.attention_mask.starts == [sum(sizes[:i]) for i in range(len(sizes))]
+    blocks = batch.attention_mask
+    assert isinstance(blocks, BlockMasks)
+    assert sorted(zip(blocks.prompt_lengths, map(sorted, blocks.completion_lengths))) == sorted(
+        (len(prompt), sorted(map(len, completions))) for prompt, completions in distinct.items())
+    sizes = [p + sum(c) for p, c in zip(blocks.prompt_lengths, blocks.completion_lengths)]
+    assert blocks.starts == [sum(sizes[:i]) for i in range(len(sizes))]
 
 
 def test_padded_sdpa_calls_are_unchanged_after_install(tiny_model_dir, model):

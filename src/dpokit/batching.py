@@ -34,15 +34,17 @@ LAYOUTS = ("concatenated", "shared", "packed", "blocks")
 
 @dataclass
 class BlockMasks:
-    """The attention of a `blocks` row: block i covers tokens [starts[i], starts[i] + len(masks[i])) and attends
-    within itself only, under masks[i] (`[size, size]` bool, True where the query token may see the key)."""
+    """The attention of a `blocks` row: block i starts at token starts[i] with a prompt of prompt_lengths[i] tokens,
+    followed by its completions (completion_lengths[i]). A token sees the tokens before it in its block's prompt and
+    in its own completion, nothing else (no tensors: the attention function builds what it needs)."""
 
     starts: list[int]
-    masks: list[torch.Tensor]
+    prompt_lengths: list[int]
+    completion_lengths: list[list[int]]
     calls: int = 0                   # attention calls that used them (set by block_attention, checked after)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> BlockMasks:
-        return BlockMasks(self.starts, [m.to(device, non_blocking=non_blocking) for m in self.masks])
+        return self
 
 
 @dataclass
@@ -187,23 +189,24 @@ class _RowBuilder:
         attention_mask: torch.Tensor | BlockMasks
         if mask == "padding":
             attention_mask = real.long()                                     # [rows, seq]
+        elif mask == "blocks":  # one row, no padding: the blocks' own structure instead of a dense mask
+            blocks = self.rows[0]
+            starts = [sum(b.size for b in blocks[:i]) for i in range(len(blocks))]
+            attention_mask = BlockMasks(starts, [len(b.prompt) for b in blocks],
+                                        [[len(c) for c in b.completions] for b in blocks])
         else:
             block_id = torch.full((size,), -1, dtype=torch.long)
             block_id[flat] = per_token(block_no)
             token_part = torch.zeros(size, dtype=torch.long)
             token_part[flat] = per_token(part)
             block_id, token_part = block_id.view(shape), token_part.view(shape)
-            if mask == "blocks":  # one row, no padding: each block's own mask
-                sizes = torch.bincount(block_id[0]).tolist()
-                starts = [sum(sizes[:b]) for b in range(len(sizes))]
-                attention_mask = BlockMasks(starts, [_tree_mask(token_part[0, s:s + n]) for s, n in zip(starts, sizes)])
-            else:
-                # Token q may attend to token k when both are in the same block and `_tree_mask` allows it.
-                # Padding attends to itself only (an all-false row gives NaN).
-                same_block = block_id[:, :, None] == block_id[:, None, :]
-                dense = same_block & _tree_mask(token_part) & real[:, :, None]
-                dense |= torch.eye(width, dtype=torch.bool) & ~real[:, :, None]
-                attention_mask = dense[:, None]                              # [rows, 1, seq, seq]
+            # Token q may attend to token k when both are in the same block, k is not after q, and k is in the
+            # prompt or in q's own completion. Padding attends to itself only (an all-false row gives NaN).
+            same_block = block_id[:, :, None] == block_id[:, None, :]
+            visible = (token_part[:, None, :] == 0) | (token_part[:, :, None] == token_part[:, None, :])
+            dense = same_block & visible & torch.ones(width, width, dtype=torch.bool).tril() & real[:, :, None]
+            dense |= torch.eye(width, dtype=torch.bool) & ~real[:, :, None]
+            attention_mask = dense[:, None]                                  # [rows, 1, seq, seq]
         return Batch(
             input_ids=input_ids.view(shape), position_ids=position_ids.view(shape), attention_mask=attention_mask,
             score_index=score_index, target_ids=target_ids, sequence_index=token_sequence[scored],
@@ -212,14 +215,6 @@ class _RowBuilder:
             rejected_index=torch.tensor(rejected_index, dtype=torch.long),
             pair_ids=torch.tensor(pair_ids, dtype=torch.long), extras=extras,
             num_sequences=self.num_sequences, num_tokens=total)
-
-
-def _tree_mask(token_part: torch.Tensor) -> torch.Tensor:
-    """`[..., seq]` part of each token (0 = prompt, k = k-th completion) -> `[..., seq, seq]` bool: token q may
-    attend to token k when k is not after q and k is in the prompt or in q's own completion."""
-    seq = token_part.shape[-1]
-    visible = (token_part[..., None, :] == 0) | (token_part[..., :, None] == token_part[..., None, :])
-    return visible & torch.ones(seq, seq, dtype=torch.bool, device=token_part.device).tril()
 
 
 def _prompt_blocks(pairs: Sequence[TokenizedPair], builder: _RowBuilder,

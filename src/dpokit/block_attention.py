@@ -42,16 +42,34 @@ def _sdpa_or_blocks(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
 def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: BlockMasks,
                     dropout: float = 0.0, scaling: float | None = None) -> torch.Tensor:
     """`query` `[1, heads, seq, dim]`, `key`/`value` `[1, kv_heads, seq, dim]` -> `[1, seq, heads, dim]` (the
-    layout transformers' attention functions return), each block attending within itself under its mask."""
+    layout transformers' attention functions return), each block attending within itself.
+
+    A block is a prompt P and completions C1..CK. P and C1 together are one causal sequence: a single
+    `is_causal` call, which the kernels run without a mask and without the score blocks above the diagonal. Each
+    later completion Ck attends to P and to itself: its queries against the keys of P then Ck, under a mask that
+    is causal within Ck. So no score between two completions is computed, and no mask over the whole block.
+    """
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    outputs = []
-    for start, mask in zip(blocks.starts, blocks.masks):
-        end = start + mask.shape[0]
-        outputs.append(F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], attn_mask=mask,
-            dropout_p=dropout, scale=scaling))
+    # Cut the row once with `split` (whose backward is one concatenation; slicing would zero-fill a row-sized
+    # gradient per slice): per block, P + C1, then each later completion.
+    sizes = [size for prompt, completions in zip(blocks.prompt_lengths, blocks.completion_lengths)
+             for size in (prompt + completions[0], *completions[1:])]
+    queries, keys, values = (t.split(sizes, dim=2) for t in (query, key, value))
+    outputs, segment = [], 0
+    for prompt, completions in zip(blocks.prompt_lengths, blocks.completion_lengths):
+        head = segment
+        outputs.append(F.scaled_dot_product_attention(queries[head], keys[head], values[head], dropout_p=dropout,
+                                                      is_causal=True, scale=scaling))
+        for length in completions[1:]:
+            segment += 1
+            k = torch.cat([keys[head][:, :, :prompt], keys[segment]], dim=2)
+            v = torch.cat([values[head][:, :, :prompt], values[segment]], dim=2)
+            mask = torch.ones(length, prompt + length, dtype=torch.bool, device=query.device).tril(prompt)
+            outputs.append(F.scaled_dot_product_attention(queries[segment], k, v, attn_mask=mask, dropout_p=dropout,
+                                                          scale=scaling))
+        segment += 1
     blocks.calls += 1
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
 
