@@ -113,6 +113,9 @@ class Config:
     adam_beta2: float = _opt(0.999, "AdamW beta2")
     batch_size: int = _opt(8, "pairs per optimizer micro-step, per process")
     grad_accum: int = _opt(1, "micro-steps per optimizer step")
+    micro_batch_tokens: int | None = _opt(None, "split each step's pairs (--batch-size x --grad-accum per process) "
+                                                "into micro-batches of at most this many forwarded tokens instead "
+                                                "of --grad-accum equal ones (same step, same loss)")
     epochs: float = _opt(1.0, "passes over the training data (ignored when --max-steps is set)")
     max_steps: int | None = _opt(None, "optimizer steps to run (overrides --epochs)")
     warmup_steps: int = _opt(0, "linear warmup steps")
@@ -146,7 +149,8 @@ class Config:
             if getattr(self, name) <= 0:
                 yield f"--{_flag(name)} must be positive, got {getattr(self, name)}"
         for name in ("max_steps", "max_prompt_length", "max_completion_length", "eval_every", "save_every",
-                     "save_total_limit", "max_pairs", "max_tokens_per_batch", "eval_batch_size", "ref_sync_every"):
+                     "save_total_limit", "max_pairs", "max_tokens_per_batch", "eval_batch_size", "ref_sync_every",
+                     "micro_batch_tokens"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 yield f"--{_flag(name)} must be positive, got {value}"

@@ -154,6 +154,15 @@ def reduce_sums(values: torch.Tensor, dist: Dist) -> torch.Tensor:
     return values
 
 
+def reduce_max(value: int, dist: Dist) -> int:
+    """The largest of each rank's `value` (`value` itself in one process)."""
+    if not dist.enabled:
+        return value
+    tensor = torch.tensor([value], device=dist.device)
+    td.all_reduce(tensor, op=td.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole `module.state_dict()` as ordinary CPU tensors: what `save_pretrained(state_dict=...)` wants.
 

@@ -31,7 +31,7 @@ from .logprobs import PairLogps, SequenceScorer, sequence_logps
 from .metrics import MetricMeter
 from .reference import (AdapterReference, ModelReference, NoReference, Reference, paired_parameters,
                         precompute_reference, reference_cache_key, reference_strategy)
-from .sampling import batch_stream, micro_batches
+from .sampling import batch_stream, micro_batches, split_by_tokens
 from .tokenization import TokenizedPair
 
 
@@ -296,11 +296,18 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
         # over the pairs in the whole step (all ranks), times world size because DDP averages gradients: the
         # gradient is then exactly that of the mean loss over the step's pairs, however they are split.
         micro = [next(batches) for _ in range(cfg.grad_accum)]
+        if cfg.micro_batch_tokens:  # the same pairs, cut by a token budget (as many cuts on every rank)
+            step_ids = [j for _, ids, _ in micro for j in ids]
+            mine = [data.train[j] for j in step_ids]
+            cuts = split_by_tokens(mine, cfg.micro_batch_tokens)
+            cuts = split_by_tokens(mine, cfg.micro_batch_tokens, parts=distributed.reduce_max(len(cuts), dist))
+            micro = [(micro[0][0], ids, to_batch([data.train[j] for j in ids], ids))
+                     for ids in ([step_ids[k] for k in cut] for cut in cuts)]
         step_pairs = cfg.grad_accum * cfg.batch_size * dist.world_size
         step_loss = torch.zeros((), device=dist.device)
         for i, (_, ids, batch) in enumerate(micro):
             batch = batch.to(dist.device)
-            with distributed.no_sync(model, enabled=i < cfg.grad_accum - 1):
+            with distributed.no_sync(model, enabled=i < len(micro) - 1):
                 total, per_pair, policy_logps, outputs = forward_loss(batch, train=True)
                 loss = total * dist.world_size / step_pairs
                 loss.backward()

@@ -2,7 +2,8 @@
 
 `micro_batches` is the sampler: seeded per-epoch permutations laid end to end and cut into global batches,
 sharded across ranks, resumable by the count of pairs consumed. `batch_stream` turns its index lists into
-`Batch`es, optionally in DataLoader workers, without changing the result.
+`Batch`es, optionally in DataLoader workers, without changing the result. `split_by_tokens` cuts a step's pairs
+into micro-batches by a token budget (`--micro-batch-tokens`).
 """
 
 from __future__ import annotations
@@ -78,3 +79,37 @@ def micro_batches(num_pairs: int, batch_size: int, seed: int, rank: int, world_s
     while True:
         global_pairs = [next(pairs) for _ in range(global_batch)]
         yield global_pairs[0][0], [index for _, index in global_pairs[rank * batch_size:(rank + 1) * batch_size]]
+
+
+def split_by_tokens(pairs: Sequence[TokenizedPair], budget: int, parts: int | None = None) -> list[list[int]]:
+    """Cut `pairs` (in order) into consecutive micro-batches of at most `budget` forwarded tokens, as the shared
+    layouts count them (each distinct prompt once, each distinct response of it once); a pair larger than the
+    budget goes alone. With `parts` (at least as many as the budget needs, at most `len(pairs)`), the micro-batches
+    with the most pairs are halved until there are exactly that many, so that every process runs the same number
+    of forwards. Returns positions into `pairs`.
+    """
+    batches: list[list[int]] = [[]]
+    seen: dict[tuple[int, ...], set[tuple[int, ...]]] = {}   # prompt -> responses already in the micro-batch
+    tokens = 0
+    for index, pair in enumerate(pairs):
+        added = _added_tokens(pair, seen)
+        if batches[-1] and tokens + added > budget:
+            batches.append([])
+            seen, tokens = {}, 0
+            added = _added_tokens(pair, seen)
+        batches[-1].append(index)
+        seen.setdefault(tuple(pair.prompt_ids), set()).update({tuple(pair.chosen_ids), tuple(pair.rejected_ids)})
+        tokens += added
+    batches = [b for b in batches if b]
+    while parts is not None and len(batches) < parts:
+        at = max(range(len(batches)), key=lambda i: len(batches[i]))
+        largest = batches[at]
+        batches[at:at + 1] = [largest[:len(largest) // 2], largest[len(largest) // 2:]]
+    return batches
+
+
+def _added_tokens(pair: TokenizedPair, seen: dict[tuple[int, ...], set[tuple[int, ...]]]) -> int:
+    """Tokens that `pair` adds to a micro-batch already holding the prompts and responses in `seen`."""
+    known = seen.get(tuple(pair.prompt_ids))
+    new_responses = {tuple(pair.chosen_ids), tuple(pair.rejected_ids)} - (known or set())
+    return (len(pair.prompt_ids) if known is None else 0) + sum(len(r) for r in new_responses)
