@@ -191,3 +191,24 @@ def test_losses_marked_pairwise_do_not_depend_on_the_other_pairs(name):
 def test_batch_coupled_losses_are_not_marked_pairwise():
     # AOT sorts the batch; ORPO, CPO and SFT divide by the batch's chosen tokens; KTO's z0 is a batch mean.
     assert not any(losses.get(name).pairwise for name in ("aot", "aot_unpaired", "orpo", "cpo", "sft", "kto"))
+
+
+def test_fused_under_bfloat16_autocast_matches_the_unfused_head(model):
+    """`--dtype bfloat16`: the fused head multiplies in bf16 like the chunked head's backward, sums in float32."""
+    from dpokit.logprobs import sequence_logps
+
+    pairs = make_pairs(model.config.vocab_size)
+    reference = _reference(pairs)
+    batch = make_batch(pairs, layout="blocks", pad_id=0)
+    scorer = SequenceScorer(model, chunk_size=16)
+    params = list(model.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, _ = fused_sequence_loss(scorer, batch, lambda p, ids: _dpo(p, reference.select(ids), False), 16)
+    got = torch.autograd.grad(total, params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_total = _dpo(sequence_logps(scorer, batch), reference, False).sum()
+    want = torch.autograd.grad(want_total, params)
+    torch.testing.assert_close(total.detach(), want_total.detach().float(), rtol=1e-2, atol=1e-2)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == torch.float32
+        assert (g - w).norm() <= 2e-2 * w.norm() + 1e-6
