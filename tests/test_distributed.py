@@ -20,16 +20,19 @@ from dpokit import distributed
 from dpokit.config import Config
 from dpokit.sampling import micro_batches
 
-STRATEGIES = ("ddp", "fsdp", "fsdp-tokens")  # fsdp-tokens: micro-batches by a token budget, as many on each rank
+# fsdp-tokens: micro-batches by a token budget, as many on each rank; ddp-precompute: --precompute-ref, each rank
+# scoring half of the reference batches.
+STRATEGIES = ("ddp", "fsdp", "fsdp-tokens", "ddp-precompute")
 
 
 def run_config(model_dir: str, output: Path, *, grad_accum: int, fsdp: bool = False,
-               micro_batch_tokens: int | None = None) -> Config:
+               micro_batch_tokens: int | None = None, precompute_ref: bool = False) -> Config:
     """The synthetic task on the 2-layer hidden-32 Llama: 12 train pairs (2 steps of 8 cross an epoch
     boundary) and 3 held-out pairs (uneven over 2 ranks, eval batch 1: rank 1 runs a spare round)."""
     return Config(model=model_dir, data="synthetic", max_pairs=15, eval_fraction=0.2, max_steps=2,
                   batch_size=4, grad_accum=grad_accum, eval_batch_size=1, lr=1e-3, seed=0, fsdp=fsdp,
-                  micro_batch_tokens=micro_batch_tokens, output=str(output), progress=False)
+                  micro_batch_tokens=micro_batch_tokens, precompute_ref=precompute_ref, cache=False,
+                  output=str(output), progress=False)
 
 
 def tiny_batch(vocab: int) -> torch.Tensor:
@@ -117,7 +120,8 @@ def worker(rank: int, world_size: int, model_dir: str, root: Path) -> None:
 
     for strategy in STRATEGIES:
         train(run_config(model_dir, root / strategy, grad_accum=1, fsdp=strategy.startswith("fsdp"),
-                         micro_batch_tokens=40 + 25 * rank if strategy == "fsdp-tokens" else None))
+                         micro_batch_tokens=40 + 25 * rank if strategy == "fsdp-tokens" else None,
+                         precompute_ref=strategy == "ddp-precompute"))
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     dist = distributed.init("cpu")

@@ -94,3 +94,28 @@ def test_training_with_precompute_ref_matches_the_on_the_fly_reference(tmp_path)
         for name in ("loss", "rewards/margins", "eval/loss", "eval/rewards/margins"):
             if name in a:
                 assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), name
+
+
+def test_processes_score_their_own_batches_and_the_sum_is_the_whole_table(model, tmp_path):
+    """Two processes emulated in one: each scores every other batch (the same number of forwards, a spare one
+    for the process with fewer), only rank 0 writes the cache, and the summed tables equal one process's."""
+    pairs = make_pairs(model.config.vocab_size, n=9)                # 9 pairs in batches of 2: 5 batches
+    reference = ModelReference(copy.deepcopy(model))
+    whole = precompute_reference(reference, pairs, layout="blocks", pad_id=0, batch_size=2, device="cpu").table
+    seen: list[list[int]] = []
+
+    class Counting:
+        def logps(self, batch):
+            seen.append(batch.pair_ids.tolist())
+            return reference.logps(batch)
+
+    shares = []
+    for rank in (1, 0):
+        cache = tmp_path / f"rank{rank}.safetensors"
+        shares.append(precompute_reference(Counting(), pairs, layout="blocks", pad_id=0, batch_size=2, device="cpu",
+                                           rank=rank, world_size=2, cache_file=cache).table)
+        assert cache.exists() == (rank == 0)
+    # rank 1: batches 1, 3 and a spare round on pair 0 (dropped); rank 0: batches 0, 2, 4
+    assert seen == [[2, 3], [6, 7], [0], [0, 1], [4, 5], [8]]
+    for name in whole:
+        torch.testing.assert_close(shares[0][name] + shares[1][name], whole[name])

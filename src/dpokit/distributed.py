@@ -147,7 +147,7 @@ def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float) ->
 
 
 def reduce_sums(values: torch.Tensor, dist: Dist) -> torch.Tensor:
-    """All-reduce (sum) a 1-D tensor of metric sums across ranks; identity for one process."""
+    """All-reduce (sum) a tensor of sums across ranks (a copy); identity for one process."""
     if dist.enabled:
         values = values.clone()
         td.all_reduce(values, op=td.ReduceOp.SUM)

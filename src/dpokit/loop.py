@@ -129,7 +129,7 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
             paired_parameters(ref_model, policy)  # refuse a --ref-model that TR-DPO cannot update, before training
     if cfg.precompute_ref and strategy != "none":
         reference = precompute_reference_once(cfg, reference, ref_model if strategy in ("copy", "model") else policy,
-                                              data.train + data.eval, data.pad_id, dist.device, dist.is_main)
+                                              data.train + data.eval, data.pad_id, dist)
         ref_model = None  # the reference's weights are freed: only the [pairs] table is kept
     policy.train()
     # The end summary reports how far the weights moved; a frozen copy of the start already holds them.
@@ -411,19 +411,21 @@ def layout_name(cfg: Config) -> str:
 
 
 def precompute_reference_once(cfg: Config, reference: Reference, weights: torch.nn.Module,
-                              pairs: Sequence[TokenizedPair], pad_id: int, device: torch.device,
-                              is_main: bool) -> Reference:
+                              pairs: Sequence[TokenizedPair], pad_id: int, dist: distributed.Dist) -> Reference:
     """`--precompute-ref`: the reference's log-probs for every pair, read from the on-disk cache when an
-    earlier run computed them with the same reference weights, token ids and settings (else computed now)."""
+    earlier run computed them with the same reference weights, token ids and settings (else computed now,
+    each process scoring its share of the batches)."""
     settings = {"dtype": cfg.dtype, "attn": cfg.attn_implementation, "ld_alpha": cfg.ld_alpha}
     cache_file = None
     if cfg.cache:
         key = reference_cache_key(weights, pairs, settings)
         cache_file = Path(cfg.cache_dir or data_cache.default_dir()) / "reference" / f"{key}.safetensors"
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+    with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
         return precompute_reference(reference, pairs, layout=layout_name(cfg), pad_id=pad_id,
-                                    batch_size=cfg.eval_batch_size or cfg.batch_size, device=device,
-                                    cache_file=cache_file, progress=cfg.progress and is_main)
+                                    batch_size=cfg.eval_batch_size or cfg.batch_size, device=dist.device,
+                                    cache_file=cache_file, progress=cfg.progress and dist.is_main, rank=dist.rank,
+                                    world_size=dist.world_size,
+                                    reduce_sum=lambda t: distributed.reduce_sums(t, dist))
 
 
 def resolve_losses(loss_names: list[str]) -> list[losses.LossSpec]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -177,30 +177,53 @@ def reference_cache_key(model: torch.nn.Module, pairs: Sequence[Any], settings: 
 @torch.no_grad()
 def precompute_reference(reference: Reference, pairs: Sequence[Any], *, layout: str, pad_id: int,
                          batch_size: int, device: torch.device | str, cache_file: Path | None = None,
-                         progress: bool = False) -> PrecomputedReference:
+                         progress: bool = False, rank: int = 0, world_size: int = 1,
+                         reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> PrecomputedReference:
     """Run `reference` once over `pairs` (batched, same layout as training, no grad) and keep the per-pair
     log-probs; `pair_ids` of later batches index `pairs`. With `cache_file`, a file written by an earlier run
-    (same key, see `reference_cache_key`) is read instead, and a fresh result is written there atomically."""
-    from safetensors.torch import load_file, save_file
+    (same key, see `reference_cache_key`) is read instead, and a fresh result is written there atomically.
 
-    if cache_file is not None and cache_file.is_file():
-        try:
-            table = load_file(cache_file)
-            if all(table[name].shape == (len(pairs),) for name in _FIELDS):
-                return PrecomputedReference(table)
-        except (OSError, KeyError, RuntimeError):
-            pass  # unreadable or stale: recompute and overwrite
+    Under torchrun, each of the `world_size` processes scores every `world_size`-th batch (all run the same
+    number of forwards, as a sharded reference needs: a process without a batch left scores pair 0 and drops
+    it), `reduce_sum` (an all-reduce) assembles the table on all of them, and rank 0 writes the cache. The cache
+    is used only when every process can read it, so that all of them take the same path.
+    """
+    from safetensors.torch import save_file
+
+    cached = _read_table(cache_file, len(pairs))
+    missing = torch.tensor([float(cached is None)], device=device)
+    if not (reduce_sum(missing) if reduce_sum else missing).item():
+        assert cached is not None
+        return PrecomputedReference(cached)
     from tqdm.auto import tqdm
 
-    table = {name: torch.zeros(len(pairs)) for name in _FIELDS}
+    table = torch.zeros(len(_FIELDS), len(pairs), device=device)
     starts = range(0, len(pairs), batch_size)
-    for start in tqdm(starts, desc="reference log-probs", unit="batch", disable=not progress):
-        ids = list(range(start, min(start + batch_size, len(pairs))))
+    for round_start in tqdm(range(0, len(starts), world_size), desc="reference log-probs", unit="batch",
+                            disable=not progress):
+        mine = round_start + rank
+        ids = list(range(starts[mine], min(starts[mine] + batch_size, len(pairs)))) if mine < len(starts) else [0]
         batch = make_batch([pairs[i] for i in ids], layout=layout, pad_id=pad_id, pair_ids=ids).to(device)
         logps = reference.logps(batch)
         assert logps is not None, "precompute_reference needs a reference that gives log-probs"
-        for name in _FIELDS:
-            table[name][ids] = getattr(logps, name).float().cpu()
-    if cache_file is not None:
-        write_atomically(cache_file, lambda partial: save_file(table, partial))
-    return PrecomputedReference(table)
+        if mine < len(starts):
+            table[:, ids] = torch.stack([getattr(logps, name).float() for name in _FIELDS])
+    if reduce_sum is not None:
+        table = reduce_sum(table)  # each pair was scored by exactly one process
+    result = {name: table[i].cpu() for i, name in enumerate(_FIELDS)}
+    if cache_file is not None and rank == 0:
+        write_atomically(cache_file, lambda partial: save_file(result, partial))
+    return PrecomputedReference(result)
+
+
+def _read_table(cache_file: Path | None, num_pairs: int) -> dict[str, torch.Tensor] | None:
+    """The cached table, or None when there is none, it cannot be read, or it does not fit `num_pairs`."""
+    from safetensors.torch import load_file
+
+    if cache_file is None or not cache_file.is_file():
+        return None
+    try:
+        table = load_file(cache_file)
+        return table if all(table[name].shape == (num_pairs,) for name in _FIELDS) else None
+    except (OSError, KeyError, RuntimeError):
+        return None  # unreadable or stale: recompute and overwrite
