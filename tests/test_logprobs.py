@@ -73,3 +73,17 @@ def test_no_more_than_one_chunk_of_logits_is_kept_for_the_backward():
     logps.sum().backward()
     # Saved for the backward: the inputs (hidden, weight) and per-chunk vectors, never a [chunk, vocab] block.
     assert largest <= max(tokens * HIDDEN, VOCAB * HIDDEN) < tokens * VOCAB
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_without_gradient_one_pass_gives_log_probs_and_wpo_terms(softcap):
+    hidden, head, targets, _ = _inputs(2)
+    with torch.no_grad():
+        logps, wpo = chunked_target_logps(hidden, head, targets, 4, softcap, with_wpo=True)
+        log_probs = _full(hidden, head.weight, targets, softcap)
+        logits = hidden @ head.weight.T
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        probs = torch.softmax(logits, dim=-1)
+    torch.testing.assert_close(logps, log_probs, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(wpo, log_probs - probs.pow(2).sum(-1).log(), rtol=1e-5, atol=1e-5)

@@ -41,7 +41,9 @@ def pair_logps(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, batch_
     """Summed completion log-probs of every pair under `model` (`[pairs]` each, on the CPU): the same batched,
     no-grad pass that `--precompute-ref` makes over a dataset, with `model` frozen as a reference."""
     device = next(model.parameters()).device
-    table = precompute_reference(ModelReference(model), pairs, layout="packed", pad_id=0, batch_size=batch_size,
+    # One row without padding, attended block by block, where the model runs sdpa; dense-mask rows otherwise.
+    layout = "blocks" if getattr(model.config, "_attn_implementation", None) == "sdpa" else "packed"
+    table = precompute_reference(ModelReference(model), pairs, layout=layout, pad_id=0, batch_size=batch_size,
                                  device=device).table
     return PairLogps(table["chosen"], table["rejected"], table["chosen_lengths"], table["rejected_lengths"])
 
