@@ -20,7 +20,8 @@ print("\n".join(data_report.lines()))
 
 
 # 2. Your own loss: keyword-only parameters are filled from Config fields of the same name (here beta).
-@register_loss("hinge_margin", needs_reference=True)
+#    pairwise=True: each pair's loss uses that pair only, so training fuses it into the LM head (faster).
+@register_loss("hinge_margin", needs_reference=True, pairwise=True)
 def hinge_margin(policy, reference, extras, *, beta):
     """SLiC-style hinge on DPO's log-ratio difference: max(0, 1 - beta * (chosen - rejected))."""
     chosen = policy.chosen - reference.chosen          # [pairs] log pi/pi_ref of the chosen completions

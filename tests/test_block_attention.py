@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpokit import block_attention, host_memory
-from dpokit.batching import BlockMasks, make_batch
+from dpokit.batching import BlockLayout, make_batch
 from dpokit.config import Config
 from dpokit.logprobs import SequenceScorer, sequence_logps
 from dpokit.loop import layout_name
@@ -32,7 +32,7 @@ def test_blocks_row_holds_every_token_once_and_no_padding(model):
     want_tokens = sum(len(prompt) + sum(map(len, completions)) for prompt, completions in distinct.items())
     assert batch.input_ids.shape == (1, want_tokens) == (1, batch.num_tokens)
     blocks = batch.attention_mask
-    assert isinstance(blocks, BlockMasks)
+    assert isinstance(blocks, BlockLayout)
     assert sorted(zip(blocks.prompt_lengths, map(sorted, blocks.completion_lengths))) == sorted(
         (len(prompt), sorted(map(len, completions))) for prompt, completions in distinct.items())
     sizes = [p + sum(c) for p, c in zip(blocks.prompt_lengths, blocks.completion_lengths)]

@@ -15,8 +15,9 @@ Layouts (all exact: the same per-sequence log-probs as scoring each prompt+compl
 - `packed`: the `shared` blocks packed first-fit-decreasing into rows of `row_capacity` tokens with
   block-diagonal masks, so short pairs fill the padding that one-block-per-row would waste.
 - `blocks`: the `shared` blocks end to end in one row: no padding at all. Instead of a `[seq, seq]` mask over
-  the row, `attention_mask` is a `BlockMasks` (each block's own small mask), for an attention function that
-  runs block by block (`block_attention`), so attention costs the sum of the blocks' squares, not the row's.
+  the row, `attention_mask` is a `BlockLayout` (where each block starts, its prompt and completion lengths), for
+  an attention function that runs block by block (`block_attention`), so attention costs the sum of the blocks'
+  squares, not the row's.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ LAYOUTS = ("concatenated", "shared", "packed", "blocks")
 
 
 @dataclass
-class BlockMasks:
+class BlockLayout:
     """The attention of a `blocks` row: block i starts at token starts[i] with a prompt of prompt_lengths[i] tokens,
     followed by its completions (completion_lengths[i]). A token sees the tokens before it in its block's prompt and
     in its own completion, nothing else (no tensors: the attention function builds what it needs)."""
@@ -43,7 +44,7 @@ class BlockMasks:
     completion_lengths: list[list[int]]
     calls: int = 0                   # attention calls that used them (set by block_attention, checked after)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> BlockMasks:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> BlockLayout:
         return self
 
 
@@ -51,8 +52,8 @@ class BlockMasks:
 class Batch:
     input_ids: torch.Tensor          # [rows, seq]
     position_ids: torch.Tensor       # [rows, seq]
-    # [rows, seq] padding mask (concatenated), [rows, 1, seq, seq] bool (shared, packed) or BlockMasks (blocks)
-    attention_mask: torch.Tensor | BlockMasks
+    # [rows, seq] padding mask (concatenated), [rows, 1, seq, seq] bool (shared, packed) or BlockLayout (blocks)
+    attention_mask: torch.Tensor | BlockLayout
     score_index: torch.Tensor        # [scored] flat index into rows*seq of the hidden state that predicts...
     target_ids: torch.Tensor         # [scored] ...this token
     sequence_index: torch.Tensor     # [scored] which completion the token belongs to
@@ -71,7 +72,7 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in moved.items():
-            if isinstance(value, (torch.Tensor, BlockMasks)):
+            if isinstance(value, (torch.Tensor, BlockLayout)):
                 moved[name] = value.to(device, non_blocking=True)
         moved["extras"] = {k: v.to(device, non_blocking=True) for k, v in self.extras.items()}
         return Batch(**moved)
@@ -186,13 +187,13 @@ class _RowBuilder:
         real = torch.zeros(size, dtype=torch.bool)
         real[flat] = True
         real = real.view(shape)
-        attention_mask: torch.Tensor | BlockMasks
+        attention_mask: torch.Tensor | BlockLayout
         if mask == "padding":
             attention_mask = real.long()                                     # [rows, seq]
         elif mask == "blocks":  # one row, no padding: the blocks' own structure instead of a dense mask
             blocks = self.rows[0]
             starts = [sum(b.size for b in blocks[:i]) for i in range(len(blocks))]
-            attention_mask = BlockMasks(starts, [len(b.prompt) for b in blocks],
+            attention_mask = BlockLayout(starts, [len(b.prompt) for b in blocks],
                                         [[len(c) for c in b.completions] for b in blocks])
         else:
             block_id = torch.full((size,), -1, dtype=torch.long)

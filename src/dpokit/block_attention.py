@@ -3,7 +3,7 @@
 A dense mask over a packed row makes attention cost (row length)^2 and forces rows padded to a common length;
 running scaled-dot-product attention block by block, each with its own small mask, costs the sum of the
 blocks' squares and needs no padding at all. transformers passes a model's extra forward keyword arguments down
-to its attention function, so the blocks travel as `dpokit_blocks=BlockMasks`; `install` wraps transformers'
+to its attention function, so the blocks travel as `dpokit_blocks=BlockLayout`; `install` wraps transformers'
 "sdpa" entry so that a call carrying them takes this path, and every other call goes to transformers' own sdpa
 function unchanged (generation, other libraries, batches in other layouts).
 """
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .batching import BlockMasks
+from .batching import BlockLayout
 
 _original_sdpa: Any = None
 
@@ -33,13 +33,13 @@ def install() -> None:
 
 def _sdpa_or_blocks(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                    dpokit_blocks: BlockMasks | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                    dpokit_blocks: BlockLayout | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     if dpokit_blocks is None:
         return _original_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     return block_attention(query, key, value, dpokit_blocks, dropout=dropout, scaling=scaling), None
 
 
-def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: BlockMasks,
+def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: BlockLayout,
                     dropout: float = 0.0, scaling: float | None = None) -> torch.Tensor:
     """`query` `[1, heads, seq, dim]`, `key`/`value` `[1, kv_heads, seq, dim]` -> `[1, seq, heads, dim]` (the
     layout transformers' attention functions return), each block attending within itself.
@@ -75,7 +75,7 @@ def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 def decoder_hidden_states(decoder: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                          blocks: BlockMasks) -> torch.Tensor:
+                          blocks: BlockLayout) -> torch.Tensor:
     """The decoder's last hidden states `[1, seq, hidden]` for a `blocks` row.
 
     Refuses a model whose attention never received the blocks (one that does not pass its keyword arguments down

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .batching import Batch, BlockMasks
+from .batching import Batch, BlockLayout
 from .block_attention import decoder_hidden_states
 
 
@@ -55,14 +55,14 @@ class SequenceScorer(torch.nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | BlockMasks,
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | BlockLayout,
                 score_index: torch.Tensor, target_ids: torch.Tensor, with_wpo: bool = False,
                 pair_loss: Callable[..., Any] | None = None) -> tuple[torch.Tensor, ...]:
         """Token log-probs `[scored]` (and WPO terms when asked); with `pair_loss` (a `fused_loss.FusedPairLoss`),
         `pair_loss(hidden, head, softcap)` takes over from the backbone's output: LM head and loss in one pass."""
         decoder = self.model.get_decoder()
         head = self.model.get_output_embeddings()
-        if isinstance(attention_mask, BlockMasks):
+        if isinstance(attention_mask, BlockLayout):
             hidden = decoder_hidden_states(decoder, input_ids, position_ids, attention_mask)
         else:
             if attention_mask.dim() == 4 and self._attn_implementation() == "eager":

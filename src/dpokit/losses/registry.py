@@ -18,7 +18,7 @@ Register your own loss without editing the package, in a module you import befor
     def _check(settings, extras):                  # optional: problems to report before training starts
         return [] if settings["beta"] < 10 else ["--beta must be below 10 for my_loss"]
 
-    @register("my_loss", needs_reference=True, check=_check)
+    @register("my_loss", needs_reference=True, check=_check, pairwise=True)  # pair p's loss uses pair p only
     def my_loss(policy, reference, extras, *, beta: float) -> LossOutput:
         chosen = policy.chosen - reference.chosen                                    # [pairs]
         rejected = policy.rejected - reference.rejected                              # [pairs]
