@@ -134,7 +134,8 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
     policy.train()
     # The end summary reports how far the weights moved; a frozen copy of the start already holds them.
     reference_is_start = strategy == "copy" and not (cfg.ref_sync_every or cfg.precompute_ref or sharded)
-    initial = dict(ref_model.named_parameters()) if reference_is_start else snapshot_parameters(policy)
+    initial = (dict(ref_model.named_parameters()) if reference_is_start
+               else snapshot_parameters(policy) if dist.is_main else None)  # only rank 0 reports it
     scorer = SequenceScorer(policy, cfg.logprob_chunk_size)
     if cfg.compile:
         scorer = torch.compile(scorer)  # type: ignore[assignment]
