@@ -93,6 +93,14 @@ def test_two_processes_match_one(runs, tiny_model_dir, strategy):
         torch.testing.assert_close(after_multi[name], after_single[name], atol=1e-5, rtol=0, msg=name)
 
 
+def test_with_fsdp2_only_rank_0_reads_the_weights(runs):
+    """Plain full fine-tuning under FSDP2: ranks > 0 build the model on the meta device and get their shards
+    from rank 0 (the runs above match one process, so the shards they got were right)."""
+    loads = {rank: json.loads((runs / f"loads-rank{rank}.json").read_text()) for rank in (0, 1)}
+    assert loads[0] == ["cpu"] * len(STRATEGIES)
+    assert loads[1] == ["cpu", "meta", "meta", "cpu"]          # ddp, fsdp, fsdp-tokens, ddp-precompute
+
+
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP's note that it loads in one process
 def test_fsdp_checkpoint_written_by_two_ranks_loads_on_one(runs, tiny_model_dir):
     from transformers import AutoModelForCausalLM
@@ -116,12 +124,23 @@ def worker(rank: int, world_size: int, model_dir: str, root: Path) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     from transformers import AutoModelForCausalLM
 
+    from dpokit import models
     from dpokit.loop import train
 
+    load_model, loads = models.load_model, []
+
+    def recording_load_model(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        model = load_model(*args, **kwargs)
+        loads.append(next(model.parameters()).device.type)
+        return model
+
+    models.load_model = recording_load_model
     for strategy in STRATEGIES:
         train(run_config(model_dir, root / strategy, grad_accum=1, fsdp=strategy.startswith("fsdp"),
                          micro_batch_tokens=40 + 25 * rank if strategy == "fsdp-tokens" else None,
                          precompute_ref=strategy == "ddp-precompute"))
+    models.load_model = load_model
+    (root / f"loads-rank{rank}.json").write_text(json.dumps(loads))
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     dist = distributed.init("cpu")

@@ -111,6 +111,21 @@ def shard(module: torch.nn.Module, dist: Dist, *, param_dtype: torch.dtype | Non
     return module
 
 
+def fill_from_rank0(module: torch.nn.Module, state: dict[str, torch.Tensor], dist: Dist) -> None:
+    """Give an FSDP2-sharded `module` its weights from rank 0: ranks > 0 built it on the meta device (no
+    full copy of the model in their memory); rank 0 passes its full `state` (`module.state_dict()` taken before
+    sharding), and every rank keeps only its shards. Buffers, which state dicts may leave out (rotary
+    `inv_freq` is not persistent), are broadcast as well."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not dist.is_main:
+        module.to_empty(device=dist.device)
+    set_model_state_dict(module, state if dist.is_main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in module.buffers():
+        td.broadcast(buffer, src=0)
+
+
 def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
     """The submodules whose class is listed in some submodule's `_no_split_modules` (e.g. LlamaDecoderLayer)."""
     names: set[str] = set()

@@ -109,8 +109,13 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
     if sharded and cfg.merge_lora:
         raise DPOError("--merge-lora is not supported with --fsdp; save the adapter and merge it afterwards")
     # FSDP2 keeps float32 master weights (sharded 1/N) and computes in bfloat16 through its MixedPrecisionPolicy.
+    # With plain full fine-tuning only rank 0 reads the weights; the others build the model on the meta device
+    # and receive their shards once it is sharded (LoRA, --ref-model and --precompute-ref need real weights first).
+    from_rank0 = sharded and not (cfg.lora_r or cfg.lora_adapter or cfg.ref_model or cfg.precompute_ref)
+    on_meta = from_rank0 and not dist.is_main
     policy = models.load_model(cfg.model, dtype="float32" if sharded else cfg.dtype, seed=cfg.seed,
-                               attn_implementation=cfg.attn_implementation).to(dist.device)
+                               attn_implementation=cfg.attn_implementation, empty=on_meta)
+    policy = policy if on_meta else policy.to(dist.device)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_adapter:
@@ -124,7 +129,8 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
     elif strategy in ("copy", "model"):
         ref_model = (models.load_model(cfg.ref_model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
                      if cfg.ref_model else models.frozen_copy(policy))
-        reference = ModelReference(ref_model.to(dist.device), chunk_size=cfg.logprob_chunk_size, ld_alpha=cfg.ld_alpha)
+        reference = ModelReference(ref_model if on_meta else ref_model.to(dist.device), chunk_size=cfg.logprob_chunk_size,
+                                   ld_alpha=cfg.ld_alpha)
         if cfg.ref_sync_every:
             paired_parameters(ref_model, policy)  # refuse a --ref-model that TR-DPO cannot update, before training
     if cfg.precompute_ref and strategy != "none":
@@ -140,9 +146,15 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
     if cfg.compile:
         scorer = torch.compile(scorer)  # type: ignore[assignment]
     compute_dtype = models.DTYPES[cfg.dtype] if cfg.dtype != "float32" else None
+    full_states = ([scorer.state_dict()] + ([reference.scorer.state_dict()] if isinstance(reference, ModelReference)
+                                            else [])) if from_rank0 and dist.is_main else []
     model = distributed.wrap(scorer, dist, fsdp=cfg.fsdp, param_dtype=compute_dtype)
     if sharded and isinstance(reference, ModelReference):
         distributed.shard(reference.scorer, dist, param_dtype=compute_dtype)  # the reference sharded like the policy
+    if from_rank0:  # rank 0's weights to every rank's shards, policy then reference
+        for i, module in enumerate([scorer] + ([reference.scorer] if isinstance(reference, ModelReference) else [])):
+            distributed.fill_from_rank0(module, full_states[i] if full_states else {}, dist)
+        full_states = []
     elif dist.enabled and isinstance(reference, AdapterReference):
         reference.scorer = model  # the same wrapped scorer, so DDP/FSDP2 hooks see the call (adapter off inside)
 

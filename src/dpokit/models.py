@@ -7,6 +7,7 @@ default; `tiny` is the same family, shallow and narrow enough to train on a lapt
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -45,19 +46,30 @@ def build_preset(name: str, seed: int, attn_implementation: str = "sdpa") -> tor
 
 
 def load_model(name_or_path: str, *, dtype: str = "float32", seed: int = 0,
-               attn_implementation: str = "sdpa") -> torch.nn.Module:
-    """Load a causal LM: a preset name, a local folder or a hub name (`AutoModelForCausalLM.from_pretrained`)."""
+               attn_implementation: str = "sdpa", empty: bool = False) -> torch.nn.Module:
+    """Load a causal LM: a preset name, a local folder or a hub name (`AutoModelForCausalLM.from_pretrained`).
+
+    `empty`: the same architecture on the meta device, no weights read or allocated (FSDP2 ranks other than 0,
+    which receive their shards from rank 0 once the model is sharded: `distributed.fill_from_rank0`).
+    """
     if is_preset(name_or_path):
-        model = build_preset(name_or_path, seed, attn_implementation)
+        with torch.device("meta") if empty else contextlib.nullcontext():
+            model = build_preset(name_or_path, seed, attn_implementation)
     else:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         quiet_progress_bars_without_terminal()
 
         _check_model_path(name_or_path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                name_or_path, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+            if empty:
+                config = AutoConfig.from_pretrained(name_or_path)
+                with torch.device("meta"):
+                    model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype],
+                                                             attn_implementation=attn_implementation)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    name_or_path, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
         except (OSError, ValueError, KeyError) as err:
             raise DPOError(f"{name_or_path}: could not load a causal LM ({_first_line(err)})") from None
     model.to(DTYPES[dtype])
