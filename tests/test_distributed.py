@@ -101,6 +101,12 @@ def test_with_fsdp2_only_rank_0_reads_the_weights(runs):
     assert loads[1] == ["cpu", "meta", "meta", "cpu"]          # ddp, fsdp, fsdp-tokens, ddp-precompute
 
 
+def test_fsdp2_with_bfloat16_compute_trains(runs):
+    rows = read_rows(runs / "fsdp-bf16" / "metrics.jsonl")
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 2 and all(0 < loss < 1 for loss in losses)
+
+
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP's note that it loads in one process
 def test_fsdp_checkpoint_written_by_two_ranks_loads_on_one(runs, tiny_model_dir):
     from transformers import AutoModelForCausalLM
@@ -141,6 +147,11 @@ def worker(rank: int, world_size: int, model_dir: str, root: Path) -> None:
                          precompute_ref=strategy == "ddp-precompute"))
     models.load_model = load_model
     (root / f"loads-rank{rank}.json").write_text(json.dumps(loads))
+    # bfloat16 compute: FSDP2's MixedPrecisionPolicy casts (and so copies) the forward's keyword arguments,
+    # the block layout included, on their way to attention.
+    config = run_config(model_dir, root / "fsdp-bf16", grad_accum=1, fsdp=True)
+    config.dtype = "bfloat16"
+    train(config)
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     dist = distributed.init("cpu")

@@ -42,7 +42,6 @@ class BlockLayout:
     starts: list[int]
     prompt_lengths: list[int]
     completion_lengths: list[list[int]]
-    calls: int = 0                   # attention calls that used them (set by block_attention, checked after)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> BlockLayout:
         return self

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .batching import BlockLayout
 
 _original_sdpa: Any = None
+_block_calls = 0  # attention calls that took the blocks (a counter here: FSDP2 may hand attention a copy of them)
 
 
 def install() -> None:
@@ -70,8 +71,13 @@ def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             outputs.append(F.scaled_dot_product_attention(queries[segment], k, v, attn_mask=mask, dropout_p=dropout,
                                                           scale=scaling))
         segment += 1
-    blocks.calls += 1
+    _count_call()
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
+
+
+def _count_call() -> None:
+    global _block_calls
+    _block_calls += 1
 
 
 def decoder_hidden_states(decoder: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -82,12 +88,12 @@ def decoder_hidden_states(decoder: torch.nn.Module, input_ids: torch.Tensor, pos
     to transformers' attention functions, or does not use sdpa): its output would have ignored them.
     """
     install()
-    blocks.calls = 0
+    calls_before = _block_calls
     # A 4-D mask is passed through by transformers untouched (no mask is built for the row); attention ignores it.
     placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
     hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=placeholder, use_cache=False,
                      dpokit_blocks=blocks).last_hidden_state
-    if blocks.calls == 0:
+    if _block_calls == calls_before:
         raise ValueError("this model's attention did not take dpokit's block layout (it needs transformers' sdpa "
                          "attention with keyword arguments passed down); pass --max-tokens-per-batch N to pack "
                          "rows with dense masks instead")
