@@ -101,10 +101,17 @@ def test_with_fsdp2_only_rank_0_reads_the_weights(runs):
     assert loads[1] == ["cpu", "meta", "meta", "cpu"]          # ddp, fsdp, fsdp-tokens, ddp-precompute
 
 
-def test_fsdp2_with_bfloat16_compute_trains(runs):
+def test_fsdp2_with_bfloat16_compute_trains_and_saves_bfloat16(runs):
+    from transformers import AutoModelForCausalLM
+
     rows = read_rows(runs / "fsdp-bf16" / "metrics.jsonl")
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 2 and all(0 < loss < 1 for loss in losses)
+    saved = load_file(runs / "fsdp-bf16" / "model" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}      # float32 master weights, saved as asked
+    config = json.loads((runs / "fsdp-bf16" / "model" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    assert next(AutoModelForCausalLM.from_pretrained(runs / "fsdp-bf16" / "model").parameters()).dtype == torch.bfloat16
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP's note that it loads in one process

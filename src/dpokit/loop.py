@@ -390,7 +390,7 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
         reporter.close()
         movement = parameter_movement(full_state or dict(policy.named_parameters()), initial)  # before merging LoRA
         model_dir = models.save_policy(policy, output, merge_lora=cfg.merge_lora, base_model=cfg.model,
-                                       state_dict=full_state)
+                                       state_dict=full_state, dtype=models.DTYPES[cfg.dtype] if sharded else None)
         if tokenizer is not None:
             tokenizer.save_pretrained(model_dir)
         report.write_report([output], output / "training_curves.png", output / "summary.md")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,7 @@ def quiet_progress_bars_without_terminal() -> None:
 
 
 def save_policy(policy: torch.nn.Module, output: Path, *, merge_lora: bool = False, base_model: str | None = None,
-                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+                state_dict: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write the trained policy to `output/model` and return that folder.
 
     - full fine-tuning: the model (`save_pretrained`, safetensors);
@@ -165,11 +166,21 @@ def save_policy(policy: torch.nn.Module, output: Path, *, merge_lora: bool = Fal
       Merging happens in place (the policy is no longer a PEFT wrap afterwards), so call this last.
 
     `state_dict` replaces the policy's own weights when they are sharded (FSDP2: the gathered full state).
+    `dtype`: write a full model's floating-point weights in this dtype (FSDP2 trains float32 master weights under
+    `--dtype bfloat16`; the saved model is then bf16, as a one-device bf16 run saves it).
     """
     quiet_progress_bars_without_terminal()
     model_dir = output / "model"
     if not is_lora(policy):
+        if dtype is not None:
+            weights = state_dict if state_dict is not None else policy.state_dict()
+            state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
         policy.save_pretrained(model_dir, safe_serialization=True, state_dict=state_dict)
+        if dtype is not None:  # save_pretrained writes the in-memory weights' dtype into config.json
+            config_file = model_dir / "config.json"
+            config = json.loads(config_file.read_text())
+            config["dtype"] = str(dtype).removeprefix("torch.")
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return model_dir
     if base_model is not None:
         local = Path(base_model)
