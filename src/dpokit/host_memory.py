@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 M_MMAP_THRESHOLD = -3          # mallopt parameter number in glibc's malloc.h
 LEAN_MMAP_THRESHOLD = 2 << 20  # bytes
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
+    """The C library, once per process (finding it runs `ldconfig`), when it is glibc."""
     if not sys.platform.startswith("linux"):
         return None
     try:
