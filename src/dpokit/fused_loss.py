@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from .batching import Batch
-from .logprobs import (PairLogps, SoftmaxParts, accumulate_weight_gradient, chunked_target_logps, logit_gradient, pair_logps,
-                       select_pair_logps, softmax_parts)
+from .logprobs import (PairLogps, SoftmaxParts, accumulate_weight_gradient, chunked_target_logps, logit_gradient,
+                       pair_logps, rebuilt_softmax, select_pair_logps, softmax_parts)
 
 # (policy log-probs of some pairs, the indices of those pairs in the batch) -> their losses `[those pairs]`.
 LossOfPairs = Callable[[PairLogps, torch.Tensor], torch.Tensor]
@@ -163,9 +163,9 @@ class _FusedHeadLoss(torch.autograd.Function):
                 token_wpo[a:b] = parts.wpo()
             return parts
 
-        def backpropagate(a: int, b: int, exps: torch.Tensor, scale: torch.Tensor, g: torch.Tensor,
-                          tanh: torch.Tensor | None) -> None:
-            grad_logits = logit_gradient(exps, scale, g, targets[a:b], tanh).to(dtype)
+        def backpropagate(a: int, b: int, exps: torch.Tensor, g: torch.Tensor, tanh: torch.Tensor | None,
+                          scale: torch.Tensor | None = None) -> None:
+            grad_logits = logit_gradient(exps, g, targets[a:b], tanh, scale).to(dtype)
             if grad_hidden is not None:
                 grad_hidden[a:b] = grad_logits @ w
             if grad_weight is not None:
@@ -177,18 +177,15 @@ class _FusedHeadLoss(torch.autograd.Function):
                 parts = score(a, b)
                 loss, g = _loss_gradient(spec, token_logps[a:b], token_wpo[a:b], sequence[a:b], position[a:b],
                                          chunk.pairs)
-                backpropagate(a, b, parts.exps, 1 / parts.sums, g, parts.tanh)
+                backpropagate(a, b, parts.exps, g, parts.tanh, 1 / parts.sums)
             else:
                 lse = torch.cat([score(s, min(s + spec.chunk_size, b)).lse for s in range(a, b, spec.chunk_size)])
                 loss, g = _loss_gradient(spec, token_logps[a:b], token_wpo[a:b], sequence[a:b], position[a:b],
                                          chunk.pairs)
                 for s in range(a, b, spec.chunk_size):
                     e = min(s + spec.chunk_size, b)
-                    raw = logits(s, e).float()
-                    tanh = torch.tanh(raw / softcap) if softcap else None
-                    capped = softcap * tanh if tanh is not None else raw
-                    probs = capped.sub_(lse[s - a:e - a, None]).exp_()
-                    backpropagate(s, e, probs, torch.ones_like(probs[:, 0]), g[s - a:e - a], tanh)
+                    probs, tanh = rebuilt_softmax(logits(s, e), lse[s - a:e - a], softcap)
+                    backpropagate(s, e, probs, g[s - a:e - a], tanh)
             total += loss
         if order is not None:  # back to the batch's token order
             token_logps = torch.empty_like(token_logps).index_copy_(0, order, token_logps)

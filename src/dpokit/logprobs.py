@@ -160,11 +160,8 @@ class _LinearTargetLogps(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
             h, g = hidden[start:end].to(dtype), grad[start:end]
-            raw = F.linear(h, w).float()                                 # [chunk, vocab]
-            tanh = torch.tanh(raw / softcap) if softcap else None
-            logits = softcap * tanh if tanh is not None else raw
-            probs = logits.sub_(lse[start:end, None]).exp_()             # softmax, in place
-            grad_logits = logit_gradient(probs, torch.ones_like(g), g, targets[start:end], tanh).to(dtype)
+            probs, tanh = rebuilt_softmax(F.linear(h, w), lse[start:end], softcap)   # [chunk, vocab]
+            grad_logits = logit_gradient(probs, g, targets[start:end], tanh).to(dtype)
             if grad_hidden is not None:
                 grad_hidden[start:end] = grad_logits @ w
             if grad_weight is not None:
@@ -195,11 +192,7 @@ class SoftmaxParts:
 def softmax_parts(raw: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> SoftmaxParts:
     """Target log-probs and logsumexp of the logits `raw` `[chunk, vocab]`, working in place where it may (the
     float32 logits are overwritten by `exps`: `torch.logsumexp` would allocate two more `[chunk, vocab]` tensors)."""
-    logits = raw.float()                                                 # float32 head output: the same buffer
-    tanh = None
-    if softcap:
-        tanh = torch.tanh(logits / softcap)
-        logits = tanh * softcap
+    logits, tanh = _capped(raw, softcap)
     target = logits.gather(-1, targets[:, None])[:, 0]
     top = logits.amax(-1)
     exps = logits.sub_(top[:, None]).exp_()
@@ -208,11 +201,20 @@ def softmax_parts(raw: torch.Tensor, targets: torch.Tensor, softcap: float | Non
     return SoftmaxParts(exps, sums, lse, target - lse, tanh)
 
 
-def logit_gradient(exps: torch.Tensor, scale: torch.Tensor, g: torch.Tensor, targets: torch.Tensor,
-                   tanh: torch.Tensor | None) -> torch.Tensor:
+def rebuilt_softmax(raw: torch.Tensor, lse: torch.Tensor, softcap: float | None,
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax of a chunk's logits again, from the head's output `raw` `[chunk, vocab]` and the logsumexp kept
+    from the forward (no second reduction over the vocabulary), in the float32 logits' buffer; with
+    tanh(raw / softcap) for a soft-capped head (for the gradient), else None."""
+    logits, tanh = _capped(raw, softcap)
+    return logits.sub_(lse[:, None]).exp_(), tanh
+
+
+def logit_gradient(exps: torch.Tensor, g: torch.Tensor, targets: torch.Tensor, tanh: torch.Tensor | None,
+                   scale: torch.Tensor | None = None) -> torch.Tensor:
     """d(sum_t g_t log p_t(y_t)) / d(raw logits) = g (onehot(y) - p) (times 1 - tanh^2 for a soft-capped head),
-    with p = exps * scale[:, None]; computed in the buffer of `exps` (and of `tanh`)."""
-    grad = exps.mul_((-g * scale)[:, None])
+    with p = exps * scale[:, None] (p = exps without `scale`); computed in the buffer of `exps` (and of `tanh`)."""
+    grad = exps.mul_((-g if scale is None else -g * scale)[:, None])
     grad[torch.arange(g.shape[0], device=g.device), targets] += g
     if tanh is not None:
         grad.mul_(1 - tanh.square_())                                    # d softcap(x)/dx = 1 - tanh^2
@@ -228,17 +230,22 @@ def accumulate_weight_gradient(grad_weight: torch.Tensor, grad_logits: torch.Ten
         grad_weight.add_((grad_logits.T @ h).float())
 
 
-def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """Gemma-style final logit soft-capping, `softcap * tanh(logits / softcap)`; identity without it."""
-    return torch.tanh(logits / softcap) * softcap if softcap else logits
+def _capped(raw: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float32 logits from a head's output `raw` (its own buffer when already float32), with Gemma-style final
+    soft-capping `softcap * tanh(raw / softcap)` when the model has it; and tanh(raw / softcap) (else None)."""
+    logits = raw.float()
+    if not softcap:
+        return logits, None
+    tanh = torch.tanh(logits / softcap)
+    return tanh * softcap, tanh
 
 
 def _head_log_softmax(h: torch.Tensor, head: torch.nn.Module, softcap: float | None) -> torch.Tensor:
-    return _capped(head(h).float(), softcap).log_softmax(-1)
+    return _capped(head(h), softcap)[0].log_softmax(-1)
 
 
 def _head_logps(h: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    logits = _capped(head(h).float(), softcap)                           # [chunk, vocab]
+    logits = _capped(head(h), softcap)[0]                                # [chunk, vocab]
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
