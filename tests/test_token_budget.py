@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from dpokit.config import Config
 from dpokit.loop import train
-from dpokit.sampling import split_by_tokens
+from dpokit.sampling import split_by_tokens, split_further
 from dpokit.tokenization import TokenizedPair
 
 
@@ -42,7 +42,7 @@ def test_micro_batches_fit_the_budget_and_keep_every_pair_in_order(seed, budget)
     for later, cut in zip(cuts[1:], cuts):  # greedy: the next pair would not have fitted
         assert _forwarded([pairs[i] for i in cut + later[:1]]) > budget
     wanted = min(len(pairs), len(cuts) + 3)
-    more = split_by_tokens(pairs, budget, parts=wanted)
+    more = split_further(cuts, wanted)
     assert len(more) == wanted and [i for cut in more for i in cut] == list(range(len(pairs)))
 
 
@@ -57,8 +57,8 @@ def test_training_by_token_budget_equals_training_by_pair_count(tmp_path, tiny_m
     from dpokit import loop
 
     cut_counts = []
-    record = lambda pairs, budget, parts=None: cut_counts.append(  # noqa: E731
-        len(split_by_tokens(pairs, budget, parts))) or split_by_tokens(pairs, budget, parts)
+    record = lambda pairs, budget: cut_counts.append(  # noqa: E731
+        len(split_by_tokens(pairs, budget))) or split_by_tokens(pairs, budget)
     monkeypatch.setattr(loop, "split_by_tokens", record)
     common = dict(model=str(tiny_model_dir), data="synthetic", max_pairs=24, eval_fraction=0.0, max_steps=3,
                   batch_size=8, lr=1e-3, seed=0, progress=False, cache=False)

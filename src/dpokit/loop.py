@@ -31,7 +31,7 @@ from .logprobs import PairLogps, SequenceScorer, sequence_logps
 from .metrics import MetricMeter
 from .reference import (AdapterReference, ModelReference, NoReference, Reference, paired_parameters,
                         precompute_reference, reference_cache_key, reference_strategy)
-from .sampling import batch_stream, micro_batches, split_by_tokens
+from .sampling import batch_stream, micro_batches, split_by_tokens, split_further
 from .tokenization import TokenizedPair
 
 
@@ -313,7 +313,7 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
             step_ids = [j for _, ids, _ in micro for j in ids]
             mine = [data.train[j] for j in step_ids]
             cuts = split_by_tokens(mine, cfg.micro_batch_tokens)
-            cuts = split_by_tokens(mine, cfg.micro_batch_tokens, parts=distributed.reduce_max(len(cuts), dist))
+            cuts = split_further(cuts, distributed.reduce_max(len(cuts), dist))
             micro = [(micro[0][0], ids, to_batch([data.train[j] for j in ids], ids))
                      for ids in ([step_ids[k] for k in cut] for cut in cuts)]
         step_pairs = cfg.grad_accum * cfg.batch_size * dist.world_size

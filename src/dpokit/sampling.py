@@ -81,12 +81,10 @@ def micro_batches(num_pairs: int, batch_size: int, seed: int, rank: int, world_s
         yield global_pairs[0][0], [index for _, index in global_pairs[rank * batch_size:(rank + 1) * batch_size]]
 
 
-def split_by_tokens(pairs: Sequence[TokenizedPair], budget: int, parts: int | None = None) -> list[list[int]]:
+def split_by_tokens(pairs: Sequence[TokenizedPair], budget: int) -> list[list[int]]:
     """Cut `pairs` (in order) into consecutive micro-batches of at most `budget` forwarded tokens, as the shared
     layouts count them (each distinct prompt once, each distinct response of it once); a pair larger than the
-    budget goes alone. With `parts` (at least as many as the budget needs, at most `len(pairs)`), the micro-batches
-    with the most pairs are halved until there are exactly that many, so that every process runs the same number
-    of forwards. Returns positions into `pairs`.
+    budget goes alone. Returns positions into `pairs`.
     """
     batches: list[list[int]] = [[]]
     seen: dict[tuple[int, ...], set[tuple[int, ...]]] = {}   # prompt -> responses already in the micro-batch
@@ -100,8 +98,14 @@ def split_by_tokens(pairs: Sequence[TokenizedPair], budget: int, parts: int | No
         batches[-1].append(index)
         seen.setdefault(tuple(pair.prompt_ids), set()).update({tuple(pair.chosen_ids), tuple(pair.rejected_ids)})
         tokens += added
-    batches = [b for b in batches if b]
-    while parts is not None and len(batches) < parts:
+    return [b for b in batches if b]
+
+
+def split_further(batches: list[list[int]], parts: int) -> list[list[int]]:
+    """Halve the micro-batches with the most pairs until there are `parts` of them (at most as many as pairs), so
+    that every process runs the same number of forwards; order kept."""
+    batches = list(batches)
+    while len(batches) < parts:
         at = max(range(len(batches)), key=lambda i: len(batches[i]))
         largest = batches[at]
         batches[at:at + 1] = [largest[:len(largest) // 2], largest[len(largest) // 2:]]
