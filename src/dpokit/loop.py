@@ -146,17 +146,17 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
     if cfg.compile:
         scorer = torch.compile(scorer)  # type: ignore[assignment]
     compute_dtype = models.DTYPES[cfg.dtype] if cfg.dtype != "float32" else None
-    full_states = ([scorer.state_dict()] + ([reference.scorer.state_dict()] if isinstance(reference, ModelReference)
-                                            else [])) if from_rank0 and dist.is_main else []
+    # Rank 0's full weights (policy, then reference), taken before sharding to fill every rank's shards after it.
+    filled = ([scorer] + ([reference.scorer] if isinstance(reference, ModelReference) else [])) if from_rank0 else []
+    full_states = [module.state_dict() if dist.is_main else {} for module in filled]
     model = distributed.wrap(scorer, dist, fsdp=cfg.fsdp, param_dtype=compute_dtype)
     if sharded and isinstance(reference, ModelReference):
         distributed.shard(reference.scorer, dist, param_dtype=compute_dtype)  # the reference sharded like the policy
-    if from_rank0:  # rank 0's weights to every rank's shards, policy then reference
-        for i, module in enumerate([scorer] + ([reference.scorer] if isinstance(reference, ModelReference) else [])):
-            distributed.fill_from_rank0(module, full_states[i] if full_states else {}, dist)
-        full_states = []
     elif dist.enabled and isinstance(reference, AdapterReference):
         reference.scorer = model  # the same wrapped scorer, so DDP/FSDP2 hooks see the call (adapter off inside)
+    for module, state in zip(filled, full_states):
+        distributed.fill_from_rank0(module, state, dist)
+    del full_states  # rank 0's full copy: only the shards stay
 
     # ---- optimizer and schedule ------------------------------------------------------------------------------
     pairs_per_step = cfg.batch_size * cfg.grad_accum * dist.world_size
