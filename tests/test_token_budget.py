@@ -69,5 +69,9 @@ def test_training_by_token_budget_equals_training_by_pair_count(tmp_path, tiny_m
     by_tokens = load_file(tmp_path / "tokens" / "model" / "model.safetensors")
     before = load_file(tiny_model_dir / "model.safetensors")
     assert max((by_pairs[k] - before[k]).abs().max() for k in before) > 1e-3
-    for name in by_pairs:
-        torch.testing.assert_close(by_tokens[name], by_pairs[name], atol=2e-6, rtol=0, msg=name)
+    # Micro-batches of other sizes sum the same gradient in another order. AdamW divides by sqrt(v), so on the
+    # few elements whose gradient is near zero that rounding becomes an update difference of a few 1e-6 over
+    # three steps at lr 1e-3; everywhere else the weights agree to float32 rounding.
+    differences = torch.cat([(by_tokens[name] - by_pairs[name]).abs().flatten() for name in by_pairs])
+    assert differences.max() < 1e-5
+    assert differences.quantile(0.999) < 1e-7

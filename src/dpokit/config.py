@@ -102,8 +102,10 @@ class Config:
                                                   "this many tokens with dense masks (default: one row without "
                                                   "padding, attended block by block with sdpa)")
     logprob_chunk_size: int = _opt(512, "completion tokens per LM-head chunk (bounds logits memory)")
-    lean_host_memory: bool = _opt(True, "on CPU, return freed memory to the OS during training (lower peak RSS, "
-                                        "a few percent slower; glibc only)")
+    lean_host_memory: bool = _opt(True, "on CPU, return freed memory to the OS during training (lower peak RSS; "
+                                        "glibc only)")
+    lean_layers: bool = _opt(True, "Llama, Mistral and Qwen2/3 norm, rotary and SwiGLU layers with fewer passes "
+                                   "over memory (same numbers; not with --compile)")
 
     # --- optimisation --------------------------------------------------------------------------------------
     lr: float | None = _opt(None, f"AdamW learning rate (default: {DEFAULT_LR}; {SFT_LR} with --loss sft; "

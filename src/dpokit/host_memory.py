@@ -4,9 +4,11 @@ A training step allocates and frees the same large tensors every time (activatio
 logits). glibc's malloc raises its mmap threshold as such blocks are freed, so after the first steps they come
 from the heap, where they fragment it: the process keeps freed memory and its peak RSS creeps up step after step
 (+200 MB over four steps of the throughput benchmark's short shape). `lean_allocator` fixes the threshold at
-2 MiB, so large blocks are mapped and unmapped (a few percent of speed for the page faults), and
-`release_free_memory`, called after each optimizer step, hands the heap's free pages back. Elsewhere (macOS,
-musl, Windows) both do nothing.
+32 MiB (glibc's own ceiling for it), so the largest blocks (a chunk of logits) are mapped and unmapped, and
+`release_free_memory`, called after each optimizer step, hands the heap's free pages back. A lower threshold
+keeps RSS a little lower still but maps every activation afresh: the kernel faults in and zeroes each page
+again, which cost 12% of a step of the throughput benchmark's long shape at 2 MiB. Elsewhere (macOS, musl,
+Windows) both do nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import functools
 import sys
 
 M_MMAP_THRESHOLD = -3          # mallopt parameter number in glibc's malloc.h
-LEAN_MMAP_THRESHOLD = 2 << 20  # bytes
+LEAN_MMAP_THRESHOLD = 32 << 20  # bytes
 
 
 @functools.cache
@@ -33,7 +35,7 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def lean_allocator() -> bool:
-    """Map allocations of 2 MiB and more on their own (returned to the OS when freed); True if it took effect."""
+    """Map allocations of 32 MiB and more on their own (returned to the OS when freed); True if it took effect."""
     libc = _glibc()
     return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, LEAN_MMAP_THRESHOLD))
 

@@ -113,8 +113,9 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
     # and receive their shards once it is sharded (LoRA, --ref-model and --precompute-ref need real weights first).
     from_rank0 = sharded and not (cfg.lora_r or cfg.lora_adapter or cfg.ref_model or cfg.precompute_ref)
     on_meta = from_rank0 and not dist.is_main
+    lean = cfg.lean_layers and not cfg.compile  # torch.compile fuses those layers itself
     policy = models.load_model(cfg.model, dtype="float32" if sharded else cfg.dtype, seed=cfg.seed,
-                               attn_implementation=cfg.attn_implementation, empty=on_meta)
+                               attn_implementation=cfg.attn_implementation, empty=on_meta, lean=lean)
     policy = policy if on_meta else policy.to(dist.device)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -127,8 +128,8 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
     if strategy == "adapter":
         reference = AdapterReference(policy, chunk_size=cfg.logprob_chunk_size, ld_alpha=cfg.ld_alpha)
     elif strategy in ("copy", "model"):
-        ref_model = (models.load_model(cfg.ref_model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
-                     if cfg.ref_model else models.frozen_copy(policy))
+        ref_model = (models.load_model(cfg.ref_model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                                       lean=lean) if cfg.ref_model else models.frozen_copy(policy))
         reference = ModelReference(ref_model if on_meta else ref_model.to(dist.device), chunk_size=cfg.logprob_chunk_size,
                                    ld_alpha=cfg.ld_alpha)
         if cfg.ref_sync_every:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from . import lean_layers
 from .errors import DPOError
 
 SYNTHETIC_VOCAB = 32
@@ -47,11 +48,12 @@ def build_preset(name: str, seed: int, attn_implementation: str = "sdpa") -> tor
 
 
 def load_model(name_or_path: str, *, dtype: str = "float32", seed: int = 0,
-               attn_implementation: str = "sdpa", empty: bool = False) -> torch.nn.Module:
+               attn_implementation: str = "sdpa", empty: bool = False, lean: bool = True) -> torch.nn.Module:
     """Load a causal LM: a preset name, a local folder or a hub name (`AutoModelForCausalLM.from_pretrained`).
 
     `empty`: the same architecture on the meta device, no weights read or allocated (FSDP2 ranks other than 0,
     which receive their shards from rank 0 once the model is sharded: `distributed.fill_from_rank0`).
+    `lean`: Llama-family norm, rotary and SwiGLU layers with fewer passes over memory (`lean_layers`).
     """
     if is_preset(name_or_path):
         with torch.device("meta") if empty else contextlib.nullcontext():
@@ -75,6 +77,8 @@ def load_model(name_or_path: str, *, dtype: str = "float32", seed: int = 0,
             raise DPOError(f"{name_or_path}: could not load a causal LM ({_first_line(err)})") from None
     model.to(DTYPES[dtype])
     disable_dropout(model)
+    if lean:
+        lean_layers.apply(model)
     return model
 
 
