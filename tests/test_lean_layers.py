@@ -120,6 +120,17 @@ def test_a_copy_of_a_lean_model_computes_with_its_own_weights():
     assert type(frozen.model.norm).__name__ == "LeanLlamaRMSNorm"
 
 
+def test_a_lean_model_pickles(tmp_path):
+    model, _ = _tiny("qwen2")
+    lean_layers.apply(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert type(loaded.model.norm).__name__ == "LeanQwen2RMSNorm"
+    ids = torch.randint(0, 50, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
 def test_other_architectures_are_left_alone():
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -62,9 +62,12 @@ _subclasses: dict[type, type] = {}
 
 
 def _lean_subclass(cls: type, make_forward: Callable[[type], Callable[..., torch.Tensor]]) -> type:
-    """`cls` with the forward that `make_forward(cls)` returns; one subclass per class."""
+    """`cls` with the forward that `make_forward(cls)` returns; one subclass per class, named in this module so
+    that `torch.save(model)` can pickle it."""
     if cls not in _subclasses:
-        _subclasses[cls] = type(f"Lean{cls.__name__}", (cls,), {"forward": make_forward(cls)})
+        name = f"Lean{cls.__name__}"
+        _subclasses[cls] = globals()[name] = type(name, (cls,), {"forward": make_forward(cls), "__module__": __name__,
+                                                                 "__qualname__": name})
     return _subclasses[cls]
 
 
