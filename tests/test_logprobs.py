@@ -49,12 +49,18 @@ def test_chunked_log_probs_and_gradients_equal_full_logits(chunk_size, softcap, 
 
 
 def test_wpo_term_is_log_prob_minus_log_sum_of_squared_probs():
-    hidden, head, targets, _ = _inputs(1)
-    _, wpo = chunked_target_logps(hidden, head, targets, 5, with_wpo=True)
+    hidden, head, targets, upstream = _inputs(1)
+    logps, wpo = chunked_target_logps(hidden, head, targets, 5, with_wpo=True)
     probs = torch.softmax(hidden.detach() @ head.weight.detach().T, dim=-1)  # [tokens, vocab]
     want = probs[torch.arange(TOKENS), targets].log() - probs.pow(2).sum(-1).log()
     torch.testing.assert_close(wpo, want, rtol=1e-5, atol=1e-5)
     assert not wpo.requires_grad
+    # the log-probs scored in the same pass still carry their gradient
+    (logps * upstream).sum().backward()
+    hidden_copy = hidden.detach().clone().requires_grad_()
+    naive = torch.log_softmax(hidden_copy @ head.weight.detach().T, dim=-1)[torch.arange(TOKENS), targets]
+    (naive * upstream).sum().backward()
+    torch.testing.assert_close(hidden.grad, hidden_copy.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_no_more_than_one_chunk_of_logits_is_kept_for_the_backward():

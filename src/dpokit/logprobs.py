@@ -91,9 +91,10 @@ def chunked_target_logps(hidden: torch.Tensor, head: torch.nn.Module, target_ids
 
     A plain bias-free `nn.Linear` head (every causal LM we know) goes through `_LinearTargetLogps`, which keeps
     only `hidden`, the weight and one float per token for the backward and rebuilds each chunk's softmax there;
-    without a gradient to compute (the reference, evaluation) each chunk gives its log-probs and WPO terms in one
-    pass. Any other head is checkpointed chunk by chunk (the backward recomputes that chunk's logits). Either way
-    the peak memory of this part is O(chunk x vocab) rather than O(tokens x vocab).
+    each chunk gives its log-probs and WPO terms in one pass (without a gradient to compute, as for the
+    reference and evaluation, nothing is kept). Any other head is checkpointed chunk by chunk (the backward
+    recomputes that chunk's logits). Either way the peak memory of this part is O(chunk x vocab) rather than
+    O(tokens x vocab).
     """
     linear = type(head) is torch.nn.Linear and head.bias is None
     if linear and not (torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)):
@@ -107,19 +108,19 @@ def chunked_target_logps(hidden: torch.Tensor, head: torch.nn.Module, target_ids
                 wpo_terms[start:end] = parts.wpo()
         return logps, wpo_terms
     if linear:
-        logps = _LinearTargetLogps.apply(hidden, head.weight, target_ids, chunk_size, softcap)
-    else:
-        pieces = []
-        for start in range(0, hidden.shape[0], chunk_size):
-            h, t = hidden[start:start + chunk_size], target_ids[start:start + chunk_size]
-            if torch.is_grad_enabled() and h.requires_grad:
-                pieces.append(checkpoint(_head_logps, h, head, t, softcap, use_reentrant=False))
-            else:
-                pieces.append(_head_logps(h, head, t, softcap))
-        logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+        logps, wpo_terms = _LinearTargetLogps.apply(hidden, head.weight, target_ids, chunk_size, softcap, with_wpo)
+        return logps, wpo_terms if with_wpo else None
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start:start + chunk_size], target_ids[start:start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            pieces.append(checkpoint(_head_logps, h, head, t, softcap, use_reentrant=False))
+        else:
+            pieces.append(_head_logps(h, head, t, softcap))
+    logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
     if not with_wpo:
         return logps, None
-    wpo = []
+    wpo = []  # another kind of head: its log-softmax again, without gradient
     with torch.no_grad():
         for start in range(0, hidden.shape[0], chunk_size):
             log_probs = _head_log_softmax(hidden[start:start + chunk_size], head, softcap)  # [chunk, vocab]
@@ -137,21 +138,25 @@ class _LinearTargetLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
-                chunk_size: int, softcap: float | None) -> torch.Tensor:
+                chunk_size: int, softcap: float | None, with_wpo: bool) -> tuple[torch.Tensor, torch.Tensor]:
         logps = hidden.new_empty(hidden.shape[0], dtype=torch.float32)   # [scored]
         lse = torch.empty_like(logps)                                   # [scored]
+        wpo_terms = torch.zeros_like(logps) if with_wpo else logps.new_zeros(0)   # no gradient flows through them
         compute_dtype = hidden.dtype
         for start in range(0, hidden.shape[0], chunk_size):
             raw = F.linear(hidden[start:start + chunk_size], weight)     # [chunk, vocab], autocast's dtype
             compute_dtype = raw.dtype
             parts = softmax_parts(raw, targets[start:start + chunk_size], softcap)
             lse[start:start + chunk_size], logps[start:start + chunk_size] = parts.lse, parts.target_logps
+            if with_wpo:
+                wpo_terms[start:start + chunk_size] = parts.wpo()
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size, ctx.softcap, ctx.compute_dtype = chunk_size, softcap, compute_dtype
-        return logps
+        ctx.mark_non_differentiable(wpo_terms)
+        return logps, wpo_terms
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor, _: torch.Tensor):  # type: ignore[override]
         hidden, weight, targets, lse = ctx.saved_tensors
         dtype, softcap = ctx.compute_dtype, ctx.softcap
         w = weight.to(dtype)
@@ -166,7 +171,7 @@ class _LinearTargetLogps(torch.autograd.Function):
                 grad_hidden[start:end] = grad_logits @ w
             if grad_weight is not None:
                 accumulate_weight_gradient(grad_weight, grad_logits, h)
-        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None)
 
 
 @dataclass
