@@ -5,6 +5,7 @@ A checkpoint is a folder `OUTPUT/checkpoints/step-N/`:
     model.safetensors   the trainable parameters (all of them, or only a LoRA adapter's), by parameter name
     optimizer.pt        `optimizer.state_dict()`
     trainer.pt          scheduler, RNG states (Python, NumPy, torch, CUDA), data position, step, metric sums...
+                        (under DDP each rank's generator states and metric sums, in `ranks`)
     metrics.jsonl       the rows of OUTPUT/metrics.jsonl so far (restored on resume, so rows are never doubled)
     complete.json       written last: the step and every file's size; a folder without it is not a checkpoint
 
@@ -331,23 +332,36 @@ def capture_rng() -> dict[str, Any]:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
+def rank_payload(meter_state: dict[str, Any]) -> dict[str, Any]:
+    """What a DDP rank hands rank 0 for the checkpoint: its generator states and metric sums (on the CPU)."""
+    cpu = lambda v: v.detach().cpu() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    meter = {k: {n: cpu(x) for n, x in v.items()} if isinstance(v, dict) else cpu(v) for k, v in meter_state.items()}
+    return {"rng": capture_rng(), "meter": meter}
+
+
 def rank_state(loaded: Loaded, rank: int, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """(generator states, metric sums since the last log step) that rank `rank` resumes with.
 
-    - A sharded checkpoint written by as many ranks: the rank's own, from `rank-R.pt` (exact resume).
-    - A sharded checkpoint written by another number of ranks: rank 0's generators for every rank (as every
-      rank shares the seed at the start of a run) and no metric sums, so a row logged after the resume covers
-      only the steps since it. Only dropout draws from the generators (off in the policy, on with LoRA's
+    - A checkpoint written by as many ranks: the rank's own (exact resume), from `rank-R.pt` (FSDP2) or from
+      trainer.pt's `ranks` (DDP; one process: its own state).
+    - A checkpoint written by another number of ranks: rank 0's generators for every rank (as every rank shares
+      the seed at the start of a run) and no metric sums, so a row logged after the resume covers only the
+      steps since it. Only dropout draws from the generators (off in the policy, on with LoRA's
       `--lora-dropout`); on another number of ranks the batch is split differently, so masks differ anyway.
-    - The single-file format (one process, DDP): what rank 0 saved, for every rank.
     """
-    if not loaded.sharded:
-        return loaded.trainer["rng"], loaded.trainer.get("meter", {})
-    own = loaded.path / RANK_STATE.format(rank=rank)
-    if loaded.trainer.get("world_size") == world_size and own.is_file():
+    trainer = loaded.trainer
+    same_ranks = trainer.get("world_size", world_size) == world_size  # checkpoints from before it was saved: same
+    if not same_ranks:
+        return trainer["rng"], {}
+    if loaded.sharded:
+        own = loaded.path / RANK_STATE.format(rank=rank)
+        if not own.is_file():
+            return trainer["rng"], {}
         state = torch.load(own, map_location="cpu", weights_only=True)
         return state["rng"], state["meter"]
-    return loaded.trainer["rng"], {}
+    if "ranks" in trainer:
+        return trainer["ranks"][rank]["rng"], trainer["ranks"][rank]["meter"]
+    return trainer["rng"], trainer.get("meter", {})
 
 
 def restore_rng(state: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as td
@@ -167,6 +167,15 @@ def reduce_sums(values: torch.Tensor, dist: Dist) -> torch.Tensor:
         values = values.clone()
         td.all_reduce(values, op=td.ReduceOp.SUM)
     return values
+
+
+def gather_to_main(value: Any, dist: Dist) -> list[Any] | None:
+    """Every rank's picklable `value`, in rank order, on rank 0 (None elsewhere); `[value]` in one process."""
+    if not dist.enabled:
+        return [value]
+    gathered: list[Any] | None = [None] * dist.world_size if dist.is_main else None
+    td.gather_object(value, gathered, dst=0)
+    return gathered
 
 
 def reduce_max(value: int, dist: Dist) -> int:

@@ -291,16 +291,25 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
     if resumed is not None:
         checkpoint.restore_rng(rng_state)
 
-    def save_checkpoint(step: int) -> Path:
+    def save_checkpoint(step: int) -> Path | None:
+        """Called on every rank; rank 0 writes (with --fsdp every rank writes its shards). The path, or None on
+        the other ranks of a DDP run."""
         trainer = {"step": step, "pairs_consumed": step * pairs_per_step, "scheduler": schedule.state_dict(),
                    "meter": meter.state_dict(), "bad_steps": bad_steps, "eval_before": eval_before,
-                   "since_log_s": time.perf_counter() - last_log_time, "rng": checkpoint.capture_rng()}
+                   "since_log_s": time.perf_counter() - last_log_time, "rng": checkpoint.capture_rng(),
+                   "world_size": dist.world_size}
         if synced_reference:  # TR-DPO has moved the reference: a resumed run must start from where it is now
             trainer["reference"] = {k: v.detach().cpu().clone() for k, v in reference.model.state_dict().items()}
         if cfg.fsdp:  # every rank writes its shards (DCP), also when one process runs with --fsdp
             return checkpoint.save_sharded(checkpoints, step, model=policy, optimizer=optimizer, trainer=trainer,
                                            own={"meter": meter.state_dict()}, dist=dist,
                                            metrics=reporter.metrics_path, keep=cfg.save_total_limit)
+        # DDP: the weights are the same on every rank, but each rank's generators and metric sums are its own
+        ranks = distributed.gather_to_main(checkpoint.rank_payload(meter.state_dict()), dist)
+        if not dist.is_main:
+            return None
+        if dist.enabled:
+            trainer["ranks"] = ranks
         return checkpoint.save(checkpoints, step, weights=checkpoint.trainable_state(policy),
                                optimizer=optimizer.state_dict(), trainer=trainer, metrics=reporter.metrics_path,
                                keep=cfg.save_total_limit)
@@ -365,8 +374,7 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
         if dist.enabled:  # every rank stops at the same step, whichever got the signal
             stopping = bool(distributed.reduce_sums(torch.tensor([float(stopping)], device=dist.device), dist))
         saved = None
-        if (dist.is_main or cfg.fsdp) and (
-                failed or stopping or (cfg.save_every and (step % cfg.save_every == 0 or step == total_steps))):
+        if failed or stopping or (cfg.save_every and (step % cfg.save_every == 0 or step == total_steps)):
             saved = save_checkpoint(step)
         if failed:
             kept = f"checkpoint {saved} holds the weights from before them" if saved else "no checkpoint saved"
