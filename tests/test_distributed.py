@@ -23,16 +23,17 @@ from dpokit.sampling import micro_batches
 # fsdp-tokens: micro-batches by a token budget, as many on each rank; ddp-precompute: --precompute-ref, each rank
 # scoring half of the reference batches.
 STRATEGIES = ("ddp", "fsdp", "fsdp-tokens", "ddp-precompute")
+LORA_STRATEGIES = ("ddp-lora", "fsdp-lora")  # against a one-process LoRA run
 
 
 def run_config(model_dir: str, output: Path, *, grad_accum: int, fsdp: bool = False,
-               micro_batch_tokens: int | None = None, precompute_ref: bool = False) -> Config:
+               micro_batch_tokens: int | None = None, precompute_ref: bool = False, lora: bool = False) -> Config:
     """The synthetic task on the 2-layer hidden-32 Llama: 12 train pairs (2 steps of 8 cross an epoch
     boundary) and 3 held-out pairs (uneven over 2 ranks, eval batch 1: rank 1 runs a spare round)."""
     return Config(model=model_dir, data="synthetic", max_pairs=15, eval_fraction=0.2, max_steps=2,
                   batch_size=4, grad_accum=grad_accum, eval_batch_size=1, lr=1e-3, seed=0, fsdp=fsdp,
                   micro_batch_tokens=micro_batch_tokens, precompute_ref=precompute_ref, cache=False,
-                  output=str(output), progress=False)
+                  lora_r=4 if lora else 0, output=str(output), progress=False)
 
 
 def tiny_batch(vocab: int) -> torch.Tensor:
@@ -67,6 +68,7 @@ def runs(tmp_path_factory, tiny_model_dir):
 
     root = tmp_path_factory.mktemp("distributed")
     train(run_config(str(tiny_model_dir), root / "single", grad_accum=2))
+    train(run_config(str(tiny_model_dir), root / "single-lora", grad_accum=2, lora=True))
     fork_ranks(worker, 2, str(tiny_model_dir), root)
     return root
 
@@ -93,12 +95,29 @@ def test_two_processes_match_one(runs, tiny_model_dir, strategy):
         torch.testing.assert_close(after_multi[name], after_single[name], atol=1e-5, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("strategy", LORA_STRATEGIES)
+def test_two_processes_match_one_with_lora(runs, strategy):
+    single, multi = (read_rows(runs / name / "metrics.jsonl") for name in ("single-lora", strategy))
+    assert [r["step"] for r in multi] == [r["step"] for r in single] == [0, 1, 2, 2]
+    for one, two in zip(single, multi):
+        for key in [k for k in one if not k.endswith("_s")]:
+            assert two[key] == pytest.approx(one[key], abs=1e-5), (one["step"], key)
+    after_single, after_multi = (load_file(runs / name / "model" / "adapter_model.safetensors")
+                                 for name in ("single-lora", strategy))
+    assert after_multi.keys() == after_single.keys() and any("lora_B" in k for k in after_single)
+    assert max(v.abs().max() for k, v in after_single.items() if "lora_B" in k) > 1e-4   # B moved from 0
+    for name in after_single:
+        torch.testing.assert_close(after_multi[name], after_single[name], atol=1e-5, rtol=0, msg=name)
+
+
 def test_with_fsdp2_only_rank_0_reads_the_weights(runs):
-    """Plain full fine-tuning under FSDP2: ranks > 0 build the model on the meta device and get their shards
-    from rank 0 (the runs above match one process, so the shards they got were right)."""
+    """Full fine-tuning or a new LoRA adapter under FSDP2: ranks > 0 build the model on the meta device and get
+    their shards (and rank 0's adapter initialisation) from rank 0 (the runs above match one process, so the
+    shards they got were right)."""
     loads = {rank: json.loads((runs / f"loads-rank{rank}.json").read_text()) for rank in (0, 1)}
-    assert loads[0] == ["cpu"] * len(STRATEGIES)
-    assert loads[1] == ["cpu", "meta", "meta", "cpu"]          # ddp, fsdp, fsdp-tokens, ddp-precompute
+    assert loads[0] == ["cpu"] * len(STRATEGIES + LORA_STRATEGIES)
+    # ddp, fsdp, fsdp-tokens, ddp-precompute, ddp-lora, fsdp-lora
+    assert loads[1] == ["cpu", "meta", "meta", "cpu", "cpu", "meta"]
 
 
 def test_fsdp2_with_bfloat16_compute_trains_and_saves_bfloat16(runs):
@@ -152,6 +171,8 @@ def worker(rank: int, world_size: int, model_dir: str, root: Path) -> None:
         train(run_config(model_dir, root / strategy, grad_accum=1, fsdp=strategy.startswith("fsdp"),
                          micro_batch_tokens=40 + 25 * rank if strategy == "fsdp-tokens" else None,
                          precompute_ref=strategy == "ddp-precompute"))
+    for strategy in LORA_STRATEGIES:
+        train(run_config(model_dir, root / strategy, grad_accum=1, fsdp=strategy.startswith("fsdp"), lora=True))
     models.load_model = load_model
     (root / f"loads-rank{rank}.json").write_text(json.dumps(loads))
     # bfloat16 compute: FSDP2's MixedPrecisionPolicy casts (and so copies) the forward's keyword arguments,

@@ -109,9 +109,10 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
     if sharded and cfg.merge_lora:
         raise DPOError("--merge-lora is not supported with --fsdp; save the adapter and merge it afterwards")
     # FSDP2 keeps float32 master weights (sharded 1/N) and computes in bfloat16 through its MixedPrecisionPolicy.
-    # With plain full fine-tuning only rank 0 reads the weights; the others build the model on the meta device
-    # and receive their shards once it is sharded (LoRA, --ref-model and --precompute-ref need real weights first).
-    from_rank0 = sharded and not (cfg.lora_r or cfg.lora_adapter or cfg.ref_model or cfg.precompute_ref)
+    # Only rank 0 reads the weights (and draws a new LoRA adapter's); the others build the model on the meta
+    # device and receive their shards once it is sharded (--lora-adapter, --ref-model and --precompute-ref need
+    # real weights on every rank first).
+    from_rank0 = sharded and not (cfg.lora_adapter or cfg.ref_model or cfg.precompute_ref)
     on_meta = from_rank0 and not dist.is_main
     lean = cfg.lean_layers and not cfg.compile  # torch.compile fuses those layers itself
     policy = models.load_model(cfg.model, dtype="float32" if sharded else cfg.dtype, seed=cfg.seed,
