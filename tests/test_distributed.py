@@ -21,19 +21,20 @@ from dpokit.config import Config
 from dpokit.sampling import micro_batches
 
 # fsdp-tokens: micro-batches by a token budget, as many on each rank; ddp-precompute: --precompute-ref, each rank
-# scoring half of the reference batches.
-STRATEGIES = ("ddp", "fsdp", "fsdp-tokens", "ddp-precompute")
+# scoring half of the reference batches; fsdp-ref-model: the reference read from --ref-model (the same weights).
+STRATEGIES = ("ddp", "fsdp", "fsdp-tokens", "ddp-precompute", "fsdp-ref-model")
 LORA_STRATEGIES = ("ddp-lora", "fsdp-lora")  # against a one-process LoRA run
 
 
 def run_config(model_dir: str, output: Path, *, grad_accum: int, fsdp: bool = False,
-               micro_batch_tokens: int | None = None, precompute_ref: bool = False, lora: bool = False) -> Config:
+               micro_batch_tokens: int | None = None, precompute_ref: bool = False, lora: bool = False,
+               ref_model: str | None = None) -> Config:
     """The synthetic task on the 2-layer hidden-32 Llama: 12 train pairs (2 steps of 8 cross an epoch
     boundary) and 3 held-out pairs (uneven over 2 ranks, eval batch 1: rank 1 runs a spare round)."""
     return Config(model=model_dir, data="synthetic", max_pairs=15, eval_fraction=0.2, max_steps=2,
                   batch_size=4, grad_accum=grad_accum, eval_batch_size=1, lr=1e-3, seed=0, fsdp=fsdp,
                   micro_batch_tokens=micro_batch_tokens, precompute_ref=precompute_ref, cache=False,
-                  lora_r=4 if lora else 0, output=str(output), progress=False)
+                  lora_r=4 if lora else 0, ref_model=ref_model, output=str(output), progress=False)
 
 
 def tiny_batch(vocab: int) -> torch.Tensor:
@@ -111,13 +112,13 @@ def test_two_processes_match_one_with_lora(runs, strategy):
 
 
 def test_with_fsdp2_only_rank_0_reads_the_weights(runs):
-    """Full fine-tuning or a new LoRA adapter under FSDP2: ranks > 0 build the model on the meta device and get
-    their shards (and rank 0's adapter initialisation) from rank 0 (the runs above match one process, so the
+    """Full fine-tuning, a --ref-model or a new LoRA adapter under FSDP2: ranks > 0 build the models on the meta
+    device and get their shards (and rank 0's adapter initialisation) from rank 0 (the runs above match one process, so the
     shards they got were right)."""
     loads = {rank: json.loads((runs / f"loads-rank{rank}.json").read_text()) for rank in (0, 1)}
-    assert loads[0] == ["cpu"] * len(STRATEGIES + LORA_STRATEGIES)
-    # ddp, fsdp, fsdp-tokens, ddp-precompute, ddp-lora, fsdp-lora
-    assert loads[1] == ["cpu", "meta", "meta", "cpu", "cpu", "meta"]
+    assert loads[0] == ["cpu"] * (len(STRATEGIES + LORA_STRATEGIES) + 1)
+    # ddp, fsdp, fsdp-tokens, ddp-precompute, fsdp-ref-model (policy, reference), ddp-lora, fsdp-lora
+    assert loads[1] == ["cpu", "meta", "meta", "cpu", "meta", "meta", "cpu", "meta"]
 
 
 def test_fsdp2_with_bfloat16_compute_trains_and_saves_bfloat16(runs):
@@ -170,7 +171,8 @@ def worker(rank: int, world_size: int, model_dir: str, root: Path) -> None:
     for strategy in STRATEGIES:
         train(run_config(model_dir, root / strategy, grad_accum=1, fsdp=strategy.startswith("fsdp"),
                          micro_batch_tokens=40 + 25 * rank if strategy == "fsdp-tokens" else None,
-                         precompute_ref=strategy == "ddp-precompute"))
+                         precompute_ref=strategy == "ddp-precompute",
+                         ref_model=model_dir if strategy == "fsdp-ref-model" else None))
     for strategy in LORA_STRATEGIES:
         train(run_config(model_dir, root / strategy, grad_accum=1, fsdp=strategy.startswith("fsdp"), lora=True))
     models.load_model = load_model

@@ -109,10 +109,10 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
     if sharded and cfg.merge_lora:
         raise DPOError("--merge-lora is not supported with --fsdp; save the adapter and merge it afterwards")
     # FSDP2 keeps float32 master weights (sharded 1/N) and computes in bfloat16 through its MixedPrecisionPolicy.
-    # Only rank 0 reads the weights (and draws a new LoRA adapter's); the others build the model on the meta
-    # device and receive their shards once it is sharded (--lora-adapter, --ref-model and --precompute-ref need
-    # real weights on every rank first).
-    from_rank0 = sharded and not (cfg.lora_adapter or cfg.ref_model or cfg.precompute_ref)
+    # Only rank 0 reads the weights (the policy's, a --ref-model's, and draws a new LoRA adapter's); the others
+    # build the models on the meta device and receive their shards once they are sharded (--lora-adapter and
+    # --precompute-ref need real weights on every rank first).
+    from_rank0 = sharded and not (cfg.lora_adapter or cfg.precompute_ref)
     on_meta = from_rank0 and not dist.is_main
     lean = cfg.lean_layers and not cfg.compile  # torch.compile fuses those layers itself
     policy = models.load_model(cfg.model, dtype="float32" if sharded else cfg.dtype, seed=cfg.seed,
@@ -130,7 +130,7 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
         reference = AdapterReference(policy, chunk_size=cfg.logprob_chunk_size, ld_alpha=cfg.ld_alpha)
     elif strategy in ("copy", "model"):
         ref_model = (models.load_model(cfg.ref_model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                                       lean=lean) if cfg.ref_model else models.frozen_copy(policy))
+                                       empty=on_meta, lean=lean) if cfg.ref_model else models.frozen_copy(policy))
         reference = ModelReference(ref_model if on_meta else ref_model.to(dist.device), chunk_size=cfg.logprob_chunk_size,
                                    ld_alpha=cfg.ld_alpha)
         if cfg.ref_sync_every:
