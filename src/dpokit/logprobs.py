@@ -92,22 +92,11 @@ def chunked_target_logps(hidden: torch.Tensor, head: torch.nn.Module, target_ids
     A plain bias-free `nn.Linear` head (every causal LM we know) goes through `_LinearTargetLogps`, which keeps
     only `hidden`, the weight and one float per token for the backward and rebuilds each chunk's softmax there;
     each chunk gives its log-probs and WPO terms in one pass (without a gradient to compute, as for the
-    reference and evaluation, nothing is kept). Any other head is checkpointed chunk by chunk (the backward
+    reference and evaluation, autograd keeps nothing of it). Any other head is checkpointed chunk by chunk (the backward
     recomputes that chunk's logits). Either way the peak memory of this part is O(chunk x vocab) rather than
     O(tokens x vocab).
     """
-    linear = type(head) is torch.nn.Linear and head.bias is None
-    if linear and not (torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)):
-        logps = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
-        wpo_terms = torch.empty_like(logps) if with_wpo else None
-        for start in range(0, hidden.shape[0], chunk_size):
-            end = start + chunk_size
-            parts = softmax_parts(head(hidden[start:end]), target_ids[start:end], softcap)
-            logps[start:end] = parts.target_logps
-            if wpo_terms is not None:
-                wpo_terms[start:end] = parts.wpo()
-        return logps, wpo_terms
-    if linear:
+    if type(head) is torch.nn.Linear and head.bias is None:
         logps, wpo_terms = _LinearTargetLogps.apply(hidden, head.weight, target_ids, chunk_size, softcap, with_wpo)
         return logps, wpo_terms if with_wpo else None
     pieces = []
