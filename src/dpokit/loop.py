@@ -295,6 +295,10 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
     def save_checkpoint(step: int) -> Path | None:
         """Called on every rank; rank 0 writes (with --fsdp every rank writes its shards). The path, or None on
         the other ranks of a DDP run."""
+        if not cfg.fsdp:  # DDP: the weights are the same everywhere, each rank's generators and metric sums its own
+            ranks = distributed.gather_to_main(checkpoint.rank_payload(meter.state_dict()), dist)
+            if not dist.is_main:
+                return None
         trainer = {"step": step, "pairs_consumed": step * pairs_per_step, "scheduler": schedule.state_dict(),
                    "meter": meter.state_dict(), "bad_steps": bad_steps, "eval_before": eval_before,
                    "since_log_s": time.perf_counter() - last_log_time, "rng": checkpoint.capture_rng(),
@@ -305,10 +309,6 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
             return checkpoint.save_sharded(checkpoints, step, model=policy, optimizer=optimizer, trainer=trainer,
                                            own={"meter": meter.state_dict()}, dist=dist,
                                            metrics=reporter.metrics_path, keep=cfg.save_total_limit)
-        # DDP: the weights are the same on every rank, but each rank's generators and metric sums are its own
-        ranks = distributed.gather_to_main(checkpoint.rank_payload(meter.state_dict()), dist)
-        if not dist.is_main:
-            return None
         if dist.enabled:
             trainer["ranks"] = ranks
         return checkpoint.save(checkpoints, step, weights=checkpoint.trainable_state(policy),
