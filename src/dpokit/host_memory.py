@@ -7,8 +7,7 @@ short shape). `release_free_memory`, called after each optimizer step, hands the
 (malloc_trim), and `lean_allocator` fixes the mmap threshold at 32 MiB (the ceiling of glibc's own dynamic
 threshold), so the largest blocks (a chunk of logits) are always mapped and unmapped on their own. A lower
 threshold keeps RSS a little lower still but maps every activation afresh: the kernel faults in and zeroes each
-page again, which cost about 10% of a step of the throughput benchmark's long shape at 2 MiB. Elsewhere (macOS,
-musl, Windows) both do nothing.
+page again, every step. Elsewhere (macOS, musl, Windows) both do nothing.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ multiplications; the rotary embedding as two multiplications, a negation, a conc
 the queries and again for the keys; SwiGLU as silu(gate) * up. Each operation reads and writes a whole
 `[tokens, width]` tensor, autograd keeps several of them for the backward pass, and on CPU each fresh tensor of a
 few MiB is fresh memory that the kernel must fault in and zero. Written as autograd functions with hand-derived
-backward passes, the same layers touch memory less and keep less (throughput benchmark, 2-core CPU: steps 3-6%
-faster, peak RSS 50-85 MB lower, which in turn let `host_memory` keep activations on the heap: 8-14% in all):
+backward passes, the same layers touch memory less and keep less (which is also what lets `host_memory` keep
+activations on the heap without raising the peak):
 
 - RMSNorm, y = w * x * r with r = 1 / sqrt(mean(x^2) + eps): one reduction and one output tensor; keeps x
   (which the layer before keeps anyway) and r `[tokens, 1]`; dx = r (w dy - x^ mean(w dy x^)), dw = sum(dy x^).
