@@ -60,7 +60,7 @@ def make_tokenizer(path: Path, vocab: list[str]):
 
 
 def time_dpokit(data: Path, tokenizer, cache_dir: Path):
-    from dpokit import pipeline
+    from dpokit.data import preparation as pipeline
 
     settings = dict(data=str(data), eval_data=None, tokenizer=tokenizer, seed=0, eval_fraction=0.0, max_length=4096,
                     max_prompt_length=2048, cache_dir=str(cache_dir))

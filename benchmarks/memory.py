@@ -66,7 +66,7 @@ def run_one(config: str) -> dict[str, float | str | int]:
     from dpokit.batching import make_batch
     from dpokit.logprobs import SequenceScorer, sequence_logps
     from dpokit.reference import AdapterReference, ModelReference, NoReference, PrecomputedReference
-    from dpokit.tokenization import TokenizedPair
+    from dpokit.data.tokenization import TokenizedPair
 
     torch.set_num_threads(2)
     baseline = current_rss_mib()

@@ -67,7 +67,7 @@ def build_tiny_llama(path: Path, vocab_size: int, seed: int = 0, tokenizer=None)
 
 @pytest.fixture(scope="session", autouse=True)
 def _data_cache_dir(tmp_path_factory) -> None:
-    """Tokenized-data cache (dpokit.data_cache) in a temp folder, never the user's ~/.cache."""
+    """Tokenized-data cache (dpokit.data.cache) in a temp folder, never the user's ~/.cache."""
     os.environ["DPOKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("dpokit-cache"))
 
 

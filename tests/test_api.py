@@ -27,7 +27,7 @@ def test_import_dpokit_is_light():
 
 def test_public_names_are_the_real_objects():
     from dpokit import Summary, load_pairs, register_loss, train
-    from dpokit.formats import load_pairs as formats_load_pairs
+    from dpokit.data.formats import load_pairs as formats_load_pairs
     from dpokit.loop import Summary as LoopSummary, train as loop_train
     from dpokit.losses import register
 

@@ -16,35 +16,28 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dpokit"
 ROOMS: dict[str, set[str]] = {
     "errors": set(),
     "config": {"errors"},
-    "sources": {"errors"},
-    "formats": {"sources", "errors"},
-    "tokenization": {"formats", "errors"},
-    "synthetic": {"tokenization"},
-    "data_cache": {"tokenization", "formats", "sources", "errors"},
-    "pipeline": {"formats", "tokenization", "synthetic", "data_cache", "errors"},
-    "inspect_data": {"formats", "tokenization", "pipeline", "models", "errors"},
-    "batching": {"tokenization"},
-    "sampling": {"batching", "tokenization", "errors"},
+    "data": {"errors"},
+    "batching": {"data"},
+    "pair_sampler": {"batching", "data", "errors"},
     "block_attention": {"batching"},
     "logprobs": {"batching", "block_attention"},
-    "fused_loss": {"batching", "logprobs"},
+    "fused_head": {"batching", "logprobs"},
     "losses": {"logprobs", "errors"},
     "lean_layers": set(),
     "models": {"lean_layers", "errors"},
-    "lora": {"models", "errors"},
-    "reference": {"batching", "logprobs", "models", "lora", "data_cache", "errors"},
+    "reference": {"batching", "logprobs", "models", "data", "errors"},
     "distributed": {"errors"},
     "checkpoint": {"distributed", "errors"},
     "report": {"errors"},
     "trackers": {"errors"},
     "model_card": {"report", "errors"},
-    "generate": {"models", "sources", "errors"},
-    "evaluation": {"generate", "models", "logprobs", "batching", "tokenization", "formats", "pipeline", "losses",
-                   "reference", "errors"},
+    "generate": {"models", "data", "errors"},
+    "evaluation": {"generate", "models", "logprobs", "batching", "data", "losses", "reference", "errors"},
     "metrics": {"distributed", "logprobs", "losses"},
     "host_memory": set(),
-    "loop": {"batching", "fused_loss", "host_memory", "sampling", "metrics", "checkpoint", "config", "distributed", "errors", "formats", "logprobs", "losses", "lora",
-             "model_card", "models", "pipeline", "reference", "report", "tokenization", "trackers", "data_cache"},
+    "loop": {"batching", "fused_head", "host_memory", "pair_sampler", "metrics", "checkpoint", "config",
+             "distributed", "errors", "data", "logprobs", "losses", "model_card", "models", "reference", "report",
+             "trackers"},
     "cli": {"*"},
     "__init__": {"*"},
     "__main__": {"cli"},
@@ -114,3 +107,13 @@ def test_module_imports_only_allowed_rooms(key):
 def test_losses_do_not_import_torch_distributed():
     for path in [p for k, p in _modules().items() if k.startswith("losses:")]:
         assert "torch.distributed" not in path.read_text(encoding="utf-8")
+
+
+TORCH_FREE = ("data", "config", "errors", "report", "trackers", "model_card")
+
+
+@pytest.mark.parametrize("key", sorted(k for k in _modules() if ":" in k and k.split(":")[0] in TORCH_FREE))
+def test_torch_free_rooms_import_no_torch(key):
+    """The data rooms (and config, reporting) import no torch, so `dpo data inspect` and `import dpokit` stay light."""
+    _, external = _imported_rooms(_modules()[key])
+    assert not external & {"torch", "transformers", "peft"}, f"{key} imports {sorted(external)}"

@@ -10,7 +10,7 @@ import torch
 
 from dpokit.batching import grouped_permutation, make_batch
 from dpokit.logprobs import SequenceScorer, naive_sequence_logps, sequence_logps
-from dpokit.tokenization import TokenizedPair
+from dpokit.data.tokenization import TokenizedPair
 
 
 def _ids(rng: random.Random, n: int, vocab: int) -> list[int]:

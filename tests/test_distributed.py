@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from dpokit import distributed
 from dpokit.config import Config
-from dpokit.sampling import micro_batches
+from dpokit.pair_sampler import micro_batches
 
 # fsdp-tokens: micro-batches by a token budget, as many on each rank; ddp-precompute: --precompute-ref, each rank
 # scoring half of the reference batches; fsdp-ref-model: the reference read from --ref-model (the same weights).

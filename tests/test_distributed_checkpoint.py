@@ -145,7 +145,7 @@ def sync_sharded_reference(rank: int, model_dir: str, result: Path) -> None:
     from dpokit.batching import make_batch
     from dpokit.logprobs import SequenceScorer
     from dpokit.reference import ModelReference
-    from dpokit.tokenization import TokenizedPair
+    from dpokit.data.tokenization import TokenizedPair
 
     dist = distributed.init("cpu")
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

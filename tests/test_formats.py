@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dpokit.errors import DPOError
-from dpokit.formats import PreferencePair, detect_format, load_pairs, mismatch_partners, to_unpaired
+from dpokit.data.formats import PreferencePair, detect_format, load_pairs, mismatch_partners, to_unpaired
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 

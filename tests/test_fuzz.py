@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from dpokit.config import FIELDS, Config
 from dpokit.errors import DPOError
-from dpokit.formats import PreferencePair, load_pairs
+from dpokit.data.formats import PreferencePair, load_pairs
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -13,7 +13,7 @@ import torch
 from dpokit import evaluation, generate
 from dpokit.cli import main
 from dpokit.logprobs import naive_sequence_logps
-from dpokit.tokenization import TokenizedPair
+from dpokit.data.tokenization import TokenizedPair
 
 PROMPTS = ["Human: What is", "The quick brown fox jumps over the lazy", "def", "Question: how many legs"]
 

@@ -13,7 +13,7 @@ import torch
 from dpokit.batching import make_batch
 from dpokit.logprobs import naive_sequence_logps
 from dpokit.reference import ModelReference, precompute_reference, reference_cache_key
-from dpokit.tokenization import TokenizedPair
+from dpokit.data.tokenization import TokenizedPair
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from dpokit.cli import main
 from dpokit.errors import DPOError
 from dpokit.logprobs import naive_sequence_logps
 from dpokit.reference import AdapterReference, ModelReference, reference_strategy
-from dpokit.tokenization import TokenizedPair
+from dpokit.data.tokenization import TokenizedPair
 
 
 def random_pairs(vocab: int, count: int = 3, seed: int = 0) -> list[TokenizedPair]:

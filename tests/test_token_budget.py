@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from dpokit.config import Config
 from dpokit.loop import train
-from dpokit.sampling import split_by_tokens, split_further
-from dpokit.tokenization import TokenizedPair
+from dpokit.pair_sampler import split_by_tokens, split_further
+from dpokit.data.tokenization import TokenizedPair
 
 
 def _pairs(seed: int, n: int) -> list[TokenizedPair]:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from dpokit import pipeline
+from dpokit.data import preparation as pipeline
 from dpokit.errors import DPOError
-from dpokit.formats import PreferencePair
-from dpokit.tokenization import (TokenizedPair, TruncationReport, common_prefix_length, tokenize_pairs,
+from dpokit.data.formats import PreferencePair
+from dpokit.data.tokenization import (TokenizedPair, TruncationReport, common_prefix_length, tokenize_pairs,
                                  truncate_pair)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"

@@ -20,7 +20,7 @@ from .config import Config
 from .errors import DPOError, TrainingFailure
 
 if TYPE_CHECKING:
-    from .formats import PreferencePair, load_pairs
+    from .data.formats import PreferencePair, load_pairs
     from .loop import Summary, train
     from .losses import LossOutput
     from .losses import register as register_loss
@@ -31,8 +31,8 @@ __all__ = ["Config", "DPOError", "LossOutput", "PreferencePair", "Summary", "Tra
 
 # name -> (module, attribute): imported on first use, since they pull in torch and transformers
 _LAZY = {"train": ("loop", "train"), "Summary": ("loop", "Summary"), "register_loss": ("losses", "register"),
-         "LossOutput": ("losses", "LossOutput"), "load_pairs": ("formats", "load_pairs"),
-         "PreferencePair": ("formats", "PreferencePair")}
+         "LossOutput": ("losses", "LossOutput"), "load_pairs": ("data.formats", "load_pairs"),
+         "PreferencePair": ("data.formats", "PreferencePair")}
 
 
 def __getattr__(name: str) -> Any:

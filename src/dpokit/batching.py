@@ -28,7 +28,7 @@ from itertools import chain
 
 import torch
 
-from .tokenization import TokenizedPair
+from .data.tokenization import TokenizedPair
 
 LAYOUTS = ("concatenated", "shared", "packed", "blocks")
 

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             print(write_report(args.runs, png, png.with_suffix(".md")), end="")
             print(f"wrote {png} and {png.with_suffix('.md')}", file=sys.stderr)
         elif args.command == "data":
-            from .inspect_data import inspect
+            from .data.inspect import inspect
             from .models import load_tokenizer
 
             print("\n".join(inspect(

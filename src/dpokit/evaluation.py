@@ -28,11 +28,12 @@ from typing import Any
 
 import torch
 
-from . import generate, models, pipeline
+from . import generate, models
+from .data import preparation as pipeline
 from .errors import DPOError
 from .logprobs import PairLogps
 from .reference import ModelReference, precompute_reference
-from .tokenization import TokenizedPair
+from .data.tokenization import TokenizedPair
 
 RewardFunction = Callable[[list[str], list[str]], Sequence[float]]  # (prompts, completions) -> one reward each
 

@@ -22,7 +22,7 @@ import torch
 
 from . import models
 from .errors import DPOError
-from .sources import read_records
+from .data.sources import read_records
 
 
 @dataclass(frozen=True)

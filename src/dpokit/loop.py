@@ -21,18 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import (checkpoint, data_cache, distributed, host_memory, losses, model_card, models, pipeline, report,
-               trackers)
+from . import checkpoint, distributed, host_memory, losses, model_card, models, report, trackers
+from .data import cache as data_cache, preparation as pipeline
 from .batching import Batch, make_batch
 from .config import Config
 from .errors import DPOError, TrainingFailure
-from .fused_loss import fused_sequence_loss
+from .fused_head import fused_sequence_loss
 from .logprobs import PairLogps, SequenceScorer, sequence_logps
 from .metrics import MetricMeter
 from .reference import (AdapterReference, ModelReference, NoReference, Reference, paired_parameters,
                         precompute_reference, reference_cache_key, reference_strategy)
-from .sampling import batch_stream, micro_batches, split_by_tokens, split_further
-from .tokenization import TokenizedPair
+from .pair_sampler import batch_stream, micro_batches, split_by_tokens, split_further
+from .data.tokenization import TokenizedPair
 
 
 @dataclass

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .batching import Batch, make_batch
-from .data_cache import write_atomically
+from .data.cache import write_atomically
 from .errors import DPOError
 from .logprobs import PairLogps, SequenceScorer, sequence_logps
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import DPOError
+from ..errors import DPOError
 
 FILE_TYPES = (".jsonl", ".json", ".parquet", ".csv")
 

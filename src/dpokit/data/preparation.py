@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import data_cache, formats, synthetic, tokenization
-from .errors import DPOError
+from . import cache as data_cache, formats, synthetic, tokenization
+from ..errors import DPOError
 from .tokenization import TokenizedPair
 
 SYNTHETIC_PAIRS = 1024  # the built-in task's size (train + held out)

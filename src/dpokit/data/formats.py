@@ -23,7 +23,7 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import DPOError
+from ..errors import DPOError
 from .sources import read_records
 
 Text = str | list[dict[str, Any]]  # plain text, or chat messages [{"role": ..., "content": ...}]

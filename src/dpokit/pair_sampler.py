@@ -15,7 +15,7 @@ import torch
 
 from .batching import Batch, grouped_permutation, make_batch
 from .errors import DPOError
-from .tokenization import TokenizedPair
+from .data.tokenization import TokenizedPair
 
 
 class _BuildBatches(torch.utils.data.Dataset):

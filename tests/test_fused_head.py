@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from dpokit import losses
 from dpokit.batching import Batch, make_batch
-from dpokit.fused_loss import FusedPairLoss, chunk_plan, fused_sequence_loss
+from dpokit.fused_head import FusedPairLoss, chunk_plan, fused_sequence_loss
 from dpokit.logprobs import PairLogps, SequenceScorer
-from dpokit.tokenization import TokenizedPair
+from dpokit.data.tokenization import TokenizedPair
 
 from test_batching import LAYOUTS, make_pairs
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import DPOError
+from ..errors import DPOError
 from .formats import PreferencePair, Text
 
 CHUNK = 4096  # pairs per batched tokenizer call: bounds memory, drives the progress bar

@@ -1,0 +1,9 @@
+"""Preference data, from a file or hub name to tokenized pairs; no torch is imported here.
+
+- `sources`: read records from JSONL/JSON/CSV/Parquet files, folders, `save_to_disk` output or the hub.
+- `formats`: recognise and normalise the record formats (explicit, conversational, ranked, unpaired, SFT).
+- `tokenization`: exact prompt/completion boundaries, truncation, and what was cut or dropped.
+- `cache`: tokenized results on disk under a key of (data bytes, tokenizer, settings, code).
+- `preparation`: the glue the training loop calls (`prepare`): load, split, tokenize, report, cache.
+- `synthetic`: the built-in task; `inspect`: `dpo data inspect`.
+"""
