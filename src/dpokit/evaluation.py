@@ -31,19 +31,21 @@ import torch
 from . import generate, models
 from .data import preparation as pipeline
 from .errors import DPOError
+from .batching import layout_for
 from .logprobs import PairLogps
 from .reference import ModelReference, precompute_reference
+from .data.formats import Text
 from .data.tokenization import TokenizedPair
 
-RewardFunction = Callable[[list[str], list[str]], Sequence[float]]  # (prompts, completions) -> one reward each
+# (prompts as given: strings or message lists, completions) -> one reward each
+RewardFunction = Callable[[list[Text], list[str]], Sequence[float]]
 
 
 def pair_logps(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, batch_size: int = 32) -> PairLogps:
     """Summed completion log-probs of every pair under `model` (`[pairs]` each, on the CPU): the same batched,
     no-grad pass that `--precompute-ref` makes over a dataset, with `model` frozen as a reference."""
     device = next(model.parameters()).device
-    # One row without padding, attended block by block, where the model runs sdpa; dense-mask rows otherwise.
-    layout = "blocks" if getattr(model.config, "_attn_implementation", None) == "sdpa" else "packed"
+    layout = layout_for(attn_implementation=getattr(model.config, "_attn_implementation", None) or "eager")
     table = precompute_reference(ModelReference(model), pairs, layout=layout, pad_id=0, batch_size=batch_size,
                                  device=device).table
     return PairLogps(table["chosen"], table["rejected"], table["chosen_lengths"], table["rejected_lengths"])
@@ -72,7 +74,7 @@ def preference_metrics(policy: torch.nn.Module, reference: torch.nn.Module, pair
             "pairs": float(len(pairs))}
 
 
-def score_samples(reward: RewardFunction, prompts: Sequence[str], texts: Sequence[tuple[generate.Sample, str]],
+def score_samples(reward: RewardFunction, prompts: Sequence[Text], texts: Sequence[tuple[generate.Sample, str]],
                   ) -> torch.Tensor:
     """The user's reward of each sample `[samples]`, checked: one finite number per sample."""
     values = reward([prompts[s.prompt_index] for s, _ in texts], [text for _, text in texts])
@@ -87,7 +89,7 @@ def score_samples(reward: RewardFunction, prompts: Sequence[str], texts: Sequenc
     return scores
 
 
-def sample_metrics(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
+def sample_metrics(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, prompts: Sequence[Text],
                    reward: RewardFunction, *, batch_size: int = 32, **sampling: Any,
                    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Mean reward, win rate and KL(policy || reference) from samples; also one record per policy sample.

@@ -2,6 +2,9 @@
 
     dpo generate --model runs/sft/model --prompts prompts.jsonl --out samples.jsonl --num-samples 2 --seed 0
 
+A prompt is text, or a list of chat messages rendered with the model's chat template and its generation prompt
+(exactly as training renders prompts); a chat reply stops at the template's end of turn as well as at EOS.
+
 Reproducible: each sampled sequence draws its noise from its own generator, seeded from (seed, prompt index,
 sample index), so a rerun with the same seed gives the same samples whatever else runs in the process, and a
 different --batch-size gives the same samples too (up to float rounding of batched matmuls). A token is drawn
@@ -22,12 +25,15 @@ import torch
 
 from . import models
 from .errors import DPOError
+from .data import tokenization
+from .data.formats import Text
 from .data.sources import read_records
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One sampled completion. `completion_ids` ends with EOS unless it was cut at `max_new_tokens`."""
+    """One sampled completion. `completion_ids` ends with a stop token (EOS, or the end of turn of a chat
+    prompt) unless it was cut at `max_new_tokens`."""
 
     prompt_index: int
     sample_index: int
@@ -35,12 +41,13 @@ class Sample:
     completion_ids: list[int]
 
 
-def sample(model: torch.nn.Module, prompt_ids: Sequence[list[int]], *, eos_id: int | None, pad_id: int,
+def sample(model: torch.nn.Module, prompt_ids: Sequence[list[int]], *, eos_id: int | Sequence[int] | None, pad_id: int,
            num_samples: int = 1, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
            seed: int = 0, batch_size: int = 32) -> list[Sample]:
     """`num_samples` completions of every prompt, in order (prompt 0's samples first), `batch_size` rows at a time.
 
-    `temperature` 0 is greedy decoding. The model is put in eval mode and left there.
+    `temperature` 0 is greedy decoding. `eos_id`: the token, or tokens, that end a completion. The model is put
+    in eval mode and left there.
     """
     if any(not ids for ids in prompt_ids):
         raise DPOError("generate: a prompt tokenized to nothing (give the tokenizer a BOS token, or a non-empty prompt)")
@@ -84,7 +91,7 @@ def choose_tokens(logits: torch.Tensor, temperature: float, top_p: float,
 
 
 @torch.no_grad()
-def _sample_rows(model: torch.nn.Module, prompts: list[list[int]], seeds: list[int], *, eos_id: int | None,
+def _sample_rows(model: torch.nn.Module, prompts: list[list[int]], seeds: list[int], *, eos_id: int | Sequence[int] | None,
                  pad_id: int, max_new_tokens: int, temperature: float, top_p: float) -> list[list[int]]:
     device = next(model.parameters()).device
     rows, width = len(prompts), max(len(p) for p in prompts)
@@ -97,6 +104,8 @@ def _sample_rows(model: torch.nn.Module, prompts: list[list[int]], seeds: list[i
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)                            # [rows, width], 0 at the first real token
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    stops = _stop_ids(eos_id)
+    stop_tensor = torch.tensor(stops, dtype=torch.long, device=device)
     new_tokens = []
     cache = None
     for _ in range(max_new_tokens):
@@ -106,21 +115,23 @@ def _sample_rows(model: torch.nn.Module, prompts: list[list[int]], seeds: list[i
         next_ids = choose_tokens(out.logits[:, -1].float(), temperature, top_p, generators)   # [rows]
         next_ids = next_ids.masked_fill(finished, pad_id)
         new_tokens.append(next_ids)
-        if eos_id is not None:
-            finished |= next_ids == eos_id
+        finished |= torch.isin(next_ids, stop_tensor)
         if finished.all():
             break
         input_ids = next_ids[:, None]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position_ids = position_ids[:, -1:] + 1
     tokens = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
-    return [_cut_after_eos(row, eos_id) for row in tokens]
+    return [_cut_after_stop(row, stops) for row in tokens]
 
 
-def _cut_after_eos(tokens: list[int], eos_id: int | None) -> list[int]:
-    if eos_id is not None and eos_id in tokens:
-        return tokens[:tokens.index(eos_id) + 1]
-    return tokens
+def _stop_ids(eos_id: int | Sequence[int] | None) -> list[int]:
+    return [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
+
+
+def _cut_after_stop(tokens: list[int], stops: list[int]) -> list[int]:
+    first = next((i for i, token in enumerate(tokens) if token in stops), None)
+    return tokens if first is None else tokens[:first + 1]
 
 
 def _row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
@@ -131,9 +142,22 @@ def _row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
 # ---- text in, text out --------------------------------------------------------------------------------------
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    """Prompt token ids exactly as training tokenizes prompts (`add_special_tokens=True`: BOS once)."""
-    return tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+def encode_prompts(tokenizer: Any, prompts: Sequence[Text]) -> list[list[int]]:
+    """Prompt token ids exactly as training tokenizes prompts (BOS once; messages through the chat template)."""
+    try:
+        return tokenization.encode_prompts(tokenizer, prompts)
+    except DPOError:
+        raise
+    except Exception as err:  # the Rust tokenizer raises a bare Exception for text it cannot encode
+        raise DPOError(f"generate: could not tokenize a prompt ({str(err).strip() or type(err).__name__})") from None
+
+
+def stop_ids(tokenizer: Any, prompts: Sequence[Text]) -> list[int]:
+    """EOS, and for chat prompts the template's end of turn: where a completion ends."""
+    stops = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    end_of_turn = (tokenization.end_of_turn_id(tokenizer) if any(not isinstance(p, str) for p in prompts)
+                   else None)
+    return stops + ([end_of_turn] if end_of_turn is not None and end_of_turn not in stops else [])
 
 
 def completion_text(tokenizer: Any, prompt_ids: list[int], completion_ids: list[int]) -> str:
@@ -149,28 +173,33 @@ def completion_text(tokenizer: Any, prompt_ids: list[int], completion_ids: list[
     return tokenizer.decode(completion_ids, skip_special_tokens=True)
 
 
-def sample_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], **options: Any,
+def sample_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Text], **options: Any,
                  ) -> list[tuple[Sample, str]]:
-    """`sample` on text prompts; each sample with its completion text. `options` as `sample`'s keywords."""
+    """`sample` on text or message-list prompts; each sample with its completion text. `options` as `sample`'s
+    keywords."""
     ids = encode_prompts(tokenizer, prompts)
-    samples = sample(model, ids, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, **options)
+    samples = sample(model, ids, eos_id=stop_ids(tokenizer, prompts), pad_id=tokenizer.pad_token_id, **options)
     return [(s, completion_text(tokenizer, s.prompt_ids, s.completion_ids)) for s in samples]
 
 
-def read_prompts(path: str, field: str = "prompt") -> list[str]:
-    """The `field` string of every record of a JSONL/JSON/Parquet file."""
-    prompts = []
+def read_prompts(path: str, field: str = "prompt") -> list[Text]:
+    """The `field` of every record of a JSONL/JSON/Parquet file: a string, or a list of chat messages."""
+    prompts: list[Text] = []
     for where, record in read_records(path):
         value = record.get(field)
-        if not isinstance(value, str):
-            raise DPOError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
+        is_messages = isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value)
+        if not isinstance(value, str) and not is_messages:
+            raise DPOError(f"{where}: field '{field}' must be a string or a non-empty list of "
+                           f"{{\"role\": str, \"content\": str}} messages, got {json.dumps(value)[:80]}")
         prompts.append(value)
     if not prompts:
         raise DPOError(f"{path}: no prompts found")
     return prompts
 
 
-def write_samples(path: str | Path, prompts: Sequence[str], texts: Sequence[tuple[Sample, str]]) -> Path:
+def write_samples(path: str | Path, prompts: Sequence[Text], texts: Sequence[tuple[Sample, str]]) -> Path:
     """One JSON line per sample: prompt, completion, prompt_index, sample_index, completion_tokens."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

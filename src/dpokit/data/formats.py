@@ -40,6 +40,7 @@ class PreferencePair:
 
     `extras` holds optional per-pair numbers that some losses use (score_chosen, score_rejected, margin, label).
     `group` is the same for pairs that share a prompt (several ranked responses), so it can be computed once.
+    `tools`: function definitions (JSON schemas) the chat template shows the model, from a `tools` column.
     """
 
     prompt: Text
@@ -47,6 +48,7 @@ class PreferencePair:
     rejected: Text
     extras: dict[str, float] = field(default_factory=dict)
     group: int | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 @dataclass

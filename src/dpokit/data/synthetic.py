@@ -4,16 +4,39 @@ Token 0 is BOS, 1 is EOS, 2..31 are symbols. A prompt is BOS and 6-12 random sym
 *counts up* from the prompt's last symbol (s+1, s+2, ... wrapping within the symbols); the rejected completion
 has the same length but random symbols, so it breaks the rule. A policy that learned the preference ranks
 chosen above rejected on held-out prompts it never saw; `follows_rule` checks any completion.
+
+As text (`build_tokenizer`), BOS is `<s>`, EOS `</s>` and each symbol is written as its own id: the prompt
+`<s> 29 30` is `[0, 29, 30]` and its chosen completion `31 2 3 </s>`, so a sample reads as the ids it is.
 """
 
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from .tokenization import TokenizedPair
 
 BOS, EOS, FIRST_SYMBOL, VOCAB = 0, 1, 2, 32
 NUM_SYMBOLS = VOCAB - FIRST_SYMBOL
+BOS_TEXT, EOS_TEXT = "<s>", "</s>"
+
+
+def build_tokenizer() -> Any:
+    """The task's vocabulary as a `tokenizers.Tokenizer`: word-level, split on whitespace, BOS added once.
+
+    Ids are exactly the task's (`<s>` 0, `</s>` 1, symbol `"k"` is k for k in 2..31), so a model trained on
+    `make_pairs` samples text through it. Decoding joins tokens with spaces. There is no unknown token (the
+    vocabulary is the model's 32 rows): a word outside it fails to encode rather than becoming another token.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {BOS_TEXT: BOS, EOS_TEXT: EOS, **{str(k): k for k in range(FIRST_SYMBOL, VOCAB)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens([BOS_TEXT, EOS_TEXT])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TEXT} $A", pair=f"{BOS_TEXT} $A $B", special_tokens=[(BOS_TEXT, BOS)])
+    return tokenizer
 
 
 def next_symbol(token: int) -> int:

@@ -7,9 +7,16 @@ and rejected share it token for token (which is what lets the prompt be forwarde
 
 Special tokens: plain text gets the tokenizer's own special tokens (BOS) once; a doubled BOS (text that already
 starts with it) is collapsed. Plain completions end with EOS exactly once. Chat messages are rendered with the
-tokenizer's chat template (`apply_chat_template`, with the generation prompt for the prompt part) and tokenized
-without adding special tokens, since the template writes them: the template's end-of-turn ends the completion and
-no EOS is appended after it (as at inference, where generation stops at the end-of-turn).
+tokenizer's chat template (`apply_chat_template`, with the pair's `tools`; the generation prompt for the prompt
+part) and tokenized without adding special tokens, since the template writes them; a tokenizer that adds a BOS
+the template does not write (Zephyr, Llama 2 style templates) gets it once in front. The template's end-of-turn
+ends the completion and no EOS is appended after it (as at inference, where generation stops at the end-of-turn).
+
+Chat completions are cut from the rendering of the whole conversation (prompt + completion), never concatenated,
+because templates render a turn differently depending on what follows it (Qwen3 drops the reasoning of turns
+before the last user query; Mistral's puts the system message into the last user turn only). When the
+generation-prompt rendering is not a prefix of the full one, the pair is counted (`template_mismatches`) and
+the prompt is taken as the full rendering shows it: everything before the first completion message's content.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from ..errors import DPOError
 from .formats import PreferencePair, Text
 
 CHUNK = 4096  # pairs per batched tokenizer call: bounds memory, drives the progress bar
+BOUNDARY_MARK = "\u2063dpokit-boundary\u2063"  # message content no template rewrites, found again in its rendering
 
 
 @dataclass
@@ -48,6 +56,7 @@ class TruncationReport:
     truncated_completions: int = 0
     dropped: int = 0
     boundary_mismatches: int = 0
+    template_mismatches: int = 0
     doubled_bos: int = 0
     boundary_example: str = ""  # the prompt tail left out of the first mismatched pair, decoded
 
@@ -64,6 +73,11 @@ class TruncationReport:
             out.append(f"warning: in {self.boundary_mismatches} of {self.pairs_in} pairs the prompt's own tokens are "
                        f"not a prefix of prompt+completion (e.g. {self.boundary_example!r} merges with the "
                        "completion); they were cut at the common token prefix")
+        if self.template_mismatches:
+            out.append(f"warning: in {self.template_mismatches} of {self.pairs_in} pairs the chat template renders "
+                       "the prompt differently with the generation prompt than inside the full conversation (e.g. "
+                       "a system message or reasoning it shows only in the last turn); the prompt was taken from "
+                       "the full conversation, as training sees it")
         if self.doubled_bos:
             out.append(f"removed a doubled BOS token in {self.doubled_bos} pairs (the text already started with it)")
         return out
@@ -137,6 +151,32 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer: Any, *, max_lengt
     return out, report
 
 
+def encode_prompts(tokenizer: Any, prompts: Sequence[Text]) -> list[list[int]]:
+    """Prompt ids as training makes them, for sampling: plain text with the tokenizer's special tokens (BOS once),
+    message lists rendered with the generation prompt (BOS once)."""
+    plain = [p for p in prompts if isinstance(p, str)]
+    chat = [_render(tokenizer, p, generation_prompt=True) for p in prompts if not isinstance(p, str)]
+    plain_ids = iter(_encode(tokenizer, plain, special=True))
+    chat_ids = iter(_chat_ids(tokenizer, chat))
+    bos = tokenizer.bos_token_id
+    out = []
+    for prompt in prompts:
+        ids = next(plain_ids) if isinstance(prompt, str) else next(chat_ids)
+        out.append(ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids)
+    return out
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The token the chat template writes right after an assistant message's content (`<|eot_id|>`,
+    `<|im_end|>`, `<end_of_turn>`, `</s>`), where sampling a chat reply stops; None when it is not one token."""
+    text = _render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": BOUNDARY_MARK}])
+    after = text[text.find(BOUNDARY_MARK) + len(BOUNDARY_MARK):] if BOUNDARY_MARK in text else ""
+    ids, = _encode(tokenizer, [after], special=False) if after else ([],)
+    if ids and tokenizer.convert_ids_to_tokens(ids[0]) in {*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()}:
+        return int(ids[0])
+    return None
+
+
 def _tokenize_chunk(pairs: Sequence[PreferencePair], tokenizer: Any, report: TruncationReport,
                     ) -> list[TokenizedPair | None]:
     """Encode prompt, prompt+chosen and prompt+rejected of every pair in three batched calls per text kind."""
@@ -145,17 +185,13 @@ def _tokenize_chunk(pairs: Sequence[PreferencePair], tokenizer: Any, report: Tru
     is_chat = [_is_chat(p) for p in pairs]
     for pair, chat in zip(pairs, is_chat):
         if chat:
-            prompt, chosen, rejected = (_as_messages(pair.prompt, "user"), _as_messages(pair.chosen, "assistant"),
-                                        _as_messages(pair.rejected, "assistant"))
-            rendered = (_render(tokenizer, prompt, generation_prompt=True), _render(tokenizer, prompt + chosen),
-                        _render(tokenizer, prompt + rejected))
-            for bucket, text in zip(chat_texts, rendered):
+            for bucket, text in zip(chat_texts, _render_pair(tokenizer, pair, report)):
                 bucket.append(text)
         else:
             for bucket, text in zip(texts, (pair.prompt, pair.prompt + pair.chosen, pair.prompt + pair.rejected)):
                 bucket.append(text)
     plain = zip(*[_encode(tokenizer, bucket, special=True) for bucket in texts])
-    chat = zip(*[_encode(tokenizer, bucket, special=False) for bucket in chat_texts])
+    chat = zip(*[_chat_ids(tokenizer, bucket) for bucket in chat_texts])
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     out: list[TokenizedPair | None] = []
     for pair, chat_pair in zip(pairs, is_chat):
@@ -180,6 +216,50 @@ def _tokenize_chunk(pairs: Sequence[PreferencePair], tokenizer: Any, report: Tru
     return out
 
 
+def _render_pair(tokenizer: Any, pair: PreferencePair, report: TruncationReport) -> tuple[str, str, str]:
+    """The prompt (with the generation prompt) and the two full conversations, as text."""
+    prompt = _as_messages(pair.prompt, "user")
+    chosen, rejected = _as_messages(pair.chosen, "assistant"), _as_messages(pair.rejected, "assistant")
+    prompt_text = _render(tokenizer, prompt, generation_prompt=True, tools=pair.tools)
+    chosen_text = _render(tokenizer, prompt + chosen, tools=pair.tools)
+    rejected_text = _render(tokenizer, prompt + rejected, tools=pair.tools)
+    if not (chosen_text.startswith(prompt_text) and rejected_text.startswith(prompt_text)):
+        report.template_mismatches += 1
+        prompt_text = _prompt_as_in_conversation(tokenizer, prompt, chosen, pair.tools) or prompt_text
+    return prompt_text, chosen_text, rejected_text
+
+
+def _prompt_as_in_conversation(tokenizer: Any, prompt: list[dict[str, Any]], completion: list[dict[str, Any]],
+                               tools: list[dict[str, Any]] | None) -> str | None:
+    """The text before the completion's first message content in the full rendering (None if not found)."""
+    marked = [{**completion[0], "content": BOUNDARY_MARK}]
+    for key in ("reasoning_content", "tool_calls"):
+        marked[0].pop(key, None)
+    text = _render(tokenizer, prompt + marked, tools=tools)
+    cut = text.find(BOUNDARY_MARK)
+    return text[:cut] if cut >= 0 else None
+
+
+def _chat_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Rendered conversations' ids: the template's own special tokens, plus the BOS the tokenizer adds when the
+    template does not write it, so there is exactly one."""
+    if not texts:
+        return []
+    ids = _encode(tokenizer, texts, special=False)
+    lead = _leading_special_ids(tokenizer, texts[0])
+    return [seq if not lead or seq[:len(lead)] == lead else lead + seq for seq in ids]
+
+
+def _leading_special_ids(tokenizer: Any, probe: str) -> list[int]:
+    """The ids the tokenizer puts before `probe` when adding special tokens (`[bos]`, or none)."""
+    with_special, = _encode(tokenizer, [probe], special=True)
+    without, = _encode(tokenizer, [probe], special=False)
+    for start in range(len(with_special) - len(without) + 1):
+        if with_special[start:start + len(without)] == without:
+            return with_special[:start]
+    return []
+
+
 def _encode(tokenizer: Any, texts: list[str], *, special: bool) -> list[list[int]]:
     """Token ids of `texts`. For a fast tokenizer, call its Rust backend directly: the same ids as
     `tokenizer(texts)` (which calls the same `encode_batch`), without computing offsets or building a
@@ -201,9 +281,18 @@ def _as_messages(text: Text, role: str) -> list[dict[str, Any]]:
     return text if isinstance(text, list) else [{"role": role, "content": text}]
 
 
-def _render(tokenizer: Any, messages: list[dict[str, Any]], *, generation_prompt: bool = False) -> str:
+def _render(tokenizer: Any, messages: list[dict[str, Any]], *, generation_prompt: bool = False,
+            tools: list[dict[str, Any]] | None = None) -> str:
+    from jinja2 import TemplateError
+
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     if not getattr(tokenizer, "chat_template", None):
-        raise DPOError(f"the tokenizer ({getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)}) has no chat "
-                       "template, which conversational (message list) data needs: use a tokenizer that has one "
-                       "(--tokenizer PATH), or give prompt/chosen/rejected as plain text")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        raise DPOError(f"the tokenizer ({name}) has no chat template, which conversational (message list) data "
+                       "needs: use a tokenizer that has one (--tokenizer PATH), or give prompt/chosen/rejected as "
+                       "plain text")
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,  # type: ignore[no-any-return]
+                                             add_generation_prompt=generation_prompt)
+    except TemplateError as err:
+        roles = "/".join(m.get("role", "?") for m in messages)
+        raise DPOError(f"the chat template of {name} refused the messages ({roles}): {err}") from None
