@@ -4,8 +4,11 @@ A dense mask over a packed row makes attention cost (row length)^2 and forces ro
 running scaled-dot-product attention block by block, each with its own small mask, costs the sum of the
 blocks' squares and needs no padding at all. transformers passes a model's extra forward keyword arguments down
 to its attention function, so the blocks travel as `dpokit_blocks=BlockLayout`; `install` wraps transformers'
-"sdpa" entry so that a call carrying them takes this path, and every other call goes to transformers' own sdpa
-function unchanged (generation, other libraries, batches in other layouts).
+"sdpa" and "flex_attention" entries so that a call carrying them takes this path, and every other call goes to
+transformers' own function unchanged (generation, other libraries, batches in other layouts).
+
+The model's attention implementation picks the kernel: "sdpa" runs block by block (two calls per block per
+layer, the fastest on CPU), "flex_attention" the whole row in one call per layer (`flex_attention`, for GPUs).
 """
 
 from __future__ import annotations
@@ -15,29 +18,46 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import flex_attention
 from .batching import BlockLayout
 
-_original_sdpa: Any = None
+KERNELS = ("sdpa", "flex_attention")  # the attention implementations that take a `blocks` row
+
+_original: dict[str, Any] = {}
 _block_calls = 0  # attention calls that took the blocks (a counter here: FSDP2 may hand attention a copy of them)
 
 
 def install() -> None:
-    """Route sdpa attention calls that carry `dpokit_blocks` through `block_attention` (idempotent)."""
-    global _original_sdpa
+    """Route sdpa and flex_attention calls that carry `dpokit_blocks` through this module (idempotent)."""
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if _original_sdpa is None:
-        _original_sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if not _original:
+        _original.update((name, ALL_ATTENTION_FUNCTIONS[name]) for name in KERNELS)
         AttentionInterface.register("sdpa", _sdpa_or_blocks)
+        AttentionInterface.register("flex_attention", _flex_or_blocks)
 
 
 def _sdpa_or_blocks(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                     dpokit_blocks: BlockLayout | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     if dpokit_blocks is None:
-        return _original_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return _original["sdpa"](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                 **kwargs)
     return block_attention(query, key, value, dpokit_blocks, dropout=dropout, scaling=scaling), None
+
+
+def _flex_or_blocks(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: Any, scaling: float | None = None, dpokit_blocks: BlockLayout | None = None,
+                    **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """A `blocks` row arrives with its `BlockMask` as `attention_mask` (built once per forward by
+    `decoder_hidden_states`; transformers passes a 4-D mask through untouched)."""
+    if dpokit_blocks is None:
+        return _original["flex_attention"](module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    if kwargs.get("dropout", 0.0) > 0:
+        raise ValueError("FlexAttention has no attention dropout; set the model's attention_dropout to 0")
+    _count_call()
+    return flex_attention.flex_block_attention(query, key, value, attention_mask, scaling=scaling), None
 
 
 def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: BlockLayout,
@@ -85,16 +105,22 @@ def decoder_hidden_states(decoder: torch.nn.Module, input_ids: torch.Tensor, pos
     """The decoder's last hidden states `[1, seq, hidden]` for a `blocks` row.
 
     Refuses a model whose attention never received the blocks (one that does not pass its keyword arguments down
-    to transformers' attention functions, or does not use sdpa): its output would have ignored them.
+    to transformers' attention functions, or uses neither sdpa nor flex_attention): its output would have
+    ignored them.
     """
     install()
     calls_before = _block_calls
-    # A 4-D mask is passed through by transformers untouched (no mask is built for the row); attention ignores it.
-    placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
-    hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=placeholder, use_cache=False,
+    # A 4-D mask is passed through by transformers untouched (no mask is built for the row): flex attention gets
+    # the row's BlockMask, built here once for every layer; sdpa a placeholder it ignores.
+    mask: Any
+    if getattr(getattr(decoder, "config", None), "_attn_implementation", None) == "flex_attention":
+        mask = flex_attention.block_mask(blocks, input_ids.device)
+    else:
+        mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
+    hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False,
                      dpokit_blocks=blocks).last_hidden_state
     if _block_calls == calls_before:
         raise ValueError("this model's attention did not take dpokit's block layout (it needs transformers' sdpa "
-                         "attention with keyword arguments passed down); pass --max-tokens-per-batch N to pack "
-                         "rows with dense masks instead")
+                         "or flex_attention attention with keyword arguments passed down); pass "
+                         "--max-tokens-per-batch N to pack rows with dense masks instead")
     return hidden
