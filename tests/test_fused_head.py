@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -186,6 +187,38 @@ def test_losses_marked_pairwise_do_not_depend_on_the_other_pairs(name):
         alone = spec.function(policy.select(part), reference.select(part), {k: v[part] for k, v in extras.items()},
                               **kwargs).losses
         torch.testing.assert_close(alone, whole[part])
+
+
+LOSSES_II = {"dpop": {"beta": BETA, "dpop_lambda": 5.0}, "alphapo": {"beta": 2.0, "alphapo_alpha": 0.25},
+             "astar_po": {"beta": BETA, "astar_po_beta1": 0.5}}
+
+
+@pytest.mark.parametrize("layout,capacity", [("shared", None), ("packed", 40)])
+@pytest.mark.parametrize("name", sorted(LOSSES_II))
+def test_dpop_alphapo_astar_po_fused_equal_the_unfused_head(model, layout, capacity, name):
+    """Prefix-shared and packed batches, chunks of 3 tokens (groups split): the fused head's loss and gradients
+    equal the loss function applied to the unfused head's log-probs, with the pairs' scores as extras."""
+    from dpokit.logprobs import sequence_logps
+
+    pairs = [replace(p, extras={"score_chosen": float(i % 3), "score_rejected": 1.0})
+             for i, p in enumerate(make_pairs(model.config.vocab_size))]
+    spec, kwargs = losses.get(name), LOSSES_II[name]
+    reference = _reference(pairs) if spec.needs_reference else None
+    batch = make_batch(pairs, layout=layout, pad_id=0, row_capacity=capacity)
+    assert set(batch.extras) == {"score_chosen", "score_rejected"}
+    scorer, params = SequenceScorer(model, chunk_size=3), list(model.parameters())
+
+    def loss_of_pairs(policy: PairLogps, ids: torch.Tensor) -> torch.Tensor:
+        selected = None if reference is None else reference.select(ids)
+        return spec.function(policy, selected, {k: v[ids] for k, v in batch.extras.items()}, **kwargs).losses
+
+    total, _ = fused_sequence_loss(scorer, batch, loss_of_pairs, 3)
+    got = torch.autograd.grad(total, params)
+    want_total = spec.function(sequence_logps(scorer, batch), reference, batch.extras, **kwargs).losses.sum()
+    want = torch.autograd.grad(want_total, params)
+    torch.testing.assert_close(total.detach(), want_total.detach(), rtol=1e-5, atol=1e-5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
 def test_batch_coupled_losses_are_not_marked_pairwise():

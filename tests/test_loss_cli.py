@@ -7,6 +7,8 @@ the summed loss is finite only if every term is, and each term's own values are 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 
@@ -17,8 +19,8 @@ from dpokit.config import Config
 from dpokit.errors import DPOError
 
 WITH_REFERENCE = ["sigmoid", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
-                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"]
-REFERENCE_FREE = ["simpo", "orpo", "cpo", "sft"]
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "dpop", "astar_po"]
+REFERENCE_FREE = ["simpo", "alphapo", "orpo", "cpo", "sft"]
 
 
 @pytest.fixture(autouse=True)
@@ -67,9 +69,41 @@ def test_reference_free_losses_build_no_reference(tmp_path, monkeypatch):
         return losses.LossOutput(-policy.chosen / policy.chosen_lengths, policy.chosen.detach(),
                                  policy.rejected.detach())
 
-    last = run(tmp_path, loss=",".join(REFERENCE_FREE + ["user_sft"]), loss_weights="1,1,1,0.2,0.1")
+    last = run(tmp_path, loss=",".join(REFERENCE_FREE + ["user_sft"]), loss_weights="1,1,1,1,0.2,0.1",
+               alphapo_alpha=0.25)
     assert math.isfinite(last["loss"])
     assert {"nll_loss", "log_odds_ratio", "log_odds_chosen"} <= set(last)
+
+
+def test_pairs_scores_reach_astar_po_through_the_loop(tmp_path, monkeypatch, tiny_model_dir):
+    """A file with score_chosen/score_rejected: A*-PO's regression targets come from them, in the fused pass and
+    the metrics pass alike; DPOP trains alongside (its penalty logged)."""
+    data = tmp_path / "scored.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Human: {i} plus {i}?\n\nAssistant:", "chosen": f" {2 * i}.",
+                                        "rejected": f" maybe {i + 3}?", "score_chosen": float(i % 4),
+                                        "score_rejected": -1.0}) + "\n" for i in range(16)), encoding="utf-8")
+    monkeypatch.setattr(losses.registry, "_REGISTRY", dict(losses.registry._REGISTRY))
+    spec, seen = losses.get("astar_po"), []
+
+    @functools.wraps(spec.function)
+    def spy(policy, reference, extras, **params):
+        seen.append({k: v.tolist() for k, v in extras.items()})
+        return spec.function(policy, reference, extras, **params)
+
+    losses.registry._REGISTRY["astar_po"] = dataclasses.replace(spec, function=spy)
+    last = run(tmp_path / "out", model=str(tiny_model_dir), data=str(data), loss="astar_po,dpop")
+    assert math.isfinite(last["loss"]) and last["dpop_penalty"] >= 0
+    assert seen and all(set(extras) == {"score_chosen", "score_rejected"} for extras in seen)
+    assert {s for extras in seen for s in extras["score_chosen"]} <= {0.0, 1.0, 2.0, 3.0}
+    assert all(s == -1.0 for extras in seen for s in extras["score_rejected"])
+
+
+def test_new_losses_are_listed_in_train_help(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag, loss in (("--dpop-lambda", "dpop"), ("--alphapo-alpha", "alphapo"), ("--astar-po-beta1", "astar_po")):
+        assert flag in text and f"--loss {loss}" in text
 
 
 def test_kto_trains_on_unpaired_examples(tmp_path):
@@ -84,6 +118,9 @@ def test_kto_trains_on_unpaired_examples(tmp_path):
     (dict(loss="aot", use_weighting=True), "--use-weighting"),
     (dict(loss="cpo", f_divergence="forward_kl"), "--f-divergence forward_kl"),
     (dict(loss="sigmoid", use_margin=True), "needs a `margin` field"),  # the synthetic task has no scores
+    (dict(loss="dpop", dpop_lambda=-1.0), "--loss dpop: --dpop-lambda"),
+    (dict(loss="alphapo", alphapo_alpha=float("inf")), "--loss alphapo: --alphapo-alpha"),
+    (dict(loss="astar_po", astar_po_beta1=0.0), "--loss astar_po: --astar-po-beta1"),
 ])
 def test_bad_settings_fail_before_training(tmp_path, monkeypatch, settings, fragment):
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))

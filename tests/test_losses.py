@@ -51,6 +51,17 @@ def batch_nll():
     return -sum(POLICY["chosen"]) / sum(POLICY["chosen_lengths"])
 
 
+def alpha_reward(mean_logp, beta, alpha):
+    """AlphaPO's reward -(beta/alpha) (pi^(-alpha/|y|) - 1), with pi^(1/|y|) = exp(mean log-prob)."""
+    return -(beta / alpha) * (math.exp(mean_logp) ** (-alpha) - 1)
+
+
+def astar_po_loss(scaled_uw, scaled_ul, rw, rl, beta1):
+    """A*-PO's squared error, V(x) = beta1 log mean exp(r/beta1) over the pair's two rewards, averaged over both."""
+    v = beta1 * math.log((math.exp(rw / beta1) + math.exp(rl / beta1)) / 2)
+    return 0.5 * ((scaled_uw - (rw - v)) ** 2 + (scaled_ul - (rl - v)) ** 2)
+
+
 def expected(name, p):
     """Per-pair expected losses for loss `name` with params `p`, written from the papers / TRL 1.16's formulas."""
     b, e = p.get("beta", BETA), p.get("label_smoothing", 0.0)
@@ -86,8 +97,16 @@ def expected(name, p):
             out.append(-ls(z) * (1 - m) + math.exp(-z) * m)
         elif name == "sigmoid_norm":
             out.append(-ls(b * (uw / lc - ul / lr)))
+        elif name == "dpop":
+            out.append(-ls(b * (uw - ul - p["dpop_lambda"] * max(0.0, -uw))))
+        elif name == "astar_po":  # no scores in extras: rewards 1 (chosen) and 0 (rejected)
+            out.append(astar_po_loss(b * uw, b * ul, 1.0, 0.0, p["astar_po_beta1"]))
         elif name == "simpo":
             z = b * (pc / lc - pr / lr) - p["simpo_gamma"]
+            out.append(-(1 - e) * ls(z) - e * ls(-z))
+        elif name == "alphapo":
+            z = alpha_reward(pc / lc, b, p["alphapo_alpha"]) - alpha_reward(pr / lr, b, p["alphapo_alpha"]) \
+                - p["simpo_gamma"]
             out.append(-(1 - e) * ls(z) - e * ls(-z))
         elif name == "cpo":
             z = b * (pc - pr)
@@ -117,6 +136,10 @@ CASES = [
     ("discopop", {"beta": BETA, "discopop_tau": 0.05}), ("discopop", {"beta": 2.0, "discopop_tau": 0.5}),
     ("sigmoid_norm", {"beta": 2.0}), ("simpo", {"beta": 2.0, "simpo_gamma": 0.5, "label_smoothing": 0.1}),
     ("cpo", {"beta": BETA, "cpo_alpha": 1.0, "label_smoothing": 0.0}), ("orpo", {"orpo_lambda": 0.1}), ("sft", {}),
+    ("dpop", {"beta": BETA, "dpop_lambda": 50.0}), ("dpop", {"beta": 0.5, "dpop_lambda": 5.0}),
+    ("alphapo", {"beta": 2.5, "simpo_gamma": 0.1, "alphapo_alpha": 0.25, "label_smoothing": 0.1}),
+    ("alphapo", {"beta": 2.0, "simpo_gamma": 0.5, "alphapo_alpha": -0.5}),
+    ("astar_po", {"beta": BETA, "astar_po_beta1": 0.5}), ("astar_po", {"beta": 0.5, "astar_po_beta1": 2.0}),
 ]
 
 
@@ -236,6 +259,75 @@ def test_simpo_without_length_normalisation_and_gamma_zero_is_reference_free_dpo
     torch.testing.assert_close(simpo, dpo)
 
 
+def test_alphapo_with_alpha_zero_is_simpo_exactly_and_continuous_in_alpha():
+    policy, _ = policy_ref()
+    params = dict(beta=2.0, simpo_gamma=0.3, label_smoothing=0.1)
+    simpo = losses.get("simpo").function(policy, None, {}, **params)
+    alpha_zero = losses.get("alphapo").function(policy, None, {}, alphapo_alpha=0.0, **params)
+    for got, want in [(alpha_zero.losses, simpo.losses), (alpha_zero.chosen_rewards, simpo.chosen_rewards),
+                      (alpha_zero.rejected_rewards, simpo.rejected_rewards)]:
+        assert torch.equal(got, want)
+    for alpha in (1e-7, -1e-7):   # (1 - p^-a)/a -> log p as a -> 0, from both sides
+        near = losses.get("alphapo").function(policy, None, {}, alphapo_alpha=alpha, **params)
+        torch.testing.assert_close(near.losses, simpo.losses, rtol=1e-5, atol=0)
+
+
+def test_alphapo_rewards_are_the_shaped_rewards():
+    policy, _ = policy_ref()
+    out = losses.get("alphapo").function(policy, None, {}, beta=2.5, alphapo_alpha=0.25)
+    assert out.chosen_rewards.tolist() == pytest.approx([alpha_reward(pc / lc, 2.5, 0.25)
+                                                         for _, _, pc, _, lc, _ in pairs()], rel=1e-12)
+    assert out.rejected_rewards.tolist() == pytest.approx([alpha_reward(pr / lr, 2.5, 0.25)
+                                                           for _, _, _, pr, _, lr in pairs()], rel=1e-12)
+
+
+def test_dpop_is_dpo_while_chosen_stays_above_the_reference_and_pulls_it_up_below():
+    policy, reference = policy_ref()   # pair 1's chosen log-ratio is -2 (below the reference); pairs 0, 2: +1
+    dpo = losses.get("sigmoid").function(policy, reference, {}, beta=BETA).losses
+    out = losses.get("dpop").function(policy, reference, {}, beta=BETA, dpop_lambda=50.0)
+    torch.testing.assert_close(out.losses[[0, 2]], dpo[[0, 2]])
+    assert out.losses[1] > dpo[1]
+    assert float(out.metrics["dpop_penalty"]) == pytest.approx(2.0 / 3)
+    torch.testing.assert_close(losses.get("dpop").function(policy, reference, {}, beta=BETA, dpop_lambda=0.0).losses,
+                               dpo)
+    # The remedy: below the reference, the chosen log-prob is pushed up harder than DPO pushes it.
+    grads = []
+    for name, params in (("sigmoid", {}), ("dpop", {"dpop_lambda": 50.0})):
+        p = logps(POLICY["chosen"], POLICY["rejected"], POLICY["chosen_lengths"], POLICY["rejected_lengths"], grad=True)
+        losses.get(name).function(p, reference, {}, beta=BETA, **params).losses.sum().backward()
+        grads.append(p.chosen.grad)
+    assert grads[1][1] < grads[0][1] < 0
+
+
+def test_astar_po_regresses_onto_the_pairs_scores_else_binary_rewards():
+    policy, reference = policy_ref()
+    beta, beta1 = 0.2, 0.5
+    nan = float("nan")
+    scores = {"score_chosen": torch.tensor([103.0, nan, 2.0]), "score_rejected": torch.tensor([101.5, 0.0, 2.5])}
+    out = losses.get("astar_po").function(policy, reference, scores, beta=beta, astar_po_beta1=beta1)
+    rewards = [(103.0, 101.5), (1.0, 0.0), (2.0, 2.5)]   # pair 1 lacks a score: binary rewards
+    want = [astar_po_loss(beta * uw, beta * ul, rw, rl, beta1) for (uw, ul, *_), (rw, rl) in zip(pairs(), rewards)]
+    assert out.losses.tolist() == pytest.approx(want, rel=1e-6)
+    margin = {"margin": torch.tensor([1.5, -0.5, 4.0])}   # a margin is read as r_w - r_l
+    out = losses.get("astar_po").function(policy, reference, margin, beta=beta, astar_po_beta1=beta1)
+    want = [astar_po_loss(beta * uw, beta * ul, m, 0.0, beta1) for (uw, ul, *_), m in zip(pairs(), [1.5, -0.5, 4.0])]
+    assert out.losses.tolist() == pytest.approx(want, rel=1e-6)
+
+
+def test_astar_po_minimum_is_at_the_optimal_advantages():
+    """Zero loss and gradient where beta u = r - V(x) on both sides; the implied margin beta (u_w - u_l) is r_w - r_l."""
+    beta, beta1, rw, rl = 0.1, 0.5, 2.0, -1.0
+    v = beta1 * math.log((math.exp(rw / beta1) + math.exp(rl / beta1)) / 2)
+    reference = logps([-30.0], [-40.0])
+    policy = logps([-30.0 + (rw - v) / beta], [-40.0 + (rl - v) / beta], grad=True)
+    extras = {"score_chosen": torch.tensor([rw]), "score_rejected": torch.tensor([rl])}
+    loss = losses.get("astar_po").function(policy, reference, extras, beta=beta, astar_po_beta1=beta1).losses.sum()
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-20)
+    assert float(policy.chosen.grad[0]) == pytest.approx(0.0, abs=1e-9)
+    assert float(policy.rejected.grad[0]) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_reverse_kl_and_alpha_one_are_plain_dpo():
     policy, reference = policy_ref()
     dpo = losses.get("sigmoid").function(policy, reference, {}, beta=BETA).losses
@@ -294,6 +386,7 @@ def test_sft_and_kto_gradients():
 
 
 EXTREME_CASES = [(n, {}) for n in losses.names() if n != "kto"] + [
+    ("alphapo", {"alphapo_alpha": a}) for a in (0.25, -0.25)] + [
     ("sigmoid", {"f_divergence": d}) for d in ("forward_kl", "js_divergence", "alpha_divergence")] + [
     ("sigmoid", {"f_divergence": "alpha_divergence", "f_alpha_divergence_coef": 3.0})]
 
@@ -342,6 +435,11 @@ SETTINGS = Config().to_dict()
     ("orpo", {"orpo_lambda": -1.0}, None, "--orpo-lambda"),
     ("cpo", {"cpo_alpha": -1.0}, None, "--cpo-alpha"),
     ("discopop", {"discopop_tau": 0.0}, None, "--discopop-tau"),
+    ("dpop", {"dpop_lambda": -1.0}, None, "--dpop-lambda"),
+    ("dpop", {"f_divergence": "forward_kl"}, None, "--f-divergence forward_kl"),
+    ("alphapo", {"alphapo_alpha": float("nan")}, None, "--alphapo-alpha"),
+    ("astar_po", {"astar_po_beta1": 0.0}, None, "--astar-po-beta1"),
+    ("astar_po", {"astar_po_beta1": float("inf")}, None, "--astar-po-beta1"),
 ])
 def test_invalid_settings_are_named(name, changes, extras, fragment):
     problems = losses.get(name).problems({**SETTINGS, **changes}, extras)
@@ -359,7 +457,7 @@ def test_valid_settings_pass():
 
 def test_registry_metadata_and_user_registration(monkeypatch):
     monkeypatch.setattr(losses.registry, "_REGISTRY", dict(losses.registry._REGISTRY))
-    assert {n for n in losses.names() if not losses.get(n).needs_reference} == {"simpo", "orpo", "cpo", "sft"}
+    assert {n for n in losses.names() if not losses.get(n).needs_reference} == {"simpo", "alphapo", "orpo", "cpo", "sft"}
     assert [n for n in losses.names() if not losses.get(n).paired] == ["kto"]
 
     @losses.register("doubled", needs_reference=False, check=lambda s, e: ["nope"] if s["beta"] > 1 else [])

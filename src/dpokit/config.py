@@ -78,6 +78,12 @@ class Config:
     simpo_gamma: float = _opt(0.5, "SimPO target reward margin gamma (note: gamma, not gamma/beta)")
     orpo_lambda: float = _opt(0.1, "ORPO weight of the odds-ratio term")
     cpo_alpha: float = _opt(1.0, "CPO weight of the NLL term on chosen")
+    dpop_lambda: float = _opt(50.0, "DPOP (--loss dpop) weight of the penalty on the chosen log-ratio falling below "
+                                    "zero (the paper's 50)")
+    alphapo_alpha: float = _opt(0.0, "AlphaPO (--loss alphapo) reward shape alpha (TRL's `alpha`; 0 is SimPO; TRL's "
+                                     "recipe for Mistral-Instruct uses 0.25)")
+    astar_po_beta1: float = _opt(0.5, "A*-PO (--loss astar_po) temperature beta1 of the value estimate "
+                                      "V(x) = beta1 log mean exp(r/beta1) over the pair's two rewards")
     kto_desirable_weight: float = _opt(1.0, "KTO weight of desirable (label true) completions")
     kto_undesirable_weight: float = _opt(1.0, "KTO weight of undesirable (label false) completions")
 
@@ -284,6 +290,12 @@ def from_namespace(args: argparse.Namespace, defaults: dict[str, Any] | None = N
     given = {k: v for k, v in vars(args).items() if k in FIELDS}
     base = _read_yaml(args.config) if getattr(args, "config", None) else {}
     return Config(**{**(defaults or {}), **base, **given})
+
+
+def check_settings(args: argparse.Namespace) -> None:
+    """Validate the Config fields among a command's flags (`dpo eval --beta`, `dpo data inspect --max-length`)
+    by the rules and with the messages of `dpo train`, so no command accepts a value another refuses."""
+    Config(**{k: v for k, v in vars(args).items() if k in FIELDS and v is not None})
 
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Paired losses with a reference that treat each side's log-ratio on its own (anchored to zero, squared toward
-a target, or sorted across the batch) rather than only through the chosen-minus-rejected difference.
+a target, or sorted across the batch) rather than only through the chosen-minus-rejected difference, or that add
+a term on one side's log-ratio to that difference (DPOP).
 
 With u_w = log pi(y_w)/pi_ref(y_w) and u_l likewise; rewards are beta * u (detached), as TRL logs them.
 The beta*log Z(x) term of the f-DPO reparameterisation does not cancel here, so, as TRL 1.16 does, these losses
@@ -8,6 +9,7 @@ refuse `--f-divergence` other than reverse_kl.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..logprobs import PairLogps
+from .paired import pair_margin
 from .registry import LossOutput, register
 from .terms import log_ratios, reverse_kl_only, smoothed_logistic
 
@@ -131,4 +134,69 @@ def apo_down(policy: PairLogps, reference: PairLogps | None, extras: dict[str, t
     """
     chosen, rejected = log_ratios(policy, reference)
     losses = torch.sigmoid(beta * chosen) + (1 - torch.sigmoid(beta * (chosen - rejected)))
+    return _output(losses, beta, chosen, rejected)
+
+
+def _check_dpop(settings: Mapping[str, Any], extras: frozenset[str] | None) -> Iterator[str]:
+    yield from reverse_kl_only(settings)
+    if not 0 <= settings.get("dpop_lambda", 50.0) < math.inf:
+        yield f"--dpop-lambda must be a non-negative number (the paper uses 50), got {settings['dpop_lambda']}"
+
+
+@register("dpop", check=_check_dpop, pairwise=True)
+def dpop(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
+         beta: float = 0.1, dpop_lambda: float = 50.0) -> LossOutput:
+    """DPO-Positive (Pal et al. 2024, "Smaug", arXiv 2402.13228, the DPOP loss).
+
+    L = -log s(beta * (u_w - u_l - lambda * max(0, log pi_ref(y_w)/pi(y_w)))),  max(0, .) = max(0, -u_w).
+    DPO can widen the margin u_w - u_l while the chosen completion's likelihood falls (likelihood displacement);
+    the penalty, inside the sigmoid as the paper writes it, is zero while pi(y_w) >= pi_ref(y_w) and otherwise
+    pulls the chosen log-ratio back up with weight `dpop_lambda` (lambda, 50 in the paper). lambda = 0 is DPO.
+    Metric: dpop_penalty (mean max(0, -u_w): how far, in nats, chosen completions fell below the reference).
+    """
+    chosen, rejected = log_ratios(policy, reference)
+    penalty = torch.relu(-chosen)                                                    # [pairs]
+    losses = -F.logsigmoid(beta * (chosen - rejected - dpop_lambda * penalty))
+    return LossOutput(losses, beta * chosen.detach(), beta * rejected.detach(),
+                      {"dpop_penalty": penalty.detach().mean()})
+
+
+def _check_astar_po(settings: Mapping[str, Any], extras: frozenset[str] | None) -> Iterator[str]:
+    yield from reverse_kl_only(settings)
+    if not 0 < settings.get("astar_po_beta1", 0.5) < math.inf:
+        yield f"--astar-po-beta1 must be a positive number (the authors use 0.5), got {settings['astar_po_beta1']}"
+
+
+def _reward_gap(extras: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """r(y_w) - r(y_l) per pair `[pairs]`: the data's margin or score difference (`pair_margin`), and 1 where a
+    pair has neither (rewards 1 for the chosen and 0 for the rejected completion, a binary correctness reward)."""
+    if "margin" not in extras and not {"score_chosen", "score_rejected"} <= extras.keys():
+        return torch.ones_like(like)
+    gap = pair_margin(extras).to(like)
+    return torch.where(torch.isnan(gap), torch.ones_like(gap), gap)
+
+
+@register("astar_po", check=_check_astar_po, pairwise=True)
+def astar_po(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
+             beta: float = 0.1, astar_po_beta1: float = 0.5) -> LossOutput:
+    """Least-squares optimal-advantage regression in the form of A*-PO (Brantley et al. 2025, "Accelerating RL
+    for LLM Reasoning with Optimal Advantage Regression", arXiv 2505.20686), on the two completions of each pair.
+
+    A*-PO's stage 1 estimates the optimal value V*(x) = beta1 log E_{y~pi_ref} exp(r(x, y)/beta1) from rewards of
+    reference samples; its stage 2 regresses (beta log pi(y|x)/pi_ref(y|x) - (r(x, y) - V(x)))^2. Here both
+    stages use the pair: V(x) = beta1 log((exp(r_w/beta1) + exp(r_l/beta1)) / 2), and
+        L = 1/2 [(beta u_w - (r_w - V(x)))^2 + (beta u_l - (r_l - V(x)))^2]
+    (the mean over the two completions, the scale of the paper's per-sample loss). The targets depend on the
+    reward gap d = r_w - r_l only: r_w - V = beta1 (log 2 - softplus(-d/beta1)), r_l - V = beta1 (log 2 -
+    softplus(d/beta1)), computed so; they differ by d, so at the minimum beta (u_w - u_l) = d. Rewards: the
+    data's `score_chosen`/`score_rejected` (or `margin`), else 1 and 0 (the paper's binary correctness reward).
+    Departures from the paper: its y is sampled on-policy and V from N reference samples; here both are the
+    data's completions, so this is an offline, pairwise use of the A*-PO objective. `beta` is the paper's
+    beta2, `astar_po_beta1` its beta1 (0.5 in the authors' configuration).
+    """
+    chosen, rejected = log_ratios(policy, reference)
+    gap = _reward_gap(extras, chosen) / astar_po_beta1                                # [pairs]
+    chosen_target = astar_po_beta1 * (math.log(2) - F.softplus(-gap))               # r_w - V(x)
+    rejected_target = astar_po_beta1 * (math.log(2) - F.softplus(gap))              # r_l - V(x)
+    losses = 0.5 * ((beta * chosen - chosen_target) ** 2 + (beta * rejected - rejected_target) ** 2)
     return _output(losses, beta, chosen, rejected)

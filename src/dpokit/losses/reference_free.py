@@ -1,4 +1,4 @@
-"""Losses without a reference model (SimPO, ORPO, CPO) and the NLL term (SFT, RPO's regulariser).
+"""Losses without a reference model (SimPO, AlphaPO, ORPO, CPO) and the NLL term (SFT, RPO's regulariser).
 
 They read only the policy's log-probs: with only these selected, the loop builds no reference model at all.
 Rewards are beta * (policy log-probs), the quantity each loss treats as the implicit reward (TRL's convention).
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..logprobs import PairLogps
 from .registry import LossOutput, register
-from .terms import batch_nll, non_negative, per_token, reverse_kl_only, smoothed_logistic
+from .terms import EXP_CLAMP, batch_nll, non_negative, per_token, reverse_kl_only, smoothed_logistic
 
 # ORPO's odds need log(1 - p); a per-token average log-prob of exactly 0 (p = 1, reachable in float32) would
 # make it -inf and the gradient NaN, so averages are capped just below 0 (p <= 1 - 1e-6).
@@ -36,6 +36,44 @@ def simpo(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torc
     """
     chosen = per_token(policy.chosen, policy.chosen_lengths)                          # [pairs]
     rejected = per_token(policy.rejected, policy.rejected_lengths)
+    losses = smoothed_logistic(beta * (chosen - rejected) - simpo_gamma, label_smoothing)
+    return LossOutput(losses, beta * chosen.detach(), beta * rejected.detach())
+
+
+def _check_alphapo(settings: Mapping[str, Any], extras: frozenset[str] | None) -> Iterator[str]:
+    yield from reverse_kl_only(settings)
+    if not math.isfinite(settings.get("alphapo_alpha", 0.0)):
+        yield f"--alphapo-alpha must be a finite number (0 is SimPO), got {settings['alphapo_alpha']}"
+
+
+def _alpha_reward(mean_logps: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AlphaPO's reward shape (1 - p^-alpha) / alpha of p = exp(mean log-prob), `[pairs]`; alpha = 0 is its limit,
+    the mean log-prob itself (SimPO's reward).
+
+    Computed as -expm1(-alpha m) / alpha, accurate for small alpha m; the exponent is capped at EXP_CLAMP (a mean
+    log-prob below -80/alpha per token, far past any real completion) so that it stays finite.
+    """
+    if alpha == 0:
+        return mean_logps
+    return -torch.expm1((-alpha * mean_logps).clamp(max=EXP_CLAMP)) / alpha
+
+
+@register("alphapo", needs_reference=False, check=_check_alphapo, pairwise=True)
+def alphapo(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
+            beta: float = 0.1, simpo_gamma: float = 0.5, label_smoothing: float = 0.0, alphapo_alpha: float = 0.0,
+            ) -> LossOutput:
+    """AlphaPO (Gupta et al. 2025, "AlphaPO: Reward Shape Matters for LLM Alignment", arXiv 2501.03884).
+
+    L = -log s(r(y_w) - r(y_l) - gamma),  r(y) = -(beta/alpha) (pi(y|x)^(-alpha/|y|) - 1),
+    SimPO with the length-normalised reward reshaped by alpha: alpha = 0 is SimPO exactly (the limit of r is
+    beta/|y| log pi(y|x)); the larger alpha, the less aggressive the likelihood displacement (chosen completions'
+    likelihood falling) that the paper analyses. `alphapo_alpha` is TRL's experimental CPOConfig `alpha` (default 0, as TRL; TRL's
+    recipe for Mistral-Instruct uses alpha 0.25, beta 2.5, gamma 0.1); `beta`, `simpo_gamma` and
+    `label_smoothing` as in SimPO. TRL's CPOTrainer(loss_type="alphapo") sets cpo_alpha 0: no NLL term here
+    either. Rewards are r (TRL's beta times its transformed reward).
+    """
+    chosen = _alpha_reward(per_token(policy.chosen, policy.chosen_lengths), alphapo_alpha)            # [pairs]
+    rejected = _alpha_reward(per_token(policy.rejected, policy.rejected_lengths), alphapo_alpha)
     losses = smoothed_logistic(beta * (chosen - rejected) - simpo_gamma, label_smoothing)
     return LossOutput(losses, beta * chosen.detach(), beta * rejected.detach())
 
