@@ -6,11 +6,12 @@ Exit status: 0 ok, 2 usage or input error, 1 training failure.
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from pathlib import Path
 
 from . import __version__
-from .config import SFT_DEFAULTS, add_arguments, add_field_arguments, from_namespace
+from .config import SFT_DEFAULTS, add_arguments, add_field_arguments, check_settings, from_namespace
 from .errors import DPOError
 
 
@@ -91,9 +92,7 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     _add_sampling_arguments(parser)
     parser.add_argument("--ref-model", required=True, help="the reference model folder (e.g. the SFT model)")
     parser.add_argument("--data", help="held-out preference pairs: reward accuracy and margins")
-    parser.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward (default: 0.1)")
-    parser.add_argument("--max-length", type=int, default=1024, help="max tokens of prompt + completion (--data)")
-    parser.add_argument("--max-prompt-length", type=int, default=512, help="max prompt tokens (--data)")
+    add_field_arguments(parser, ("beta", "max_length", "max_prompt_length"), with_defaults=True)
     parser.add_argument("--prompts", help="prompts (records with a prompt field) to sample from both models")
     parser.add_argument("--reward", help="module:function or file.py:function, called as f(prompts, completions) "
                                          "-> one float per completion")
@@ -101,13 +100,39 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples-out", help="write the policy's scored samples here as JSONL")
 
 
+def _reject_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> None:
+    """Exit with the usage of the (sub)command the unknown arguments were given to, and the nearest flag.
+
+    argparse itself reports them with the top-level usage (`dpo [-h] [--version] COMMAND`), which says nothing
+    about the flags the user was typing.
+    """
+    command = _command_parser(parser, args)
+    flags = [s for action in command._actions for s in action.option_strings if s.startswith("--")]
+    nearest = [match[0] for word in unknown if word.startswith("--")
+               for match in [difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.6)] if match]
+    hint = f" (did you mean {' / '.join(nearest)}?)" if nearest else ""
+    command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost subcommand parser chosen in `args` (`dpo data inspect` -> the `inspect` parser)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None):
+            return _command_parser(action.choices[getattr(args, action.dest)], args)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if unknown:
+        _reject_unknown(parser, args, unknown)
     if args.command is None:
         parser.print_help()
         raise SystemExit(2)
     try:
+        if args.command in ("eval", "data"):  # train and sft validate their whole Config
+            check_settings(args)
         if args.command == "train":
             from .loop import train
 

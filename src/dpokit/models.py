@@ -63,16 +63,16 @@ def load_model(name_or_path: str, *, dtype: str = "float32", seed: int = 0,
 
         quiet_progress_bars_without_terminal()
 
-        _check_model_path(name_or_path)
+        source = _check_model_path(name_or_path)
         try:
             if empty:
-                config = AutoConfig.from_pretrained(name_or_path)
+                config = AutoConfig.from_pretrained(name_or_path, **source)
                 with torch.device("meta"):
                     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype],
                                                              attn_implementation=attn_implementation)
             else:
                 model = AutoModelForCausalLM.from_pretrained(
-                    name_or_path, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+                    name_or_path, dtype=DTYPES[dtype], attn_implementation=attn_implementation, **source)
         except (OSError, ValueError, KeyError) as err:
             raise DPOError(f"{name_or_path}: could not load a causal LM ({_first_line(err)})") from None
     model.to(DTYPES[dtype])
@@ -209,13 +209,55 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(config, name, 0.0)
 
 
-def _check_model_path(name_or_path: str) -> None:
-    """A path that looks local must hold a model; otherwise the hub would be asked, which fails offline."""
+MODEL_FILES = ("config.json", "adapter_config.json")
+HUB_PROBE_TIMEOUT_S = 10
+
+
+def _check_model_path(name_or_path: str, files: tuple[str, ...] = MODEL_FILES) -> dict[str, Any]:
+    """Fail at once, saying what to do, when `name_or_path` cannot be loaded; else the extra `from_pretrained`
+    arguments it needs.
+
+    A folder must hold one of `files`. A name that does not exist and cannot be a hub repo id (`./x`, `a/b/c`)
+    is a missing folder. A hub name not in the local hub cache is looked up on the hub once: huggingface_hub
+    retries an unreachable host for about 50 s, which turns a typo into a long wait that blames the network.
+    A cached hub name whose hub cannot be reached loads from the cache. With HF_HUB_OFFLINE only the cache is used.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     path = Path(name_or_path)
-    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local and not (path / "config.json").is_file():
-        raise DPOError(f"{name_or_path}: no model here (no config.json); give a folder written by save_pretrained, "
-                       f"a hub name, or a preset ({', '.join(PRESETS)})")
+    if path.exists():
+        if not any((path / name).is_file() for name in files):
+            raise DPOError(f"{name_or_path}: no model here (no {' or '.join(files)}); give a folder written by "
+                           f"save_pretrained, a hub name, or a preset ({', '.join(PRESETS)})")
+        return {}
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise DPOError(f"{name_or_path}: no such folder; give a folder written by save_pretrained, a hub name "
+                       f"(org/name), or a preset ({', '.join(PRESETS)})") from None
+    cached = any(isinstance(try_to_load_from_cache(name_or_path, name), str) for name in files)
+    if constants.HF_HUB_OFFLINE:
+        if not cached:
+            raise DPOError(f"{name_or_path}: no such folder, and not in the hub cache ({constants.HF_HUB_CACHE}) "
+                           "while HF_HUB_OFFLINE is set; point --model at a local folder written by save_pretrained, "
+                           "or unset HF_HUB_OFFLINE to download it")
+        return {}
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    url = f"{constants.ENDPOINT}/api/models/{name_or_path}"
+    try:
+        status = get_session().head(url, headers=build_hf_headers(), timeout=HUB_PROBE_TIMEOUT_S).status_code
+    except Exception as err:  # the HTTP client raises many types (refused, DNS, proxy, TLS, timeout)
+        if cached:
+            return {"local_files_only": True}
+        raise DPOError(f"{name_or_path}: no such folder, and the hub ({constants.ENDPOINT}) cannot be reached "
+                       f"({_first_line(err)}); point --model at a local folder written by save_pretrained, or set "
+                       "HF_HUB_OFFLINE=1 to use the hub cache only") from None
+    if status in (401, 404) and not cached:
+        raise DPOError(f"{name_or_path}: no such folder, and no model of that name on the hub ({constants.ENDPOINT}); "
+                       "check the spelling (or log in with `hf auth login` for a private model)")
+    return {}
 
 
 def _first_line(err: BaseException) -> str:

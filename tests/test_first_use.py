@@ -1,0 +1,102 @@
+"""What a new user hits first (issue 23), each through the real `dpo` command: a mistyped model, a mistyped flag,
+a bad value on any command, malformed lines, data in the wrong format for the loss, a reused output folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dpokit.cli import main
+
+DPO = Path(sys.executable).parent / "dpo"
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# ---- a mistyped model ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["./nosuchdir", "runs/dpo/modle", "no such model"])
+def test_a_path_that_cannot_be_a_hub_name_is_no_such_folder_at_once(tmp_path, pairs_jsonl, capsys, model):
+    started = time.perf_counter()
+    code, _, err = run_cli(["train", "--model", model, "--data", str(pairs_jsonl), "--output", str(tmp_path)],
+                           capsys)
+    assert code == 2 and time.perf_counter() - started < 5
+    assert f"{model}: no such folder" in one_error_line(err)
+
+
+def test_a_hub_name_under_hf_hub_offline_is_not_looked_up(tmp_path, pairs_jsonl, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    code, _, err = run_cli(["train", "--model", "nosuchdir", "--data", str(pairs_jsonl), "--output", str(tmp_path)],
+                           capsys)
+    line = one_error_line(err)
+    assert code == 2 and "nosuchdir: no such folder" in line and "HF_HUB_OFFLINE" in line
+
+
+def test_a_hub_name_with_the_hub_unreachable_fails_after_one_attempt(tmp_path, pairs_jsonl):
+    """huggingface_hub alone retries a refused connection for ~50 s; one attempt takes well under a second."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9",
+           "HF_HOME": str(tmp_path / "hf")}
+    started = time.perf_counter()
+    result = subprocess.run([str(DPO), "train", "--model", "nosuchdir", "--data", str(pairs_jsonl), "--output",
+                             str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=45)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 2, result.stderr
+    line = one_error_line(result.stderr)
+    assert "cannot be reached" in line and "point --model at a local folder" in line
+    assert elapsed < 30
+
+
+# ---- a mistyped flag, a bad value ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, usage, nearest", [
+    (["train", "--beat", "0.2"], "usage: dpo train", "did you mean --beta?"),
+    (["eval", "--model", "m", "--ref-model", "r", "--max-lenght=9"], "usage: dpo eval", "did you mean --max-length?"),
+    (["data", "inspect", "f.jsonl", "--exampels", "3"], "usage: dpo data inspect", "did you mean --examples?"),
+])
+def test_a_flag_typo_shows_the_subcommand_usage_and_the_nearest_flag(capsys, args, usage, nearest):
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    assert err.startswith(usage) and "usage: dpo [-h]" not in err
+    assert err.strip().splitlines()[-1].endswith(f"({nearest})")
+
+
+TRAIN = ["train", "--model", "{model}", "--data", "{data}", "--output", "{tmp}"]
+EVAL = ["eval", "--model", "{model}", "--ref-model", "{model}", "--data", "{data}"]
+INSPECT = ["data", "inspect", "{data}"]
+
+
+@pytest.mark.parametrize("command, flag, value, message", [
+    (command, flag, value, message)
+    for flag, value, message in [("--beta", "-1", "--beta must be positive, got -1.0"),
+                                 ("--max-length", "0", "--max-length must be positive, got 0")]
+    for command in ([TRAIN, EVAL, INSPECT] if flag != "--beta" else [TRAIN, EVAL])  # inspect has no --beta
+])
+def test_every_command_refuses_a_bad_shared_setting_alike(tmp_path, tiny_model_dir, pairs_jsonl, capsys, command,
+                                                          flag, value, message):
+    args = [a.format(model=tiny_model_dir, data=pairs_jsonl, tmp=tmp_path) for a in command]
+    code, _, err = run_cli(args + [flag, value], capsys)
+    assert code == 2 and one_error_line(err).endswith(message)
