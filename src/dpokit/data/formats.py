@@ -229,7 +229,7 @@ def _conversational(record: dict[str, Any], _: str) -> list[PreferencePair]:
         prompt = [{"role": "user", "content": prompt}]
     else:
         raise _BadRecord("field 'prompt' is missing or empty (the completions hold only assistant turns)")
-    return [PreferencePair(prompt, chosen, rejected, _extras(record))]
+    return [PreferencePair(prompt, chosen, rejected, _extras(record), tools=_tools(record))]
 
 
 def _ranked(record: dict[str, Any], mode: str) -> list[PreferencePair]:
@@ -303,9 +303,28 @@ def _messages(record: dict[str, Any], name: str) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise _BadRecord(f"field '{name}' must be a non-empty list of messages, got {type(value).__name__}")
     for i, message in enumerate(value):
+        calls = isinstance(message, dict) and isinstance(message.get("tool_calls"), list)
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
-                or not isinstance(message.get("content"), str):
-            raise _BadRecord(f"field '{name}', message {i}: expected {{\"role\": str, \"content\": str}}, got {message!r:.80}")
+                or not (isinstance(message.get("content"), str) or calls and message.get("content") is None):
+            raise _BadRecord(f"field '{name}', message {i}: expected {{\"role\": str, \"content\": str}} (content "
+                             f"may be null beside \"tool_calls\"), got {message!r:.80}")
+        if message.get("reasoning_content") is not None and not isinstance(message["reasoning_content"], str):
+            raise _BadRecord(f"field '{name}', message {i}: \"reasoning_content\" must be a string")
+    return value
+
+
+def _tools(record: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The `tools` column: function definitions for the chat template (a list of JSON objects, or its JSON text)."""
+    value = record.get("tools")
+    if isinstance(value, str) and value.strip():
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise _BadRecord("field 'tools' is not valid JSON") from None
+    if value in (None, "", []):
+        return None
+    if not isinstance(value, list) or not all(isinstance(tool, dict) for tool in value):
+        raise _BadRecord(f"field 'tools' must be a list of function definitions (JSON objects), got {value!r:.80}")
     return value
 
 

@@ -38,7 +38,8 @@ def inspect(path: str, *, tokenizer: Any = None, format: str | None = None, colu
     lines += _percentile_table(lengths, unit="tokens")
     limits = tokenization.TruncationReport(  # boundary counts come from tokenizing; truncation counts below
         pairs_in=len(loaded), dropped=untruncated.dropped, boundary_mismatches=untruncated.boundary_mismatches,
-        doubled_bos=untruncated.doubled_bos, boundary_example=untruncated.boundary_example)
+        template_mismatches=untruncated.template_mismatches, doubled_bos=untruncated.doubled_bos,
+        boundary_example=untruncated.boundary_example)
     for pair in tokenized:
         tokenization.truncate_pair(pair, max_length=max_length, max_prompt_length=max_prompt_length,
                                    max_completion_length=max_completion_length, truncation_mode=truncation_mode,
@@ -46,7 +47,7 @@ def inspect(path: str, *, tokenizer: Any = None, format: str | None = None, colu
     lines.append(f"with --max-length {max_length} --max-prompt-length {max_prompt_length} --max-completion-length "
                  f"{max_completion_length} --truncation-mode {truncation_mode}:")
     lines += [f"  {line}" for line in limits.lines()] or ["  nothing truncated or dropped"]
-    for k, pair in enumerate(tokenized[:examples]):
+    for k, pair in enumerate(tokenized[:examples]):  # tools and tool calls show as the template renders them
         prompt = tokenizer.decode(pair.prompt_ids)
         lines.append(f"example {k + 1} ({BOUNDARY} marks where the prompt ends; tokens {len(pair.prompt_ids)} | "
                      f"{len(pair.chosen_ids)} | {len(pair.rejected_ids)}):")
@@ -68,6 +69,7 @@ def _examples_text(pairs: list[formats.PreferencePair], count: int) -> list[str]
     for k, pair in enumerate(pairs[:count]):
         prompt = _plain(pair.prompt)
         lines.append(f"example {k + 1} ({BOUNDARY} marks where the prompt ends):")
+        lines += _tools_line(pair)
         lines.append(f"  chosen:   {_show(prompt + BOUNDARY + _plain(pair.chosen))}")
         lines.append(f"  rejected: {_show(prompt + BOUNDARY + _plain(pair.rejected))}")
     return lines
@@ -79,11 +81,29 @@ def _duplicates(pairs: list[formats.PreferencePair]) -> int:
 
 
 def _chars(text: formats.Text) -> int:
-    return len(text) if isinstance(text, str) else sum(len(m["content"]) for m in text)
+    return len(text) if isinstance(text, str) else len(_plain(text))
 
 
 def _plain(text: formats.Text) -> str:
-    return text if isinstance(text, str) else " ".join(f"[{m['role']}] {m['content']}" for m in text)
+    """Messages on one line: `[role] <think>reasoning</think> content [tool call name({...})]`."""
+    return text if isinstance(text, str) else " ".join(_message(m) for m in text)
+
+
+def _message(message: dict[str, Any]) -> str:
+    parts = [f"[{message['role']}]"]
+    if message.get("reasoning_content"):
+        parts.append(f"<think>{message['reasoning_content']}</think>")
+    if message.get("content"):
+        parts.append(message["content"])
+    for call in message.get("tool_calls") or []:
+        function = call.get("function", call)
+        parts.append(f"[tool call {function.get('name')}({json.dumps(function.get('arguments'), ensure_ascii=False)})]")
+    return " ".join(parts)
+
+
+def _tools_line(pair: formats.PreferencePair) -> list[str]:
+    names = [tool.get("function", tool).get("name", "?") for tool in pair.tools or []]
+    return [f"  tools:    {', '.join(names)}"] if names else []
 
 
 def _show(text: str, limit: int = 400) -> str:
