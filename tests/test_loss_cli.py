@@ -77,7 +77,7 @@ def test_reference_free_losses_build_no_reference(tmp_path, monkeypatch):
 
 def test_pairs_scores_reach_astar_po_through_the_loop(tmp_path, monkeypatch, tiny_model_dir):
     """A file with score_chosen/score_rejected: A*-PO's regression targets come from them, in the fused pass and
-    the metrics pass alike; DPOP trains alongside (its penalty logged)."""
+    the metrics pass alike; DPOP trains alongside (its penalty logged), against a precomputed reference."""
     data = tmp_path / "scored.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Human: {i} plus {i}?\n\nAssistant:", "chosen": f" {2 * i}.",
                                         "rejected": f" maybe {i + 3}?", "score_chosen": float(i % 4),
@@ -91,7 +91,7 @@ def test_pairs_scores_reach_astar_po_through_the_loop(tmp_path, monkeypatch, tin
         return spec.function(policy, reference, extras, **params)
 
     losses.registry._REGISTRY["astar_po"] = dataclasses.replace(spec, function=spy)
-    last = run(tmp_path / "out", model=str(tiny_model_dir), data=str(data), loss="astar_po,dpop")
+    last = run(tmp_path / "out", model=str(tiny_model_dir), data=str(data), loss="astar_po,dpop", precompute_ref=True)
     assert math.isfinite(last["loss"]) and last["dpop_penalty"] >= 0
     assert seen and all(set(extras) == {"score_chosen", "score_rejected"} for extras in seen)
     assert {s for extras in seen for s in extras["score_chosen"]} <= {0.0, 1.0, 2.0, 3.0}

@@ -315,7 +315,7 @@ def test_astar_po_regresses_onto_the_pairs_scores_else_binary_rewards():
 
 
 def test_astar_po_minimum_is_at_the_optimal_advantages():
-    """Zero loss and gradient where beta u = r - V(x) on both sides; the implied margin beta (u_w - u_l) is r_w - r_l."""
+    """Zero loss and gradient where beta u = r - V(x) on both sides (so beta (u_w - u_l) = r_w - r_l there)."""
     beta, beta1, rw, rl = 0.1, 0.5, 2.0, -1.0
     v = beta1 * math.log((math.exp(rw / beta1) + math.exp(rl / beta1)) / 2)
     reference = logps([-30.0], [-40.0])
@@ -457,7 +457,8 @@ def test_valid_settings_pass():
 
 def test_registry_metadata_and_user_registration(monkeypatch):
     monkeypatch.setattr(losses.registry, "_REGISTRY", dict(losses.registry._REGISTRY))
-    assert {n for n in losses.names() if not losses.get(n).needs_reference} == {"simpo", "alphapo", "orpo", "cpo", "sft"}
+    reference_free = {"simpo", "alphapo", "orpo", "cpo", "sft"}
+    assert {n for n in losses.names() if not losses.get(n).needs_reference} == reference_free
     assert [n for n in losses.names() if not losses.get(n).paired] == ["kto"]
 
     @losses.register("doubled", needs_reference=False, check=lambda s, e: ["nope"] if s["beta"] > 1 else [])

@@ -67,10 +67,10 @@ def alphapo(policy: PairLogps, reference: PairLogps | None, extras: dict[str, to
     L = -log s(r(y_w) - r(y_l) - gamma),  r(y) = -(beta/alpha) (pi(y|x)^(-alpha/|y|) - 1),
     SimPO with the length-normalised reward reshaped by alpha: alpha = 0 is SimPO exactly (the limit of r is
     beta/|y| log pi(y|x)); the larger alpha, the less aggressive the likelihood displacement (chosen completions'
-    likelihood falling) that the paper analyses. `alphapo_alpha` is TRL's experimental CPOConfig `alpha` (default 0, as TRL; TRL's
-    recipe for Mistral-Instruct uses alpha 0.25, beta 2.5, gamma 0.1); `beta`, `simpo_gamma` and
-    `label_smoothing` as in SimPO. TRL's CPOTrainer(loss_type="alphapo") sets cpo_alpha 0: no NLL term here
-    either. Rewards are r (TRL's beta times its transformed reward).
+    likelihood falling) that the paper analyses. `alphapo_alpha` is TRL's experimental CPOConfig `alpha`
+    (default 0, as TRL; TRL's recipe for Mistral-Instruct uses alpha 0.25, beta 2.5, gamma 0.1); `beta`,
+    `simpo_gamma` and `label_smoothing` as in SimPO. TRL's CPOTrainer(loss_type="alphapo") sets cpo_alpha 0: no
+    NLL term here either. Rewards are r (TRL's beta times its transformed reward).
     """
     chosen = _alpha_reward(per_token(policy.chosen, policy.chosen_lengths), alphapo_alpha)            # [pairs]
     rejected = _alpha_reward(per_token(policy.rejected, policy.rejected_lengths), alphapo_alpha)
