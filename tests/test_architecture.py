@@ -26,7 +26,7 @@ ROOMS: dict[str, set[str]] = {
     "fused_head": {"batching", "logprobs"},
     "losses": {"logprobs", "errors"},
     "lean_layers": set(),
-    "models": {"lean_layers", "errors"},
+    "models": {"lean_layers", "data", "errors"},
     "reference": {"batching", "logprobs", "models", "data", "errors"},
     "distributed": {"errors"},
     "checkpoint": {"distributed", "errors"},

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from . import lean_layers
+from .data import synthetic
 from .errors import DPOError
 
-SYNTHETIC_VOCAB = 32
+SYNTHETIC_VOCAB = synthetic.VOCAB  # presets are sized for the built-in task
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The tutorial's model: LlamaConfig defaults (32 layers, intermediate 11008) apart from the four fields it set.
@@ -28,6 +29,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=SYNTHETIC_VOCAB, hidden_size=512, num_attention_heads=4, num_key_value_heads=4,
                  num_hidden_layers=2, intermediate_size=1024, max_position_embeddings=256),
 }
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -83,17 +86,33 @@ def load_model(name_or_path: str, *, dtype: str = "float32", seed: int = 0,
 
 
 def load_tokenizer(name_or_path: str) -> Any:
-    """The model's tokenizer (`AutoTokenizer`), with a pad token (EOS when it has none)."""
+    """The model's tokenizer (`AutoTokenizer`), with a pad token (EOS when it has none); a preset's is
+    `preset_tokenizer`. A folder needs only the tokenizer files (`dpo data inspect --model TOKENIZER_DIR`)."""
     from transformers import AutoTokenizer
 
-    _check_model_path(name_or_path)
+    if is_preset(name_or_path):
+        return preset_tokenizer(name_or_path)
+    source = _check_model_path(name_or_path, TOKENIZER_FILES)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **source)
     except (OSError, ValueError, KeyError) as err:
         raise DPOError(f"{name_or_path}: could not load a tokenizer ({_first_line(err)})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def preset_tokenizer(name: str) -> Any:
+    """The tokenizer of a preset model: the synthetic task's vocabulary (`data.synthetic.build_tokenizer`) as a
+    `PreTrainedTokenizerFast`, BOS `<s>`, EOS `</s>`, pad = EOS (as the task pads), no chat template.
+
+    Saved with the model (`save_pretrained`), it makes the preset's output folder load with `AutoTokenizer` and
+    sample with `dpo generate`; its ids are the task's, so training does not change.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=synthetic.build_tokenizer(), bos_token=synthetic.BOS_TEXT,
+                                   eos_token=synthetic.EOS_TEXT, pad_token=synthetic.EOS_TEXT)
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
