@@ -98,6 +98,12 @@ def test_pairs_scores_reach_astar_po_through_the_loop(tmp_path, monkeypatch, tin
     assert all(s == -1.0 for extras in seen for s in extras["score_rejected"])
 
 
+@pytest.mark.parametrize("reference", [dict(lora_r=4), dict(ref_sync_every=1)], ids=["adapter", "tr-dpo"])
+def test_dpop_with_the_adapter_and_synced_references(tmp_path, reference):
+    last = run(tmp_path, loss="dpop", dpop_lambda=5.0, **reference)
+    assert math.isfinite(last["loss"]) and last["dpop_penalty"] >= 0
+
+
 def test_new_losses_are_listed_in_train_help(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
