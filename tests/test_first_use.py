@@ -100,3 +100,32 @@ def test_every_command_refuses_a_bad_shared_setting_alike(tmp_path, tiny_model_d
     args = [a.format(model=tiny_model_dir, data=pairs_jsonl, tmp=tmp_path) for a in command]
     code, _, err = run_cli(args + [flag, value], capsys)
     assert code == 2 and one_error_line(err).endswith(message)
+
+
+# ---- malformed lines ----------------------------------------------------------------------------------------
+
+
+def _pairs_with_broken_lines(tmp_path: Path) -> tuple[Path, str]:
+    good = [json.dumps({"prompt": f"Human: {i}?\n\nAssistant:", "chosen": " yes", "rejected": " no"})
+            for i in range(12)]
+    broken = '{"prompt": "Human: 1?", "chosen": " yes" "rejected": " no"}'  # no comma before "rejected"
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(good[:3] + [broken] + good[3:] + ["[1, 2]"]) + "\n", encoding="utf-8")
+    return path, broken
+
+
+def test_a_malformed_line_names_its_column_and_what_to_do(tmp_path, tiny_model_dir, capsys):
+    data, broken = _pairs_with_broken_lines(tmp_path)
+    code, _, err = run_cli(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output",
+                            str(tmp_path / "o")], capsys)
+    line = one_error_line(err)
+    column = broken.index('"rejected"') + 1
+    assert code == 2 and f"pairs.jsonl:4: malformed JSON (Expecting ',' delimiter at column {column})" in line
+    assert "--skip-invalid" in line
+
+
+def test_skip_invalid_skips_malformed_lines_and_counts_them(tmp_path, tiny_model_dir, capsys):
+    data, _ = _pairs_with_broken_lines(tmp_path)
+    code, out, _ = run_cli(["data", "inspect", str(data), "--skip-invalid"], capsys)
+    assert code == 0
+    assert "12 pairs from 14 records" in out and "skipped 2 invalid records" in out

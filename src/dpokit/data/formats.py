@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import DPOError
-from .sources import read_records
+from .sources import Malformed, read_records_or_malformed
 
 Text = str | list[dict[str, Any]]  # plain text, or chat messages [{"role": ..., "content": ...}]
 
@@ -84,10 +84,7 @@ def load_pairs(path: str, *, format: str | None = None, split: str = "train", co
     rename = _parse_columns(columns)
     report = DataReport(source=path, format=format or "?")
     out: list[PreferencePair] = []
-    for where, record in read_records(path, split=split):
-        record = {rename.get(k, k): v for k, v in record.items()}
-        if report.records == 0 and format is None:
-            report.format = detect_format(record, where)
+    for where, record in read_records_or_malformed(path, split=split):
         report.records += 1
         try:
             made = _CONVERTERS[report.format](record, pairs)

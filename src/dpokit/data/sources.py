@@ -2,7 +2,9 @@
 `save_to_disk`, and hub datasets through `datasets.load_dataset`.
 
 Each reader yields `(where, record)`, with `where` naming the place for error messages: "file:line" (JSONL),
-"file:record N" (JSON) or "file:row N" (CSV, Parquet, datasets). A file that cannot be read is one `DPOError`.
+"file:record N" (JSON) or "file:row N" (CSV, Parquet, datasets). A file that cannot be read is one `DPOError`;
+a record that cannot be read (a malformed JSONL line, a JSON value that is not an object) is one too, or, with
+`read_records_or_malformed`, a `Malformed` record for the caller to count and skip (`--skip-invalid`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +21,26 @@ from ..errors import DPOError
 FILE_TYPES = (".jsonl", ".json", ".parquet", ".csv")
 
 
+@dataclass(frozen=True)
+class Malformed:
+    """A record that could not be read, in place of it: `problem` says why ("malformed JSON (... at column 48)")."""
+
+    problem: str
+
+
 def read_records(path: str, *, split: str = "train") -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield `(where, record)`: "file:line" (JSONL, CSV), "file:record N" (JSON) or "source:row N" (Parquet,
-    `datasets`). `path` is a file, a folder of files, a `save_to_disk` folder, or a hub dataset name."""
+    `datasets`). `path` is a file, a folder of files, a `save_to_disk` folder, or a hub dataset name.
+    A record that cannot be read is a `DPOError` (`read_records_or_malformed` yields it instead)."""
+    for where, record in read_records_or_malformed(path, split=split):
+        if isinstance(record, Malformed):
+            raise DPOError(f"{where}: {record.problem} (fix or remove this record)")
+        yield where, record
+
+
+def read_records_or_malformed(path: str, *, split: str = "train",
+                              ) -> Iterator[tuple[str, dict[str, Any] | Malformed]]:
+    """`read_records`, with a `Malformed` in place of each record that cannot be read, to count and skip."""
     for source in data_files(path):
         if source.is_dir():
             yield from _read_dataset(path, split, load_from_disk=True)
@@ -71,28 +91,29 @@ def _read_dataset(path: str, split: str, *, load_from_disk: bool) -> Iterator[tu
         yield f"{path}:row {number}", record
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any] | Malformed]]:
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8").rstrip("\r\n")  # a line break inside the text would move the column
             except UnicodeDecodeError:
-                raise DPOError(f"{where}: not UTF-8 text") from None
+                yield where, Malformed("not UTF-8 text")
+                continue
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DPOError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+                yield where, Malformed(f"malformed JSON ({err.msg} at column {err.colno})")
             except ValueError as err:  # e.g. an integer longer than Python's int-digits limit
-                raise DPOError(f"{where}: unreadable JSON ({err})") from None
-            if not isinstance(record, dict):
-                raise DPOError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield where, record
+                yield where, Malformed(f"unreadable JSON ({err})")
+            else:
+                yield where, record if isinstance(record, dict) else Malformed(
+                    f"expected a JSON object, got {type(record).__name__}")
 
 
-def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any] | Malformed]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -107,10 +128,8 @@ def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     if not isinstance(data, list):
         raise DPOError(f"{path}: expected a list of records")
     for number, record in enumerate(data, start=1):
-        where = f"{path}:record {number}"
-        if not isinstance(record, dict):
-            raise DPOError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        yield where, record
+        yield f"{path}:record {number}", record if isinstance(record, dict) else Malformed(
+            f"expected a JSON object, got {type(record).__name__}")
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
