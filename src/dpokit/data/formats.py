@@ -87,6 +87,11 @@ def load_pairs(path: str, *, format: str | None = None, split: str = "train", co
     for where, record in read_records_or_malformed(path, split=split):
         report.records += 1
         try:
+            if isinstance(record, Malformed):
+                raise _BadRecord(record.problem)
+            record = {rename.get(k, k): v for k, v in record.items()}
+            if report.format == "?":  # detected from the first readable record
+                report.format = detect_format(record, where)
             made = _CONVERTERS[report.format](record, pairs)
         except _BadRecord as bad:
             if skip_invalid:
