@@ -188,8 +188,9 @@ def astar_po(policy: PairLogps, reference: PairLogps | None, extras: dict[str, t
         L = 1/2 [(beta u_w - (r_w - V(x)))^2 + (beta u_l - (r_l - V(x)))^2]
     (the mean over the two completions, the scale of the paper's per-sample loss). The targets depend on the
     reward gap d = r_w - r_l only: r_w - V = beta1 (log 2 - softplus(-d/beta1)), r_l - V = beta1 (log 2 -
-    softplus(d/beta1)), computed so; they differ by d, so at the minimum beta (u_w - u_l) = d. Rewards: the
-    data's `score_chosen`/`score_rejected` (or `margin`), else 1 and 0 (the paper's binary correctness reward).
+    softplus(d/beta1)), computed so; they differ by d, so at the minimum beta (u_w - u_l) = d. d is the data's
+    `margin`, else score_chosen - score_rejected (as `--use-margin` reads them), else 1 (rewards 1 and 0, the
+    paper's binary correctness reward).
     Departures from the paper: its y is sampled on-policy and V from N reference samples; here both are the
     data's completions, so this is an offline, pairwise use of the A*-PO objective. `beta` is the paper's
     beta2, `astar_po_beta1` its beta1 (0.5 in the authors' configuration).
