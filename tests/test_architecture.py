@@ -34,7 +34,7 @@ ROOMS: dict[str, set[str]] = {
     "trackers": {"errors"},
     "model_card": {"report", "errors"},
     "generate": {"models", "data", "errors"},
-    "evaluation": {"generate", "models", "logprobs", "batching", "data", "losses", "reference", "errors"},
+    "evaluation": {"generate", "models", "logprobs", "batching", "data", "losses", "reference", "config", "errors"},
     "metrics": {"distributed", "logprobs", "losses"},
     "host_memory": set(),
     "loop": {"batching", "fused_head", "host_memory", "pair_sampler", "metrics", "checkpoint", "config",

@@ -59,8 +59,8 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         with_defaults=True)
 
 
-def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model folder (save_pretrained), with its tokenizer")
+def _add_sampling_arguments(parser: argparse.ArgumentParser, *, model_required: bool = True) -> None:
+    parser.add_argument("--model", required=model_required, help="model folder (save_pretrained), with its tokenizer")
     parser.add_argument("--num-samples", type=int, default=1, help="completions per prompt (default: 1)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens per completion (default: 64)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (default: 1)")
@@ -89,15 +89,35 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_sampling_arguments(parser)
-    parser.add_argument("--ref-model", required=True, help="the reference model folder (e.g. the SFT model)")
+    _add_sampling_arguments(parser, model_required=False)
+    parser.add_argument("--run", metavar="OUTPUT", help="a `dpo train` output folder: its model/, reference, "
+                        "tokenizer, beta, length limits and (without --data/--prompts) held-out pairs, from its "
+                        "config.yaml; flags given as well win")
+    parser.add_argument("--ref-model", help="the reference model folder (e.g. the SFT model)")
     parser.add_argument("--data", help="held-out preference pairs: reward accuracy and margins")
-    add_field_arguments(parser, ("beta", "max_length", "max_prompt_length"), with_defaults=True)
+    add_field_arguments(parser, ("beta", "max_length", "max_prompt_length"))
     parser.add_argument("--prompts", help="prompts (records with a prompt field) to sample from both models")
     parser.add_argument("--reward", help="module:function or file.py:function, called as f(prompts, completions) "
                                          "-> one float per completion")
     parser.add_argument("--out", help="write the metrics here as JSON")
     parser.add_argument("--samples-out", help="write the policy's scored samples here as JSONL")
+
+
+def _eval_settings(args: argparse.Namespace) -> dict[str, object]:
+    """Models and scoring settings of `dpo eval`: the run's (--run), under the flags given (beta, lengths default
+    to `dpo train`'s when neither says)."""
+    from .config import Config
+    from .evaluation import run_settings
+
+    settings: dict[str, object] = {name: getattr(Config, name) for name in ("beta", "max_length", "max_prompt_length")}
+    if args.run:
+        settings |= run_settings(args.run)
+    settings |= {name: getattr(args, name) for name in ("beta", "max_length", "max_prompt_length")
+                 if hasattr(args, name)}
+    settings |= {name: value for name, value in (("model", args.model), ("ref_model", args.ref_model)) if value}
+    if "model" not in settings or "ref_model" not in settings:
+        raise DPOError("eval: give --run OUTPUT (a `dpo train` output folder), or --model and --ref-model")
+    return settings
 
 
 def _reject_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> None:
@@ -149,10 +169,8 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "eval":
             from .evaluation import evaluate_models
 
-            evaluate_models(model=args.model, ref_model=args.ref_model, data=args.data, prompts=args.prompts,
-                            reward=args.reward, out=args.out, samples_out=args.samples_out, beta=args.beta,
-                            max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                            **_sampling_options(args))
+            evaluate_models(**_eval_settings(args), data=args.data, prompts=args.prompts, reward=args.reward,
+                            out=args.out, samples_out=args.samples_out, **_sampling_options(args))
         elif args.command == "report":
             from .report import write_report
 

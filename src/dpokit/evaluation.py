@@ -149,32 +149,72 @@ def load_reward(spec: str) -> RewardFunction:
     return function  # type: ignore[no-any-return]
 
 
+def run_settings(run: str) -> dict[str, Any]:
+    """What `dpo eval --run OUTPUT` takes from a `dpo train` output folder, as `evaluate_models` keywords: the
+    trained `model/`, its reference (the run's --ref-model, else the model it started from, a preset built with
+    the run's seed), its tokenizer, beta and length limits, and the run's config for its held-out pairs."""
+    from .config import Config
+
+    folder = Path(run)
+    if not (folder / "config.yaml").is_file():
+        raise DPOError(f"--run {run}: no config.yaml here; give a folder that `dpo train --output` wrote")
+    if not (folder / "model").is_dir():
+        raise DPOError(f"--run {run}: no model/ folder (the run has not finished); give --model PATH as well, "
+                       "e.g. a checkpoint folder")
+    cfg = Config.from_yaml(folder / "config.yaml")
+    return dict(model=str(folder / "model"), ref_model=cfg.ref_model or cfg.model, ref_seed=cfg.seed,
+                tokenizer=cfg.tokenizer or cfg.model, beta=cfg.beta, max_length=cfg.max_length,
+                max_prompt_length=cfg.max_prompt_length, run_config=cfg)
+
+
+def _held_out(cfg: Any, tokenizer: Any) -> list[TokenizedPair]:
+    """The run's own held-out pairs: its data prepared again with its split settings (the same seed, the same
+    pairs; a cache hit when the run cached them)."""
+    prepared = pipeline.prepare(
+        data=cfg.data, eval_data=cfg.eval_data, tokenizer=tokenizer, seed=cfg.seed, eval_fraction=cfg.eval_fraction,
+        data_split=cfg.data_split, eval_split=cfg.eval_split, format=cfg.format, columns=cfg.columns,
+        pairs=cfg.pairs, max_pairs=cfg.max_pairs, skip_invalid=cfg.skip_invalid, max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length, max_completion_length=cfg.max_completion_length,
+        truncation_mode=cfg.truncation_mode, cache=cfg.cache, cache_dir=cfg.cache_dir)
+    if not prepared.eval:
+        raise DPOError(f"--run: the run held out no pairs (--eval-fraction {cfg.eval_fraction}, no --eval-data); "
+                       "give --data or --prompts")
+    return prepared.eval
+
+
 def evaluate_models(*, model: str, ref_model: str, data: str | None = None, prompts: str | None = None,
                     reward: str | None = None, out: str | None = None, samples_out: str | None = None,
                     beta: float = 0.1, max_length: int = 1024, max_prompt_length: int | None = 512,
-                    device: str = "auto", dtype: str = "float32", batch_size: int = 32, **sampling: Any,
-                    ) -> dict[str, float]:
-    """`dpo eval`: preference metrics on `data` and/or sample metrics on `prompts` under `reward`; prints them,
-    writes them as JSON to `out` and the policy's scored samples to `samples_out` (JSONL) when given."""
-    if data is None and prompts is None:
-        raise DPOError("eval: give --data (preference pairs) and/or --prompts with --reward")
+                    device: str = "auto", dtype: str = "float32", batch_size: int = 32, ref_seed: int = 0,
+                    tokenizer: str | None = None, run_config: Any = None, **sampling: Any) -> dict[str, float]:
+    """`dpo eval`: preference metrics on `data` (or, with `run_config` from `run_settings` and neither `data` nor
+    `prompts`, on the run's held-out pairs) and/or sample metrics on `prompts` under `reward`; prints them,
+    writes them as JSON to `out` and the policy's scored samples to `samples_out` (JSONL) when given.
+    `tokenizer`: where to load it from (default: `model`); `ref_seed`: the seed a preset reference is built with."""
+    if data is None and prompts is None and run_config is None:
+        raise DPOError("eval: give --data (preference pairs) and/or --prompts with --reward, or --run OUTPUT")
     if prompts is not None and reward is None:
         raise DPOError("eval: --prompts needs --reward module:function to score the samples")
     reward_fn = load_reward(reward) if prompts is not None and reward is not None else None
     where = generate.resolve_device(device)
-    tokenizer = models.load_tokenizer(model)
+    loaded_tokenizer = models.load_tokenizer(tokenizer or model)
     policy = models.load_model(model, dtype=dtype).to(where)
-    reference = models.load_model(ref_model, dtype=dtype).to(where)
+    reference = models.load_model(ref_model, dtype=dtype, seed=ref_seed).to(where)
     metrics: dict[str, float] = {}
+    held_out = None
     if data is not None:
-        prepared = pipeline.prepare(data=data, eval_data=None, tokenizer=tokenizer, seed=0, eval_fraction=0.0,
-                                    max_length=max_length, max_prompt_length=max_prompt_length)
+        held_out = pipeline.prepare(data=data, eval_data=None, tokenizer=loaded_tokenizer, seed=0,
+                                    eval_fraction=0.0, max_length=max_length,
+                                    max_prompt_length=max_prompt_length).train
+    elif prompts is None:
+        held_out = _held_out(run_config, loaded_tokenizer)
+    if held_out is not None:
         metrics |= {f"eval/{k}": v for k, v in
-                    preference_metrics(policy, reference, prepared.train, beta=beta, batch_size=batch_size).items()}
+                    preference_metrics(policy, reference, held_out, beta=beta, batch_size=batch_size).items()}
     if prompts is not None and reward_fn is not None:
         if sampling.get("temperature", 1.0) != 1.0 or sampling.get("top_p", 1.0) != 1.0:
             print("note: the KL estimate is unbiased only for --temperature 1 --top-p 1", file=sys.stderr)
-        found, records = sample_metrics(policy, reference, tokenizer, generate.read_prompts(prompts), reward_fn,
+        found, records = sample_metrics(policy, reference, loaded_tokenizer, generate.read_prompts(prompts), reward_fn,
                                         batch_size=batch_size, **sampling)
         metrics |= {f"samples/{k}": v for k, v in found.items()}
         if samples_out:
