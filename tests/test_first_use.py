@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dpokit.cli import main
+from dpokit.errors import DPOError
 
 DPO = Path(sys.executable).parent / "dpo"
 
@@ -129,3 +130,30 @@ def test_skip_invalid_skips_malformed_lines_and_counts_them(tmp_path, tiny_model
     code, out, _ = run_cli(["data", "inspect", str(data), "--skip-invalid"], capsys)
     assert code == 0
     assert "12 pairs from 14 records" in out and "skipped 2 invalid records" in out
+
+
+# ---- data in the wrong format for the loss ------------------------------------------------------------------
+
+
+@pytest.fixture
+def sft_jsonl(tmp_path) -> Path:
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Human: {i}?\n\nAssistant:", "completion": f" {i}."}) + "\n"
+                            for i in range(16)), encoding="utf-8")
+    return path
+
+
+def test_sft_data_is_refused_for_a_preference_loss_and_taken_for_sft(sft_jsonl, tokenizer):
+    from dpokit.data.preparation import prepare
+
+    common = dict(data=str(sft_jsonl), eval_data=None, tokenizer=tokenizer, seed=0, eval_fraction=0.25, cache=False)
+    with pytest.raises(DPOError, match=r"sft.jsonl holds SFT .*`dpo sft` \(or --loss sft\)"):
+        prepare(**common, sft=False)
+    assert len(prepare(**common, sft=True).train) == 12
+
+
+@pytest.mark.xfail(strict=True, reason="the loop does not pass prepare(sft=...) yet (lead's wiring)")
+def test_dpo_train_on_sft_data_is_refused_naming_dpo_sft(tmp_path, tiny_model_dir, sft_jsonl, capsys):
+    code, _, err = run_cli(["train", "--model", str(tiny_model_dir), "--data", str(sft_jsonl), "--output",
+                            str(tmp_path / "o"), "--max-steps", "1", "--no-progress"], capsys)
+    assert code == 2 and "`dpo sft` (or --loss sft)" in one_error_line(err)

@@ -33,15 +33,21 @@ def prepare(*, data: str, eval_data: str | None, tokenizer: Any, seed: int, eval
             columns: str | None = None, pairs: str = "best-worst", max_pairs: int | None = None,
             skip_invalid: bool = False, max_length: int = 1024, max_prompt_length: int | None = None,
             max_completion_length: int | None = None, truncation_mode: str = "keep_end", unpaired: bool = False,
-            cache: bool = True, cache_dir: str | None = None, progress: bool = False) -> PreparedData:
+            sft: bool | None = None, cache: bool = True, cache_dir: str | None = None, progress: bool = False,
+            ) -> PreparedData:
     """Train and eval pairs for the loop. `unpaired=True` (a loss with `paired=False`, e.g. KTO) turns paired
-    data into labelled examples with mismatched completions (`formats.to_unpaired`)."""
+    data into labelled examples with mismatched completions (`formats.to_unpaired`).
+
+    `sft`: whether the run's losses are all `sft`. SFT-format data (chosen = rejected) is refused when they are
+    not, as unpaired data is without an unpaired loss: a preference loss learns nothing from it and looks like
+    it trains. None does not check (callers that only score the data).
+    """
     if data == "synthetic":
         return _synthetic(max_pairs or SYNTHETIC_PAIRS, seed, eval_fraction, unpaired)
     settings = dict(format=format, columns=columns, pairs=pairs, max_pairs=max_pairs, skip_invalid=skip_invalid,
                     max_length=max_length, max_prompt_length=max_prompt_length, eval_fraction=eval_fraction,
                     max_completion_length=max_completion_length, truncation_mode=truncation_mode, seed=seed,
-                    unpaired=unpaired)
+                    unpaired=unpaired, sft=sft)
     eval_split = eval_split or "test"
     sources = [(data, data_split)] + ([(eval_data, eval_split)] if eval_data else [])
     directory = Path(cache_dir) if cache_dir else data_cache.default_dir()
@@ -60,12 +66,18 @@ def prepare(*, data: str, eval_data: str | None, tokenizer: Any, seed: int, eval
     if report.format == "unpaired" and not unpaired:
         raise DPOError(f"{data} holds unpaired (prompt/completion/label) examples: train them with an unpaired "
                        "loss such as --loss kto")
+    if report.format == "sft" and sft is False:
+        raise DPOError(f"{data} holds SFT (prompt/completion or text) records, with nothing to prefer: a preference "
+                       "loss learns nothing from them; train them with `dpo sft` (or --loss sft)")
     if report.format == "sft":
         notes.append("  sft format: chosen = rejected = the completion; train it with an NLL loss such as --loss sft")
     if eval_data:
         train_pairs = loaded
         eval_pairs, eval_report = formats.load_pairs(eval_data, split=eval_split, **load)
         notes += eval_report.lines()
+        if eval_report.format == "sft" and sft is False:
+            raise DPOError(f"--eval-data {eval_data} holds SFT (prompt/completion or text) records: a preference "
+                           "loss cannot score them; give preference pairs, or train with `dpo sft` (or --loss sft)")
     else:
         train_pairs, eval_pairs = formats.split_pairs(loaded, eval_fraction, seed)
     if unpaired:
