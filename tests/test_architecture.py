@@ -35,6 +35,7 @@ ROOMS: dict[str, set[str]] = {
     "model_card": {"report", "errors"},
     "generate": {"models", "data", "errors"},
     "evaluation": {"generate", "models", "logprobs", "batching", "data", "losses", "reference", "config", "errors"},
+    "run_folder": {"config", "data", "errors"},
     "metrics": {"distributed", "logprobs", "losses"},
     "host_memory": set(),
     "loop": {"batching", "fused_head", "host_memory", "pair_sampler", "metrics", "checkpoint", "config",
@@ -111,7 +112,7 @@ def test_losses_do_not_import_torch_distributed():
         assert "torch.distributed" not in path.read_text(encoding="utf-8")
 
 
-TORCH_FREE = ("data", "config", "errors", "report", "trackers", "model_card")
+TORCH_FREE = ("data", "config", "errors", "report", "trackers", "model_card", "run_folder")
 
 
 @pytest.mark.parametrize("key", sorted(k for k in _modules() if ":" in k and k.split(":")[0] in TORCH_FREE))

@@ -139,6 +139,8 @@ class Config:
     save_every: int | None = _opt(None, "save a resumable checkpoint every N steps (and at the end)")
     save_total_limit: int | None = _opt(None, "keep only the newest K checkpoints")
     resume: str | None = _opt(None, "resume from the latest checkpoint in --output, or from PATH", nargs="?", const="latest")
+    overwrite_output: bool = _opt(False, "replace the run already in --output (its checkpoints, model and metrics) "
+                                         "instead of stopping")
     max_bad_steps: int = _opt(5, "stop after K consecutive steps with a non-finite loss or gradient")
     num_workers: int = _opt(0, "dataloader worker processes")
     report_to: str = _opt("none", "metric sinks besides metrics.jsonl: none, tensorboard, wandb (comma-separated)")
@@ -178,6 +180,8 @@ class Config:
             yield f"--lora-r must be >= 0, got {self.lora_r}"
         if not 0.0 <= self.lora_dropout < 1.0:
             yield f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"
+        if self.overwrite_output and self.resume is not None:
+            yield "--overwrite-output and --resume contradict each other: replace the run in --output, or continue it"
         if self.merge_lora and not (self.lora_r or self.lora_adapter):
             yield "--merge-lora needs LoRA training (--lora-r N or --lora-adapter PATH)"
         unknown = [t for t in self.report_to.split(",") if t.strip() not in ("none", "tensorboard", "wandb")]

@@ -49,6 +49,13 @@ def cache_key(*, sources: list[tuple[str, str]], tokenizer: Any, settings: dict[
     return digest.hexdigest()[:32]
 
 
+def content_key(sources: list[tuple[str, str]]) -> str:
+    """Hex key of the data alone (every file's bytes and name, or a hub dataset's fingerprint), for `--resume` to
+    tell whether a run continues on the data it started with; `sources` as in `cache_key`."""
+    fingerprints = [_source_fingerprint(path, split) for path, split in sources]
+    return hashlib.sha256(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
