@@ -169,3 +169,54 @@ def test_a_fresh_run_into_another_runs_folder_stops(tmp_path, tiny_model_dir, pa
                             str(tmp_path), "--max-steps", "1", "--batch-size", "4", "--no-progress"], capsys)
     line = one_error_line(err)
     assert code == 2 and "holds another run (checkpoints up to step-285)" in line and "--overwrite-output" in line
+
+
+# ---- help ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["train"], ["sft"], ["eval"], ["generate"], ["data", "inspect"]])
+def test_each_flag_states_its_default_once(capsys, command):
+    import re
+
+    code, out, _ = run_cli(command + ["--help"], capsys)
+    options = re.split(r"\n  (?=-)", out)  # one entry per flag, its help wrapped over the lines below it
+    assert code == 0 and len(options) > 5
+    twice = [" ".join(entry.split()) for entry in options if entry.count("(default:") > 1]
+    assert twice == []
+
+
+# ---- a missing extra (issue 20, item 8) ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def parquet_file(tmp_path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p", "chosen": " a", "rejected": " b"}] * 4), path)
+    return path
+
+
+@pytest.mark.parametrize("hidden, args, extra", [
+    ("peft", ["train", "--model", "{model}", "--data", "{data}", "--lora-r", "4"], "lora"),
+    ("torch.utils.tensorboard", ["train", "--model", "{model}", "--data", "{data}", "--report-to", "tensorboard"],
+     "tensorboard"),
+    ("wandb", ["train", "--model", "{model}", "--data", "{data}", "--report-to", "wandb"], "wandb"),
+    ("pyarrow.parquet", ["data", "inspect", "{parquet}"], "parquet"),
+    ("datasets", ["data", "inspect", "someone/some-dataset"], "datasets"),
+])
+def test_a_missing_extra_is_one_line_naming_it(tmp_path, tiny_model_dir, pairs_jsonl, parquet_file, capsys,
+                                               monkeypatch, hidden, args, extra):
+    args = [a.format(model=tiny_model_dir, data=pairs_jsonl, parquet=parquet_file) for a in args]
+    if args[0] == "train":
+        args += ["--output", str(tmp_path / "o"), "--max-steps", "1", "--batch-size", "4", "--no-progress"]
+    monkeypatch.setitem(sys.modules, hidden, None)  # `import hidden` now raises ImportError, as if not installed
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and one_error_line(err).endswith(f"pip install 'dpokit[{extra}]'")
+
+
+def test_every_extra_named_in_a_message_exists():
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    extras = pyproject.split("[project.optional-dependencies]")[1].split("\n[")[0]
+    assert all(f"\n{extra} = [" in extras for extra in ("lora", "tensorboard", "wandb", "parquet", "datasets"))

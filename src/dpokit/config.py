@@ -274,7 +274,9 @@ def add_field_arguments(parser: argparse.ArgumentParser, names: Iterable[str], *
     for name in names:
         f = FIELDS[name]
         kind = _base_type(f.type)
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f.metadata["help"]
+        if "(default:" not in help_text:  # a help that explains its default says it better than the value
+            help_text += f" (default: {f.default})"
         flag = f"--{_flag(f.name)}"
         default = f.default if with_defaults else argparse.SUPPRESS
         if kind is bool:

@@ -18,7 +18,7 @@ import torch
 
 from . import lean_layers
 from .data import synthetic
-from .errors import DPOError
+from .errors import DPOError, import_extra
 
 SYNTHETIC_VOCAB = synthetic.VOCAB  # presets are sized for the built-in task
 
@@ -131,14 +131,13 @@ def apply_lora(model: torch.nn.Module, *, r: int, alpha: float, dropout: float, 
     comma-separated module names (`q_proj,v_proj`). The adapter starts as a no-op (B = 0), so the wrapped model
     scores exactly like the base at step 0.
     """
-    from peft import LoraConfig, get_peft_model
-
+    peft = import_extra("peft", "lora", "--lora-r")
     targets: str | list[str] = (target_modules if target_modules == "all-linear"
                                 else [name.strip() for name in target_modules.split(",") if name.strip()])
-    config = LoraConfig(r=r, lora_alpha=alpha,  # type: ignore[arg-type]  # annotated int; scaling = alpha / r
+    config = peft.LoraConfig(r=r, lora_alpha=alpha,  # type: ignore[arg-type]  # annotated int; scaling = alpha / r
                         lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, config)
+        return peft.get_peft_model(model, config)
     except ValueError as err:
         raise DPOError(f"--lora-target-modules {target_modules}: {_first_line(err)}") from None
 
@@ -148,18 +147,17 @@ def load_lora_adapter(model: torch.nn.Module, path: str, *, r: int = 0) -> torch
 
     The adapter's own config (rank, alpha, targets) wins; a `--lora-r` that disagrees with it is refused.
     """
-    from peft import PeftConfig, PeftModel
-
+    peft = import_extra("peft", "lora", "--lora-adapter")
     if not (Path(path) / "adapter_config.json").is_file():
         raise DPOError(f"--lora-adapter {path}: no PEFT adapter here (no adapter_config.json)")
     try:
-        config = PeftConfig.from_pretrained(path)
+        config = peft.PeftConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as err:
         raise DPOError(f"--lora-adapter {path}: could not read the adapter config ({_first_line(err)})") from None
     if r and getattr(config, "r", r) != r:
         raise DPOError(f"--lora-r {r} disagrees with the adapter in {path} (r={config.r}); drop --lora-r")
     try:
-        return PeftModel.from_pretrained(model, path, is_trainable=True)
+        return peft.PeftModel.from_pretrained(model, path, is_trainable=True)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise DPOError(f"--lora-adapter {path}: could not load the adapter ({_first_line(err)})") from None
 

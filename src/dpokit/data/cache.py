@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import import_extra
 from . import formats, sources, tokenization
 from .tokenization import TokenizedPair
 
@@ -134,7 +135,7 @@ def _source_fingerprint(path: str, split: str) -> list[str]:
     """Hashes of every file's bytes (and relative name), or a hub dataset's `datasets` fingerprint."""
     files = sources.data_files(path)
     if files and not files[0].exists():  # a hub name: datasets fingerprints its downloaded files
-        import datasets
+        datasets = import_extra("datasets", "datasets", f"{path}: a hub dataset")
 
         try:
             return [path, split, datasets.load_dataset(path, split=split)._fingerprint]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import DPOError
+from ..errors import DPOError, import_extra
 
 FILE_TYPES = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -77,7 +77,7 @@ def data_files(path: str) -> list[Path]:
 
 
 def _read_dataset(path: str, split: str, *, load_from_disk: bool) -> Iterator[tuple[str, dict[str, Any]]]:
-    import datasets
+    datasets = import_extra("datasets", "datasets", f"{path}: a save_to_disk folder or hub dataset")
 
     try:
         data = datasets.load_from_disk(path) if load_from_disk else datasets.load_dataset(path, split=split)
@@ -145,7 +145,7 @@ def _read_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    import pyarrow.parquet as pq
+    pq = import_extra("pyarrow.parquet", "parquet", f"{path}: reading Parquet")
 
     try:
         table = pq.read_table(path)
