@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from dpokit.batching import grouped_permutation, make_batch
+from dpokit.config import Config
 from dpokit.logprobs import SequenceScorer, naive_sequence_logps, sequence_logps
+from dpokit.placement import run_layout
 from dpokit.data.tokenization import TokenizedPair
 
 
@@ -119,3 +121,15 @@ def test_grouped_permutation_keeps_groups_together_and_is_randperm_without_group
     runs = [groups[i] for k, i in enumerate(order) if k == 0 or groups[order[k - 1]] != groups[i]]
     assert sorted(runs) == sorted(set(groups))                           # each group is one contiguous run
     assert order != grouped_permutation(groups, 10, torch.Generator().manual_seed(6))
+
+
+@pytest.mark.parametrize("flags,layout", [
+    ({}, "blocks"),
+    ({"max_tokens_per_batch": 256}, "packed"),
+    ({"attn_implementation": "eager"}, "packed"),
+    ({"compile": True}, "packed"),
+    ({"packing": False}, "shared"),
+    ({"prefix_sharing": False, "packing": False}, "concatenated"),
+])
+def test_layout_follows_the_flags(flags, layout):
+    assert run_layout(Config(**flags)) == layout

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
-from dpokit import block_attention, host_memory
+from dpokit import block_attention
 from dpokit.batching import BlockLayout, make_batch
-from dpokit.config import Config
 from dpokit.logprobs import SequenceScorer, sequence_logps
-from dpokit.loop import layout_name
 
 from test_batching import make_pairs
 
@@ -68,31 +64,3 @@ def test_a_model_whose_attention_never_sees_the_blocks_is_refused(model, monkeyp
     monkeypatch.setattr(model, "get_decoder", lambda: decoder)
     with pytest.raises(ValueError, match="--max-tokens-per-batch"):
         sequence_logps(SequenceScorer(model), batch)
-
-
-@pytest.mark.parametrize("flags,layout", [
-    ({}, "blocks"),
-    ({"max_tokens_per_batch": 256}, "packed"),
-    ({"attn_implementation": "eager"}, "packed"),
-    ({"compile": True}, "packed"),
-    ({"packing": False}, "shared"),
-    ({"prefix_sharing": False, "packing": False}, "concatenated"),
-])
-def test_layout_follows_the_flags(flags, layout):
-    assert layout_name(Config(**flags)) == layout
-
-
-def test_lean_host_memory_works_on_glibc_and_does_nothing_elsewhere(monkeypatch):
-    import platform
-
-    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
-        assert host_memory.lean_allocator()
-    host_memory.release_free_memory()
-    monkeypatch.setattr(sys, "platform", "darwin")
-    host_memory._glibc.cache_clear()                         # the C library is looked up once per process
-    try:
-        assert host_memory.lean_allocator() is False
-        host_memory.release_free_memory()
-    finally:
-        monkeypatch.undo()
-        host_memory._glibc.cache_clear()

@@ -60,7 +60,6 @@ def test_reference_free_losses_build_no_reference(tmp_path, monkeypatch):
         raise AssertionError("a reference model was built for a reference-free loss")
 
     monkeypatch.setattr(models, "frozen_copy", refuse)
-    monkeypatch.setattr(loop, "ModelReference", refuse)
     monkeypatch.setattr(losses.registry, "_REGISTRY", dict(losses.registry._REGISTRY))
 
     @losses.register("user_sft", needs_reference=False)  # a user's own loss, registered without editing dpokit

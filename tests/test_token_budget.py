@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from dpokit.config import Config
 from dpokit.loop import train
-from dpokit.pair_sampler import split_by_tokens, split_further
+from dpokit.data import synthetic
+from dpokit.pair_sampler import micro_batches, split_by_tokens, split_further
 from dpokit.data.tokenization import TokenizedPair
 
 
@@ -53,18 +54,14 @@ def test_a_shared_prompt_counts_once():
     assert split_by_tokens(pairs, 18) == [[0], [1], [2]]    # 19 > 18, then 16 + 3 (b) > 18
 
 
-def test_training_by_token_budget_equals_training_by_pair_count(tmp_path, tiny_model_dir, monkeypatch):
-    from dpokit import loop
-
-    cut_counts = []
-    record = lambda pairs, budget: cut_counts.append(  # noqa: E731
-        len(split_by_tokens(pairs, budget))) or split_by_tokens(pairs, budget)
-    monkeypatch.setattr(loop, "split_by_tokens", record)
+def test_training_by_token_budget_equals_training_by_pair_count(tmp_path, tiny_model_dir):
     common = dict(model=str(tiny_model_dir), data="synthetic", max_pairs=24, eval_fraction=0.0, max_steps=3,
                   batch_size=8, lr=1e-3, seed=0, progress=False, cache=False)
     train(Config(output=str(tmp_path / "pairs"), **common))
     train(Config(output=str(tmp_path / "tokens"), micro_batch_tokens=30, **common))
-    assert cut_counts and min(cut_counts) > 1                   # the budget did split the steps
+    train_pairs = synthetic.make_pairs(24, 0)                   # the run's pairs (none held out)
+    first_step = next(micro_batches(len(train_pairs), 8, seed=0, rank=0, world_size=1))[1]
+    assert len(split_by_tokens([train_pairs[j] for j in first_step], 30)) > 1  # the budget does cut the steps
     by_pairs = load_file(tmp_path / "pairs" / "model" / "model.safetensors")
     by_tokens = load_file(tmp_path / "tokens" / "model" / "model.safetensors")
     before = load_file(tiny_model_dir / "model.safetensors")

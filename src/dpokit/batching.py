@@ -77,6 +77,20 @@ class Batch:
         return Batch(**moved)
 
 
+def layout_for(*, prefix_sharing: bool = True, packing: bool = True, attn_implementation: str = "sdpa",
+               compile: bool = False, max_tokens_per_batch: int | None = None) -> str:
+    """The layout for these settings. Packing with sdpa attention lays a micro-batch out as one row without
+    padding, attended block by block (`blocks`); rows of `max_tokens_per_batch` tokens with dense masks
+    (`packed`) serve the other attention kernels and `torch.compile`."""
+    if not prefix_sharing:
+        return "concatenated"
+    if not packing:
+        return "shared"
+    if max_tokens_per_batch is None and attn_implementation == "sdpa" and not compile:
+        return "blocks"
+    return "packed"
+
+
 def make_batch(pairs: Sequence[TokenizedPair], *, layout: str = "packed", pad_id: int = 0,
                pair_ids: Sequence[int] | None = None, row_capacity: int | None = None) -> Batch:
     """Build one `Batch` from `pairs` in the given layout (see the module docstring)."""

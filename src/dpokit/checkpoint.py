@@ -16,10 +16,14 @@ With `--fsdp` the weights and optimizer are sharded, and `model.safetensors` + `
     rank-R.pt           rank R's generator states and metric sums since the last log step (see `rank_state`)
 
 It is written into a temporary folder, each file fsynced, then renamed to `step-N/` in one step by rank 0 (after
-every rank has written its part), so a kill at any moment leaves either the old set of checkpoints or the new one. Resuming takes the newest usable checkpoint:
-one with a missing marker, a missing file, a truncated file or an unreadable file is skipped with a warning that
-names it and the one used instead. Nothing is replayed: the data order is a pure function of (seed, epoch), so
-the saved (epoch, batch index) is enough to continue it.
+every rank has written its part), so a kill at any moment leaves either the old set of checkpoints or the new one.
+Resuming takes the newest usable checkpoint: one with a missing marker, a missing file, a truncated file or an
+unreadable file is skipped with a warning that names it and the one used instead. Nothing is replayed: the data
+order is a pure function of (seed, epoch), so the count of pairs consumed is enough to continue it.
+
+`trainer.pt` holds a `TrainerRecord` as a plain dict of tensors, numbers and strings (`torch.load` with
+`weights_only=True` reads it); its `format` key is absent in checkpoints written before the record was typed,
+which have the same keys and resume as they are.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import shutil
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -42,15 +46,78 @@ import torch
 
 from . import distributed
 from .errors import DPOError, TrainingFailure
+from .run_files import METRICS, RunFiles
 
 MODEL = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
 TRAINER = "trainer.pt"
-METRICS = "metrics.jsonl"
 MARKER = "complete.json"
 SHARDED = "sharded"
 RANK_STATE = "rank-{rank}.pt"
 _STEP_DIR = re.compile(r"step-(\d+)")
+
+
+TRAINER_FORMAT = 1  # trainer.pt's layout; 0 (no `format` key) has the same keys
+
+
+@dataclass
+class TrainerState:
+    """What the training loop counts and updates step by step; saved in every checkpoint."""
+
+    step: int = 0                  # optimizer steps done
+    pairs_consumed: int = 0        # pairs taken from the sampler, all ranks together (the data position)
+    bad_steps: int = 0             # consecutive steps skipped for a non-finite loss or gradient
+    eval_before: dict[str, float] = field(default_factory=dict)  # held-out metrics before training
+    since_log_s: float = 0.0       # seconds since the last metrics row, so a resumed run's throughput adds up
+
+
+@dataclass
+class RankState:
+    """One process's own part of a checkpoint: its generators and its metric sums since the last log step."""
+
+    rng: dict[str, Any]
+    meter: dict[str, Any]
+
+
+@dataclass
+class TrainerRecord:
+    """Everything in `trainer.pt`: the loop's counters, the LR schedule, the reference where TR-DPO moved it,
+    and the ranks' own states (rank 0's alone when one process wrote it; every rank's under DDP)."""
+
+    state: TrainerState
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
+    meter: dict[str, Any]
+    world_size: int | None         # None in checkpoints from before it was saved: the same as the resuming run
+    ranks: list[RankState] | None = None
+    reference: dict[str, torch.Tensor] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"format": TRAINER_FORMAT, **vars(self.state), "scheduler": self.scheduler,
+                               "rng": self.rng, "meter": self.meter, "world_size": self.world_size}
+        if self.ranks is not None:
+            out["ranks"] = [vars(rank) for rank in self.ranks]
+        if self.reference is not None:
+            out["reference"] = self.reference
+        return out
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any], source: Path) -> TrainerRecord:
+        """The record in a `trainer.pt`; a `DPOError` for one written by a newer dpokit or missing a part."""
+        version = saved.get("format", 0)
+        if version > TRAINER_FORMAT:
+            raise DPOError(f"--resume: checkpoint {source} was written by a newer dpokit (trainer format {version}, "
+                           f"this one reads up to {TRAINER_FORMAT}); upgrade dpokit to resume it")
+        try:
+            state = TrainerState(step=saved["step"], pairs_consumed=saved["pairs_consumed"],
+                                 bad_steps=saved["bad_steps"], eval_before=saved["eval_before"],
+                                 since_log_s=saved["since_log_s"])
+            ranks = [RankState(r["rng"], r["meter"]) for r in saved["ranks"]] if "ranks" in saved else None
+            return cls(state, saved["scheduler"], saved["rng"], saved.get("meter", {}),
+                       saved.get("world_size"), ranks, saved.get("reference"))
+        except (KeyError, TypeError) as err:
+            raise DPOError(f"--resume: checkpoint {source}: {TRAINER} lacks {err}; it was not written by "
+                           "`dpo train` (start without --resume)") from None
 
 
 @dataclass
@@ -63,6 +130,10 @@ class Loaded:
     optimizer: dict[str, Any]
     trainer: dict[str, Any]
     sharded: bool = False
+
+    @property
+    def record(self) -> TrainerRecord:
+        return TrainerRecord.from_dict(self.trainer, self.path)
 
 
 class Interrupted(TrainingFailure):
@@ -104,10 +175,10 @@ def save(root: Path, step: int, *, weights: dict[str, torch.Tensor], optimizer: 
 
 
 def save_sharded(root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 trainer: dict[str, Any], own: dict[str, Any], dist: distributed.Dist, metrics: Path | None = None,
-                 keep: int | None = None) -> Path:
-    """`save` for FSDP2: every rank calls it with its sharded `model`, `optimizer` and `own`
-    state (its metric sums); `trainer` and `metrics` matter on rank 0 only.
+                 trainer: dict[str, Any], own_meter: dict[str, Any], dist: distributed.Dist,
+                 metrics: Path | None = None, keep: int | None = None) -> Path:
+    """`save` for FSDP2: every rank calls it with its sharded `model`, `optimizer` and its own metric sums
+    (`own_meter`); `trainer` and `metrics` matter on rank 0 only.
 
     Rank 0 makes the temporary folder; every rank writes its DCP shards and `rank-R.pt`; once all have
     (the all-reduce after each phase is the barrier), rank 0 writes `trainer.pt`, the metrics and the marker,
@@ -131,7 +202,7 @@ def save_sharded(root: Path, step: int, *, model: torch.nn.Module, optimizer: to
 
     def write_shards() -> None:
         distributed.save_sharded(tmp / SHARDED, model, optimizer)
-        _torch_save({**own, "rng": capture_rng()}, tmp / RANK_STATE.format(rank=dist.rank))
+        _torch_save({"meter": own_meter, "rng": capture_rng()}, tmp / RANK_STATE.format(rank=dist.rank))
 
     everywhere(True, lambda: _make_temporary(root, tmp))
     everywhere(False, write_shards)
@@ -286,13 +357,14 @@ def load(resume: str, output: Path, warn: Callable[[str], None]) -> Loaded | Non
 def _resolve(resume: str, output: Path) -> tuple[Path, int | None]:
     """(folder holding step-N checkpoints, newest step allowed) for a `--resume` value."""
     if resume == "latest":
-        return output / "checkpoints", None
+        return RunFiles(output).checkpoints, None
     path = Path(resume)
     if not path.exists():
         raise DPOError(f"--resume {resume}: no such folder")
     if step_of(path) >= 0:
         return path.parent, step_of(path)
-    return (path / "checkpoints" if (path / "checkpoints").is_dir() else path), None
+    checkpoints = RunFiles(path).checkpoints
+    return (checkpoints if checkpoints.is_dir() else path), None
 
 
 def restore_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
@@ -332,15 +404,15 @@ def capture_rng() -> dict[str, Any]:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def rank_payload(meter_state: dict[str, Any]) -> dict[str, Any]:
-    """What a DDP rank hands rank 0 for the checkpoint: its generator states and metric sums (on the CPU)."""
+def rank_payload(meter_state: dict[str, Any]) -> RankState:
+    """What a rank hands rank 0 for the checkpoint: its generator states and metric sums (on the CPU)."""
     cpu = lambda v: v.detach().cpu() if isinstance(v, torch.Tensor) else v  # noqa: E731
     meter = {k: {n: cpu(x) for n, x in v.items()} if isinstance(v, dict) else cpu(v) for k, v in meter_state.items()}
-    return {"rng": capture_rng(), "meter": meter}
+    return RankState(capture_rng(), meter)
 
 
-def rank_state(loaded: Loaded, rank: int, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(generator states, metric sums since the last log step) that rank `rank` resumes with.
+def rank_state(loaded: Loaded, rank: int, world_size: int) -> RankState:
+    """The generator states and metric sums (since the last log step) that rank `rank` resumes with.
 
     - A checkpoint written by as many ranks: the rank's own (exact resume), from `rank-R.pt` (FSDP2) or from
       trainer.pt's `ranks` (DDP; one process: its own state).
@@ -349,19 +421,18 @@ def rank_state(loaded: Loaded, rank: int, world_size: int) -> tuple[dict[str, An
       steps since it. Only dropout draws from the generators (off in the policy, on with LoRA's
       `--lora-dropout`); on another number of ranks the batch is split differently, so masks differ anyway.
     """
-    trainer = loaded.trainer
-    same_ranks = trainer.get("world_size", world_size) == world_size  # checkpoints from before it was saved: same
-    if not same_ranks:
-        return trainer["rng"], {}
+    record = loaded.record
+    if record.world_size not in (None, world_size):
+        return RankState(record.rng, {})
     if loaded.sharded:
         own = loaded.path / RANK_STATE.format(rank=rank)
         if not own.is_file():
-            return trainer["rng"], {}
+            return RankState(record.rng, {})
         state = torch.load(own, map_location="cpu", weights_only=True)
-        return state["rng"], state["meter"]
-    if "ranks" in trainer:
-        return trainer["ranks"][rank]["rng"], trainer["ranks"][rank]["meter"]
-    return trainer["rng"], trainer.get("meter", {})
+        return RankState(state["rng"], state["meter"])
+    if record.ranks is not None:
+        return record.ranks[rank]
+    return RankState(record.rng, record.meter)
 
 
 def restore_rng(state: dict[str, Any]) -> None:

@@ -169,6 +169,13 @@ def reduce_sums(values: torch.Tensor, dist: Dist) -> torch.Tensor:
     return values
 
 
+def any_rank(flag: bool, dist: Dist) -> bool:
+    """True on every rank when `flag` is true on any of them (a collective under torchrun)."""
+    if not dist.enabled:
+        return flag
+    return bool(reduce_sums(torch.tensor([float(flag)], device=dist.device), dist).item())
+
+
 def gather_to_main(value: Any, dist: Dist) -> list[Any] | None:
     """Every rank's picklable `value`, in rank order, on rank 0 (None elsewhere); `[value]` in one process."""
     if not dist.enabled:

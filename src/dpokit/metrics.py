@@ -46,6 +46,12 @@ class MetricMeter:
         self.pairs += n
         self.tokens += tokens
 
+    def end_step(self, grad_norm: torch.Tensor, skipped: bool) -> None:
+        """Count an optimizer step: its gradient norm (a non-finite norm counts as 0) and whether it was skipped."""
+        self.grad_norm_sum += grad_norm.detach().float() if torch.isfinite(grad_norm) else 0.0
+        self.steps += 1
+        self.bad_steps += int(skipped)
+
     def reduce(self, dist: distributed.Dist) -> dict[str, float]:
         names = list(SUMMED) + sorted(self.extra)
         counts = torch.tensor([self.pairs, self.tokens, self.bad_steps], device=self.device, dtype=torch.float64)
@@ -63,9 +69,16 @@ class MetricMeter:
 
     def state_dict(self) -> dict[str, Any]:
         """The sums since the last log step, so that a run resumed between log steps logs the same row."""
-        return {name: value for name, value in vars(self).items() if name != "device"}
+        return {"sums": self.sums, "extra": dict(self.extra), "pairs": self.pairs, "tokens": self.tokens,
+                "steps": self.steps, "bad_steps": self.bad_steps, "grad_norm_sum": self.grad_norm_sum}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Sums saved by `state_dict` (an empty dict leaves the meter empty)."""
+        if not state:
+            return
         move = lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v  # noqa: E731
-        for name, value in state.items():
-            setattr(self, name, {k: move(v) for k, v in value.items()} if isinstance(value, dict) else move(value))
+        self.sums = move(state["sums"])
+        self.extra = {name: move(value) for name, value in state["extra"].items()}
+        self.pairs, self.tokens = state["pairs"], state["tokens"]
+        self.steps, self.bad_steps = state["steps"], state["bad_steps"]
+        self.grad_norm_sum = move(state["grad_norm_sum"])

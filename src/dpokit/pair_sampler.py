@@ -8,7 +8,8 @@ into micro-batches by a token budget (`--micro-batch-tokens`).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Sequence
+import math
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -117,3 +118,42 @@ def _added_tokens(pair: TokenizedPair, seen: dict[tuple[int, ...], set[tuple[int
     known = seen.get(tuple(pair.prompt_ids))
     new_responses = {tuple(pair.chosen_ids), tuple(pair.rejected_ids)} - (known or set())
     return (len(pair.prompt_ids) if known is None else 0) + sum(len(r) for r in new_responses)
+
+
+def even_shares(num_items: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """This rank's batches of `range(num_items)` for a pass where every rank must run the same number of forwards
+    (FSDP2 all-gathers the weights in each): contiguous batches of `batch_size`, batch b going to rank
+    b % world_size. A rank left without a batch in the last round gets `[]`: it runs a stand-in forward and
+    drops the result."""
+    starts = range(0, num_items, batch_size)
+    shares = []
+    for round_index in range(math.ceil(len(starts) / world_size)):
+        b = round_index * world_size + rank
+        shares.append(list(range(starts[b], min(starts[b] + batch_size, num_items))) if b < len(starts) else [])
+    return shares
+
+
+class StepBatches:
+    """The micro-batches of each optimizer step, in order: `grad_accum` batches of the sampler's pairs, or, with a
+    token budget (`--micro-batch-tokens`), the same pairs cut by tokens instead (as many cuts on every rank:
+    `common_count` is the maximum over ranks). Batches are built once, in DataLoader workers when asked."""
+
+    def __init__(self, order: Iterator[tuple[int, list[int]]], pairs: Sequence[TokenizedPair], *, grad_accum: int,
+                 num_workers: int, token_budget: int | None, common_count: Callable[[int], int],
+                 **layout: Any) -> None:
+        self.order, self.pairs, self.grad_accum = order, pairs, grad_accum
+        self.token_budget, self.common_count, self.layout = token_budget, common_count, layout
+        self.built = None if token_budget else batch_stream(order, pairs, num_workers, **layout)
+
+    def __iter__(self) -> StepBatches:
+        return self
+
+    def __next__(self) -> list[Batch]:
+        if self.built is not None:
+            return [next(self.built)[2] for _ in range(self.grad_accum)]
+        assert self.token_budget is not None
+        step_ids = [j for _ in range(self.grad_accum) for j in next(self.order)[1]]
+        cuts = split_by_tokens([self.pairs[j] for j in step_ids], self.token_budget)
+        cuts = split_further(cuts, self.common_count(len(cuts)))
+        return [make_batch([self.pairs[step_ids[k]] for k in cut], pair_ids=[step_ids[k] for k in cut],
+                           **self.layout) for cut in cuts]

@@ -1,7 +1,8 @@
 """The reference model, whatever the strategy: it answers `logps(batch)` with the reference's `PairLogps`.
 
 - `ModelReference`: a frozen, eval-mode model (a copy of the starting policy, or `--ref-model`), run under
-  `torch.no_grad()` with the same layout as the policy (prefix sharing and packing included).
+  `torch.no_grad()` with the same layout as the policy (prefix sharing and packing included); with
+  `sync_every`, TR-DPO moves it towards the policy during training.
 - `AdapterReference`: with LoRA, the policy itself with its adapter switched off (the frozen base): no second
   copy of the weights is kept.
 - `NoReference`: for reference-free losses (SimPO, ORPO, CPO); nothing is loaded, kept or run.
@@ -9,8 +10,10 @@
   cached on disk under a key of (reference weights, token ids, settings), looked up by `Batch.pair_ids`; the
   reference model itself can then be freed.
 
-`ModelReference.sync` is TR-DPO's reference update; `reference_strategy` picks the strategy from the options
-and refuses combinations that cannot work.
+The training loop talks to every kind through the `Reference` interface: `place` it beside the wrapped policy,
+`after_step` (TR-DPO's update), and `state_dict` / `load_state_dict` for checkpoints (only a reference that moves
+has a state to save). `reference_strategy` picks the kind from the options and refuses combinations that cannot
+work.
 """
 
 from __future__ import annotations
@@ -19,41 +22,90 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
+from . import distributed
 from .batching import Batch, make_batch
 from .data.cache import write_atomically
 from .errors import DPOError
 from .logprobs import PairLogps, SequenceScorer, sequence_logps
+from .pair_sampler import even_shares
 
 
-class Reference(Protocol):
-    def logps(self, batch: Batch) -> PairLogps | None: ...
+class Reference:
+    """The interface, with what a reference that never moves and holds no weights of its own does."""
+
+    def logps(self, batch: Batch) -> PairLogps | None:
+        raise NotImplementedError
+
+    def place(self, policy_scorer: torch.nn.Module, dist: distributed.Dist, *, sharded: bool,
+              param_dtype: torch.dtype | None) -> None:
+        """Put the reference beside `policy_scorer`, the policy as the loop calls it (wrapped by DDP/FSDP2)."""
+
+    def filled_from_rank0(self) -> list[torch.nn.Module]:
+        """Modules that, when only rank 0 read the weights, receive them from rank 0 after sharding."""
+        return []
+
+    def after_step(self, step: int, policy: torch.nn.Module) -> None:
+        """Called after every optimizer step."""
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        """What a checkpoint must keep for an exact resume: None when the reference does not move."""
+        return None
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        raise DPOError("--resume: the checkpoint holds a moved (TR-DPO) reference but this run's reference does "
+                       "not move; resume with the same --ref-sync-every")
 
 
-class NoReference:
+class NoReference(Reference):
     """Reference-free losses get `None`."""
 
     def logps(self, batch: Batch) -> PairLogps | None:
         return None
 
 
-class ModelReference:
-    """A frozen model scored like the policy, without gradients."""
+class ModelReference(Reference):
+    """A frozen model scored like the policy, without gradients; with `sync_every`, TR-DPO's moving reference."""
 
-    def __init__(self, model: torch.nn.Module, *, chunk_size: int = 512, ld_alpha: float | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, *, chunk_size: int = 512, ld_alpha: float | None = None,
+                 sync_every: int | None = None, sync_alpha: float = 1.0) -> None:
         model.eval()
         model.requires_grad_(False)
         self.model = model
         self.scorer = SequenceScorer(model, chunk_size)
         self.ld_alpha = ld_alpha
+        self.sync_every, self.sync_alpha = sync_every, sync_alpha
 
     @torch.no_grad()
     def logps(self, batch: Batch) -> PairLogps | None:
         return sequence_logps(self.scorer, batch, ld_alpha=self.ld_alpha).detach()
+
+    def place(self, policy_scorer: torch.nn.Module, dist: distributed.Dist, *, sharded: bool,
+              param_dtype: torch.dtype | None) -> None:
+        if sharded:  # sharded like the policy, so that TR-DPO updates each rank's shard in place
+            distributed.shard(self.scorer, dist, param_dtype=param_dtype)
+
+    def filled_from_rank0(self) -> list[torch.nn.Module]:
+        return [self.scorer]
+
+    def after_step(self, step: int, policy: torch.nn.Module) -> None:
+        if self.sync_every and step % self.sync_every == 0:
+            self.sync(policy, self.sync_alpha)
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        if not self.sync_every:
+            return None
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if not self.sync_every:
+            super().load_state_dict(state)
+        else:
+            self.model.load_state_dict(state)
 
     @torch.no_grad()
     def sync(self, policy: torch.nn.Module, alpha: float) -> None:
@@ -80,7 +132,7 @@ class ModelReference:
                 reference_param.lerp_(value.to(reference_param.dtype), alpha)
 
 
-class AdapterReference:
+class AdapterReference(Reference):
     """The LoRA policy with its adapter disabled, i.e. the frozen base model, scored without gradients.
 
     PEFT's `disable_adapter()` skips every LoRA branch for the duration of the call, so the reference costs no
@@ -89,13 +141,18 @@ class AdapterReference:
 
     def __init__(self, policy: torch.nn.Module, *, chunk_size: int = 512, ld_alpha: float | None = None) -> None:
         self.policy = policy
-        self.scorer = SequenceScorer(policy, chunk_size)
+        self.scorer: torch.nn.Module = SequenceScorer(policy, chunk_size)
         self.ld_alpha = ld_alpha
 
     @torch.no_grad()
     def logps(self, batch: Batch) -> PairLogps | None:
         with self.policy.disable_adapter():
             return sequence_logps(self.scorer, batch, ld_alpha=self.ld_alpha).detach()
+
+    def place(self, policy_scorer: torch.nn.Module, dist: distributed.Dist, *, sharded: bool,
+              param_dtype: torch.dtype | None) -> None:
+        if dist.enabled:  # the same wrapped scorer, so DDP/FSDP2 hooks see the call (adapter off inside)
+            self.scorer = policy_scorer
 
 
 def paired_parameters(reference: torch.nn.Module, policy: torch.nn.Module,
@@ -146,7 +203,7 @@ CACHE_VERSION = 1
 _FIELDS = ("chosen", "rejected", "chosen_lengths", "rejected_lengths")
 
 
-class PrecomputedReference:
+class PrecomputedReference(Reference):
     """Reference log-probs read from a table `[dataset pairs]` by `Batch.pair_ids`: no model, no forward."""
 
     def __init__(self, table: dict[str, torch.Tensor]) -> None:
@@ -183,9 +240,8 @@ def precompute_reference(reference: Reference, pairs: Sequence[Any], *, layout: 
     log-probs; `pair_ids` of later batches index `pairs`. With `cache_file`, a file written by an earlier run
     (same key, see `reference_cache_key`) is read instead, and a fresh result is written there atomically.
 
-    Under torchrun, each of the `world_size` processes scores every `world_size`-th batch (all run the same
-    number of forwards, as a sharded reference needs: a process without a batch left scores pair 0 and drops
-    it), `reduce_sum` (an all-reduce) assembles the table on all of them, and rank 0 writes the cache. The cache
+    Under torchrun, each of the `world_size` processes scores its `even_shares` of the batches (all run the same
+    number of forwards, as a sharded reference needs), `reduce_sum` (an all-reduce) assembles the table on all of them, and rank 0 writes the cache. The cache
     is used only when every process can read it, so that all of them take the same path.
     """
     from safetensors.torch import save_file
@@ -198,15 +254,13 @@ def precompute_reference(reference: Reference, pairs: Sequence[Any], *, layout: 
     from tqdm.auto import tqdm
 
     table = torch.zeros(len(_FIELDS), len(pairs), device=device)
-    starts = range(0, len(pairs), batch_size)
-    for round_start in tqdm(range(0, len(starts), world_size), desc="reference log-probs", unit="batch",
-                            disable=not progress):
-        mine = round_start + rank
-        ids = list(range(starts[mine], min(starts[mine] + batch_size, len(pairs)))) if mine < len(starts) else [0]
-        batch = make_batch([pairs[i] for i in ids], layout=layout, pad_id=pad_id, pair_ids=ids).to(device)
+    for ids in tqdm(even_shares(len(pairs), batch_size, rank, world_size), desc="reference log-probs",
+                    unit="batch", disable=not progress):
+        scored = ids or [0]  # a spare round: score pair 0 and drop it
+        batch = make_batch([pairs[i] for i in scored], layout=layout, pad_id=pad_id, pair_ids=scored).to(device)
         logps = reference.logps(batch)
         assert logps is not None, "precompute_reference needs a reference that gives log-probs"
-        if mine < len(starts):
+        if ids:
             table[:, ids] = torch.stack([getattr(logps, name).float() for name in _FIELDS])
     if reduce_sum is not None:
         table = reduce_sum(table)  # each pair was scored by exactly one process
