@@ -29,6 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
                                           "completion per token, no reference) and output runs/sft. Same flags, "
                                           "outputs and checkpoints as `dpo train`; preference files train on chosen.")
     add_arguments(sft)
+    online = commands.add_parser(
+        "online", help="iterative DPO: sample from the policy, score with a reward, pair, train; round after round",
+        description="Online / iterative DPO: each round samples --samples-per-prompt completions of the round's "
+                    "prompts from the current policy, scores them (--reward, --reward-model), pairs them as ranked "
+                    "data (--pairs) into OUTPUT/rounds/round-N.jsonl and trains on them as `dpo train` does (every "
+                    "train flag applies to each round). A re-run skips finished rounds and resumes the one under way.")
+    add_arguments(online)
+    _add_online_arguments(online)
     _add_generate_arguments(commands.add_parser(
         "generate", help="sample completions of prompts from a saved model, to JSONL",
         description="Batched sampling from a saved model; the same --seed gives the same samples."))
@@ -79,6 +87,49 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, object]:
         raise DPOError("--temperature must be >= 0 and --top-p in (0, 1]")
     return dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+
+
+def _add_online_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompts", required=True, help="JSONL/JSON/Parquet file of records with a prompt field "
+                                                         "(text or chat messages)")
+    parser.add_argument("--reward", action="append", default=[], help="module:function or file.py:function, "
+                        "called as f(prompts, completions) -> one float per completion (repeat for several)")
+    parser.add_argument("--reward-model", action="append", default=[], help="folder of a sequence-classification "
+                        "reward model (num_labels=1; its chat template applied) (repeat for several)")
+    parser.add_argument("--reward-weights", help="comma-separated weight per judge, --reward ones first, then "
+                                                 "--reward-model ones (default: all 1)")
+    parser.add_argument("--samples-per-prompt", type=int, default=4, help="completions per prompt per round, "
+                                                                          ">= 2 (default: 4)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of sample, score, train (default: 3)")
+    parser.add_argument("--prompts-per-round", type=int, help="prompts per round, drawn in seeded passes over the "
+                                                              "file (default: all, every round)")
+    parser.add_argument("--ref-update", default="start", choices=("start", "round"), help="the reference: the "
+                        "starting model for every round, or the policy at the start of each round (default: start)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens per completion (default: 64)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1 = off)")
+    parser.add_argument("--sample-batch-size", type=int, default=32, help="sequences per sampling and reward-model "
+                                                                          "forward pass (default: 32)")
+    parser.add_argument("--missing-eos-penalty", type=float, help="subtracted from the score of a completion cut "
+                                                                  "at --max-new-tokens (default: none)")
+    parser.add_argument("--reward-device", help="device of the reward models (default: --device)")
+
+
+def _online_options(args: argparse.Namespace) -> object:
+    from .online import OnlineOptions
+
+    weights = None
+    if args.reward_weights:
+        try:
+            weights = [float(w) for w in args.reward_weights.split(",")]
+        except ValueError:
+            raise DPOError(f"--reward-weights: expected comma-separated numbers, got {args.reward_weights!r}") from None
+    return OnlineOptions(
+        rewards=args.reward, reward_models=args.reward_model, reward_weights=weights,
+        samples_per_prompt=args.samples_per_prompt, rounds=args.rounds, prompts_per_round=args.prompts_per_round,
+        ref_update=args.ref_update, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, sample_batch_size=args.sample_batch_size, missing_eos_penalty=args.missing_eos_penalty,
+        reward_device=args.reward_device)
 
 
 def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -161,6 +212,13 @@ def main(argv: list[str] | None = None) -> None:
             from .loop import train
 
             train(from_namespace(args, defaults=SFT_DEFAULTS))
+        elif args.command == "online":
+            from .online import ONLINE_DEFAULTS, online
+
+            if "data" in vars(args):
+                raise DPOError("--data is not used by online: the prompts are --prompts, and each round trains "
+                               "on its own pairs")
+            online(from_namespace(args, defaults={**ONLINE_DEFAULTS, "data": args.prompts}), _online_options(args))
         elif args.command == "generate":
             from .generate import generate_file
 

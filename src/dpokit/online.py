@@ -1,0 +1,527 @@
+"""`dpo online`: iterative DPO — sample from the policy, judge, pair, train, and again, round after round.
+
+    dpo online --model runs/sft/model --prompts prompts.jsonl --reward task.py:score --rounds 3
+    dpo online --model runs/sft/model --prompts prompts.jsonl --reward-model runs/rm --ref-update round
+
+A driver over the engine, not a second training loop. Each round r = 1..R:
+
+1. takes its prompts: all of them, or `prompts_per_round` from a stream of passes over the file, each pass a
+   permutation seeded by (seed, pass), so round r's prompts depend on the seed and r, never on R;
+2. samples K completions per prompt from the current policy (`generate.sample`: batched, KV cache, each
+   sequence seeded from (seed, round, prompt, sample), so a round gives the same samples whatever the batch size);
+3. scores them: reward functions `f(prompts, completions) -> floats` (what `dpo eval --reward` takes) and
+   sequence-classification reward models, summed with `reward_weights`, minus `missing_eos_penalty` for a
+   completion cut at `max_new_tokens` (TRL's OnlineDPO penalty);
+4. pairs each prompt's samples as ranked data is paired (`--pairs best-worst|all|adjacent`, data/formats.py):
+   equal scores make no pair, and are counted, as are pairs with an empty completion (the data formats refuse
+   one); writes them to OUTPUT/rounds/round-N.jsonl with score_chosen / score_rejected, data `dpo train` reads
+   as it is;
+5. trains on that file with `loop.train` into OUTPUT/rounds/round-N/ (a `dpo train` run folder), starting from
+   the previous round's model/ (for LoRA, its adapter). Each round is a fresh optimizer and schedule; --max-steps
+   and --epochs count per round.
+
+The reference (`ref_update`): "start" keeps the starting model (or --ref-model) for every round, as online DPO
+anchors to the SFT model (Guo et al. 2024, arXiv 2402.04792); "round" makes it the policy at the start of the round,
+as iterative DPO does (Xiong et al. 2024, arXiv 2312.11456, Alg. 1). TR-DPO's --ref-sync-every applies within a
+round. For LoRA, "start" is the adapter switched off; "round" needs --merge-lora, whose merged model/ is the next
+round's reference while its adapter/ goes on training.
+
+Resumable and exact: a round whose model/ exists is done and skipped; a round whose pairs file exists goes on
+training with `--resume latest` in its folder (from its last checkpoint with --save-every, else from its first
+step: the same weights either way). Every file is written under a temporary name and renamed, so a killed or
+failed run leaves no half-written round. OUTPUT/online_metrics.jsonl holds one row per finished round.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import random
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import evaluation, generate, loop, models, report
+from .config import Config
+from .data.formats import PAIRING, Text
+from .errors import DPOError
+from .run_folder import RESUME_MAY_CHANGE
+
+# `dpo online` changes these `dpo train` defaults: all sampled pairs train (no held-out share), and its own folder.
+ONLINE_DEFAULTS = {"output": "runs/online", "eval_fraction": 0.0}
+REF_UPDATES = ("start", "round")
+
+Judge = Callable[[list[Text], list[str]], Sequence[float]]
+
+
+@dataclass(frozen=True)
+class OnlineOptions:
+    """How `online` samples, judges and pairs; everything else (model, prompts as `data`, loss, beta, seed,
+    output, LoRA, checkpoints) is the `Config` of each round's training."""
+
+    rewards: Sequence[str | Judge] = ()        # module:function or file.py:function (or, from Python, callables)
+    reward_models: Sequence[str] = ()          # folders of sequence-classification reward models (one logit)
+    reward_weights: Sequence[float] | None = None  # one per judge, rewards first (default: all 1)
+    samples_per_prompt: int = 4                # K >= 2 completions per prompt per round
+    rounds: int = 3
+    prompts_per_round: int | None = None       # default: every prompt, every round
+    ref_update: str = "start"                  # start | round
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    sample_batch_size: int = 32                # sequences per sampling / reward-model forward pass
+    missing_eos_penalty: float | None = None   # subtracted from a completion cut at max_new_tokens
+    reward_device: str | None = None           # where reward models run (default: the policy's --device)
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.samples_per_prompt < 2:
+            found.append(f"--samples-per-prompt must be at least 2 (a pair needs two samples), "
+                         f"got {self.samples_per_prompt}")
+        for name in ("rounds", "max_new_tokens", "sample_batch_size", "prompts_per_round"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                found.append(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.ref_update not in REF_UPDATES:
+            found.append(f"--ref-update must be one of {', '.join(REF_UPDATES)}, got {self.ref_update!r}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            found.append("--temperature must be > 0 (greedy samples would all be the same) and --top-p in (0, 1]")
+        judges = len(self.rewards) + len(self.reward_models)
+        if judges == 0:
+            found.append("give a judge: --reward module:function and/or --reward-model PATH")
+        if self.reward_weights is not None and len(self.reward_weights) != judges:
+            found.append(f"--reward-weights has {len(self.reward_weights)} weights for {judges} judges "
+                         "(--reward functions first, then --reward-model folders)")
+        return found
+
+
+@dataclass
+class OnlineSummary:
+    """What `online` returns: the last round's model and one metrics row per finished round."""
+
+    output_dir: Path
+    model_dir: Path
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def metrics_path(self) -> Path:
+        return OnlineFiles(self.output_dir).metrics
+
+
+@dataclass(frozen=True)
+class OnlineFiles:
+    """Where an online run writes, named once:
+
+        online.json                 the run's options and config (a re-run must match them to continue)
+        online_metrics.jsonl        one row per finished round
+        rounds/round-N.jsonl        round N's scored pairs (explicit or conversational format)
+        rounds/round-N.stats.json   round N's sampling and scoring statistics
+        rounds/round-N/             round N's `dpo train` run folder; its model/ is the round's policy
+    """
+
+    root: Path
+
+    @property
+    def settings(self) -> Path:
+        return self.root / "online.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "online_metrics.jsonl"
+
+    @property
+    def rounds(self) -> Path:
+        return self.root / "rounds"
+
+    def pairs(self, n: int) -> Path:
+        return self.rounds / f"round-{n}.jsonl"
+
+    def stats(self, n: int) -> Path:
+        return self.rounds / f"round-{n}.stats.json"
+
+    def run(self, n: int) -> Path:
+        return self.rounds / f"round-{n}"
+
+    def done(self, n: int) -> bool:
+        model = self.run(n) / "model"
+        return model.is_dir() and any(model.iterdir())
+
+
+def online(cfg: Config, options: OnlineOptions) -> OnlineSummary:
+    """Run `options.rounds` rounds of sample -> judge -> pair -> train from `cfg.model` on the prompts in
+    `cfg.data`, into `cfg.output`; finished rounds of an earlier run with the same settings are skipped."""
+    check(cfg, options)
+    files = OnlineFiles(Path(cfg.output))
+    if cfg.overwrite_output:
+        for path in (files.rounds, files.metrics, files.settings):
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    check_same_run(files, cfg, options)
+    prompts = generate.read_prompts(cfg.data)
+    tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.model)
+    prompt_ids = generate.encode_prompts(tokenizer, prompts)
+    check_prompt_lengths(cfg, options, prompt_ids)
+    judges = load_judges(options, cfg)  # a judge that cannot load fails before anything is written
+    weights = list(options.reward_weights or [1.0] * len(judges))
+    write_atomic(files.settings, json.dumps(run_settings(cfg, options), indent=2) + "\n")
+    start_model: torch.nn.Module | None = None
+    for n in range(1, options.rounds + 1):
+        if files.done(n):
+            print(f"round {n}/{options.rounds}: done ({files.run(n) / 'model'}), skipped", flush=True)
+            continue
+        if not files.pairs(n).is_file():
+            if n > 1 and start_model is None:
+                start_model = load_policy(cfg, files, 1)
+            sample_round(n, cfg, options, files, tokenizer, prompts, prompt_ids, judges, weights, start_model)
+        print(f"round {n}/{options.rounds}: training on {files.pairs(n)}", flush=True)
+        loop.train(round_config(cfg, options, files, n))
+        write_metrics(files, options.rounds)
+    return OnlineSummary(files.root, files.run(options.rounds) / "model",
+                         report.read_metrics(files.metrics) if files.metrics.is_file() else [])
+
+
+def check(cfg: Config, options: OnlineOptions) -> None:
+    """Settings `online` cannot run with, all at once in one line."""
+    problems = options.problems()
+    if cfg.data == "synthetic":
+        problems.append("online needs prompts (--prompts FILE; `data` in Python): records with a prompt field")
+    if models.is_preset(cfg.model):
+        problems.append(f"--model {cfg.model}: online needs a model folder with its tokenizer, not a preset")
+    if options.ref_update == "round" and (cfg.lora_r or cfg.lora_adapter) and not cfg.merge_lora:
+        problems.append("--ref-update round with LoRA needs --merge-lora (the merged policy is the next round's "
+                        "reference; the adapter switched off is only the base model)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        problems.append("dpo online runs on one process; launch it without torchrun")
+    if problems:
+        raise DPOError("; ".join(problems))
+
+
+def run_settings(cfg: Config, options: OnlineOptions) -> dict[str, Any]:
+    """What makes the run the same run: the options (judges by name) and the config fields that change results."""
+    named = {**asdict(options), "rewards": [r if isinstance(r, str) else getattr(r, "__qualname__", repr(r))
+                                             for r in options.rewards]}
+    named = {k: list(v) if isinstance(v, tuple) else v for k, v in named.items()}
+    # the number of rounds may grow; batch size and device change only float rounding
+    return {"options": {k: v for k, v in named.items() if k not in ("rounds", "sample_batch_size", "reward_device")},
+            "config": {k: v for k, v in cfg.to_dict().items() if k not in RESUME_MAY_CHANGE}}
+
+
+def check_same_run(files: OnlineFiles, cfg: Config, options: OnlineOptions) -> None:
+    """A re-run continues the run in OUTPUT only with the same settings (more or fewer rounds are fine)."""
+    if not files.settings.is_file():
+        return
+    saved = json.loads(files.settings.read_text(encoding="utf-8"))
+    new = run_settings(cfg, options)
+    for part in ("options", "config"):
+        for name in sorted(set(saved[part]) | set(new[part])):
+            if saved[part].get(name) != new[part].get(name):
+                raise DPOError(f"{files.root} holds an online run with {name}={saved[part].get(name)!r}, not "
+                               f"{new[part].get(name)!r}; give the same settings to continue it, "
+                               "--overwrite-output to replace it, or another --output")
+
+
+def check_prompt_lengths(cfg: Config, options: OnlineOptions, prompt_ids: list[list[int]]) -> None:
+    """A prompt must fit the training limits as sampled (training would cut it, or the completion, otherwise)."""
+    for i, ids in enumerate(prompt_ids):
+        if cfg.max_prompt_length is not None and len(ids) > cfg.max_prompt_length:
+            raise DPOError(f"{cfg.data}: prompt {i} has {len(ids)} tokens, over --max-prompt-length "
+                           f"{cfg.max_prompt_length}: training would cut the prompt its samples were drawn from; "
+                           "raise --max-prompt-length or shorten the prompt")
+        if len(ids) + options.max_new_tokens > cfg.max_length:
+            raise DPOError(f"{cfg.data}: prompt {i} has {len(ids)} tokens, which with --max-new-tokens "
+                           f"{options.max_new_tokens} exceeds --max-length {cfg.max_length}; raise --max-length, "
+                           "lower --max-new-tokens or shorten the prompt")
+
+
+# ---- one round -------------------------------------------------------------------------------------------------
+
+
+def round_prompts(num_prompts: int, per_round: int | None, seed: int, n: int) -> list[int]:
+    """Indices of round n's prompts (n from 1): every prompt in file order, or the n-th slice of `per_round` from
+    a stream of passes, each pass a permutation of the prompts seeded by (seed, pass)."""
+    if per_round is None:
+        return list(range(num_prompts))
+    first, last = (n - 1) * per_round, n * per_round
+    out = []
+    for p in range(first // num_prompts, (last - 1) // num_prompts + 1):
+        order = list(range(num_prompts))
+        random.Random(f"online-prompts-{seed}-{p}").shuffle(order)
+        out += [i for k, i in enumerate(order, start=p * num_prompts) if first <= k < last]
+    return out
+
+
+def round_seed(seed: int, n: int) -> int:
+    """The sampling seed of round n: each (round, prompt, sample) gets its own stream (`generate._row_seed`)."""
+    return seed * 1_000 + n
+
+
+def sample_round(n: int, cfg: Config, options: OnlineOptions, files: OnlineFiles, tokenizer: Any,
+                 prompts: list[Text], prompt_ids: list[list[int]], judges: list[tuple[str, Judge]],
+                 weights: list[float], start_model: torch.nn.Module | None) -> None:
+    """Sample, score and pair round n; write its statistics, then its pairs (their presence marks the round
+    sampled)."""
+    chosen_prompts = round_prompts(len(prompts), options.prompts_per_round, cfg.seed, n)
+    policy = load_policy(cfg, files, n)
+    stops = generate.stop_ids(tokenizer, prompts)
+    samples = generate.sample(policy, [prompt_ids[i] for i in chosen_prompts], eos_id=stops,
+                              pad_id=tokenizer.pad_token_id, num_samples=options.samples_per_prompt,
+                              max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+                              top_p=options.top_p, seed=round_seed(cfg.seed, n), batch_size=options.sample_batch_size)
+    texts = [generate.completion_text(tokenizer, s.prompt_ids, s.completion_ids) for s in samples]
+    asked = [prompts[chosen_prompts[s.prompt_index]] for s in samples]
+    where = [f"round {n}, prompt {chosen_prompts[s.prompt_index]}" for s in samples]
+    scores = torch.zeros(len(samples), dtype=torch.float64)                      # [samples]
+    for (name, judge), weight in zip(judges, weights):
+        scores += weight * judge_scores(name, judge, asked, texts, where)
+    missing_eos = torch.tensor([not s.completion_ids or s.completion_ids[-1] not in stops for s in samples])
+    if options.missing_eos_penalty:
+        scores -= options.missing_eos_penalty * missing_eos.double()
+    records, counts = build_pairs(asked, texts, scores.tolist(), options.samples_per_prompt, cfg.pairs,
+                                  chosen_prompts)
+    if not records:
+        raise DPOError(f"round {n}: no pairs (all {options.samples_per_prompt} samples of every prompt scored the "
+                       f"same{' or were empty' if counts['empty_dropped'] else ''}); sample more (--samples-per-prompt, "
+                       "--temperature) or use a finer reward")
+    stats = {"round": n, "prompts": len(chosen_prompts), "samples": len(samples),
+             "samples/reward": scores.mean().item(), "samples/reward_std": scores.std().item(),
+             "samples/missing_eos": missing_eos.double().mean().item(),
+             "samples/completion_tokens": sum(len(s.completion_ids) for s in samples) / len(samples),
+             "pairs": len(records), "pairs/ties_dropped": counts["ties_dropped"],
+             "pairs/empty_dropped": counts["empty_dropped"],
+             "pairs/score_chosen": sum(r["score_chosen"] for r in records) / len(records),
+             "pairs/score_rejected": sum(r["score_rejected"] for r in records) / len(records)}
+    if start_model is None:  # round 1 samples from the starting model itself
+        stats["samples/kl"] = 0.0
+    else:  # KL(policy || starting model) per sequence, as `dpo eval` estimates it
+        log_ratios = (evaluation.completion_logps(policy, samples, batch_size=options.sample_batch_size).double()
+                      - evaluation.completion_logps(start_model, samples, batch_size=options.sample_batch_size).double())
+        stats["samples/kl"] = log_ratios.mean().item()
+    del policy
+    gc.collect()
+    print(f"round {n}/{options.rounds}: {len(samples)} samples of {len(chosen_prompts)} prompts, mean reward "
+          f"{stats['samples/reward']:.4f}; {len(records)} pairs ({counts['ties_dropped']} tied and "
+          f"{counts['empty_dropped']} with an empty completion dropped)", flush=True)
+    write_atomic(files.stats(n), json.dumps(stats, indent=2) + "\n")
+    write_atomic(files.pairs(n), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def judge_scores(name: str, judge: Judge, prompts: list[Text], completions: list[str], where: list[str],
+                 ) -> torch.Tensor:
+    """One judge's score of every completion `[samples]`, checked: one finite number each. A judge that raises
+    is asked again prompt by prompt to name the prompt it fails on."""
+    try:
+        values = list(judge(prompts, completions))
+    except Exception as err:  # the user's code: any exception is theirs to fix, reported in one line
+        failing = next((w for w in dict.fromkeys(where) if _raises(judge, prompts, completions, where, w)),
+                       where[0].split(",")[0])
+        raise DPOError(f"{name}: {failing}: raised {type(err).__name__}: {_first_line(err)}") from None
+    if len(values) != len(completions):
+        raise DPOError(f"{name}: {where[0].split(',')[0]}: returned {len(values)} values for {len(completions)} "
+                       "completions (one number per completion)")
+    scores = []
+    for i, value in enumerate(values):
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else (
+            value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else None)
+        if number is None or not math.isfinite(number):
+            raise DPOError(f"{name}: {where[i]}: returned {value!r} for a completion; a reward must be a finite "
+                           "number")
+        scores.append(number)
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+def _raises(judge: Judge, prompts: list[Text], completions: list[str], where: list[str], place: str) -> bool:
+    rows = [i for i, w in enumerate(where) if w == place]
+    try:
+        judge([prompts[i] for i in rows], [completions[i] for i in rows])
+    except Exception:  # noqa: BLE001 - locating the user's failure, not handling it
+        return True
+    return False
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else "(no message)"
+
+
+def rank_pairs(scores: Sequence[float], mode: str) -> tuple[list[tuple[int, int]], int]:
+    """(chosen, rejected) indices among one prompt's samples, paired as `data.formats` pairs ranked responses
+    (best first, equal scores in sample order): best-worst, adjacent ranks or all; and how many of those
+    candidate pairs were dropped because their scores tie."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    if mode == "best-worst":
+        candidates = [(order[0], order[-1])]
+    elif mode == "adjacent":
+        candidates = list(zip(order, order[1:]))
+    else:
+        candidates = [(a, b) for k, a in enumerate(order) for b in order[k + 1:]]
+    kept = [(a, b) for a, b in candidates if scores[a] > scores[b]]
+    return kept, len(candidates) - len(kept)
+
+
+def build_pairs(prompts: list[Text], texts: list[str], scores: list[float], k: int, mode: str,
+                prompt_indices: list[int]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The round file's records from samples in prompt order (`k` per prompt), and what was dropped."""
+    assert mode in PAIRING
+    records: list[dict[str, Any]] = []
+    counts = {"ties_dropped": 0, "empty_dropped": 0}
+    for start in range(0, len(texts), k):
+        kept, ties = rank_pairs(scores[start:start + k], mode)
+        counts["ties_dropped"] += ties
+        prompt = prompts[start]
+        for a, b in kept:
+            chosen, rejected = texts[start + a], texts[start + b]
+            if not chosen.strip() or not rejected.strip():
+                counts["empty_dropped"] += 1
+                continue
+            if not isinstance(prompt, str):  # message-list prompts: conversational records
+                chosen = [{"role": "assistant", "content": chosen}]      # type: ignore[assignment]
+                rejected = [{"role": "assistant", "content": rejected}]  # type: ignore[assignment]
+            records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                            "score_chosen": scores[start + a], "score_rejected": scores[start + b],
+                            "prompt_index": prompt_indices[start // k]})
+    return records, counts
+
+
+# ---- models of a round -----------------------------------------------------------------------------------------
+
+
+def load_policy(cfg: Config, files: OnlineFiles, n: int) -> torch.nn.Module:
+    """The policy at the start of round n, for sampling: the starting model (with --lora-adapter), else the
+    previous round's model/ (for LoRA without --merge-lora, the base with that adapter)."""
+    device = generate.resolve_device(cfg.device)
+    lora = cfg.lora_r or cfg.lora_adapter
+    merged = n > 1 and lora and cfg.merge_lora
+    path = str(files.run(n - 1) / "model") if n > 1 and (not lora or merged) else cfg.model
+    policy = models.load_model(path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
+    adapter = cfg.lora_adapter if n == 1 else None if merged or not lora else str(files.run(n - 1) / "model")
+    if adapter:
+        policy = models.load_lora_adapter(policy, adapter)
+    policy.requires_grad_(False)
+    return policy.to(device).eval()
+
+
+def round_config(cfg: Config, options: OnlineOptions, files: OnlineFiles, n: int) -> Config:
+    """Round n's `dpo train` settings: its pairs, its folder, the previous round's policy and the reference
+    `options.ref_update` asks for; `--resume latest` goes on from the round's last checkpoint, if any."""
+    changes: dict[str, Any] = {"data": str(files.pairs(n)), "format": None, "columns": None,
+                               "output": str(files.run(n)), "resume": "latest", "overwrite_output": False,
+                               "max_pairs": None}
+    previous = files.run(n - 1)
+    if n > 1 and (cfg.lora_r or cfg.lora_adapter):
+        changes["lora_adapter"] = str(previous / ("adapter" if cfg.merge_lora else "model"))
+        if options.ref_update == "round":
+            changes["ref_model"] = str(previous / "model")  # merged: the policy at the start of the round
+    elif n > 1:
+        changes["model"] = str(previous / "model")
+        changes["tokenizer"] = cfg.tokenizer or cfg.model
+        # "start": the starting model; "round": the default reference, a frozen copy of the round's start
+        changes["ref_model"] = (cfg.ref_model or cfg.model) if options.ref_update == "start" else None
+    return cfg.replace(**changes)
+
+
+def write_metrics(files: OnlineFiles, rounds: int) -> None:
+    """online_metrics.jsonl, rebuilt from the finished rounds: sampling statistics and the round's last training
+    and held-out rows (prefixed train/ and eval rows as they are)."""
+    rows = []
+    for n in range(1, rounds + 1):
+        if not (files.done(n) and files.stats(n).is_file()):
+            continue
+        row = json.loads(files.stats(n).read_text(encoding="utf-8"))
+        trained = report.read_metrics(files.run(n) / "metrics.jsonl")
+        train_rows = [r for r in trained if "loss" in r]
+        eval_rows = [r for r in trained if any(k.startswith("eval/") for k in r)]
+        if train_rows:
+            row |= {f"train/{k}": v for k, v in train_rows[-1].items() if k != "epoch"}
+        if eval_rows:
+            row |= {k: v for k, v in eval_rows[-1].items() if k.startswith("eval/")}
+        rows.append(row)
+    write_atomic(files.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename: the file is whole or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+# ---- judges ----------------------------------------------------------------------------------------------------
+
+
+def load_judges(options: OnlineOptions, cfg: Config) -> list[tuple[str, Judge]]:
+    """(name for messages, callable) per judge: the reward functions, then the reward models."""
+    judges: list[tuple[str, Judge]] = []
+    for reward in options.rewards:
+        if isinstance(reward, str):
+            judges.append((f"--reward {reward}", evaluation.load_reward(reward)))
+        else:
+            judges.append((f"reward {getattr(reward, '__qualname__', repr(reward))}", reward))
+    device = generate.resolve_device(options.reward_device or cfg.device)
+    for path in options.reward_models:
+        judges.append((f"--reward-model {path}", RewardModel(path, device=device, dtype=cfg.dtype,
+                                                             batch_size=options.sample_batch_size,
+                                                             max_length=cfg.max_length)))
+    return judges
+
+
+class RewardModel:
+    """A sequence-classification reward model (`AutoModelForSequenceClassification`, one logit): the score of a
+    prompt and completion is that logit, read through the model's chat template when it has one (as reward models
+    are trained on conversations), else on prompt + completion as text. Batched, no grad, right-padded (the
+    classifier reads the last non-pad token)."""
+
+    def __init__(self, path: str, *, device: torch.device, dtype: str, batch_size: int, max_length: int) -> None:
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        where = f"--reward-model {path}"
+        if not (Path(path) / "config.json").is_file():
+            raise DPOError(f"{where}: no model here (no config.json); give a folder saved from "
+                           "AutoModelForSequenceClassification")
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as err:
+            raise DPOError(f"{where}: could not read its config ({_first_line(err)})") from None
+        architectures = list(getattr(config, "architectures", None) or [])
+        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise DPOError(f"{where}: not a sequence classifier (it is {', '.join(architectures) or 'unnamed'}); "
+                           "give a reward model saved from AutoModelForSequenceClassification with num_labels=1")
+        if config.num_labels != 1:
+            raise DPOError(f"{where}: a reward model has one output (num_labels=1), this one has {config.num_labels}")
+        self.tokenizer = models.load_tokenizer(path)
+        self.tokenizer.padding_side = "right"
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=models.DTYPES[dtype])
+        except (OSError, ValueError, KeyError) as err:
+            raise DPOError(f"{where}: could not load it ({_first_line(err)})") from None
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.requires_grad_(False)
+        self.model.to(device).eval()
+        self.where, self.device, self.batch_size, self.max_length = where, device, batch_size, max_length
+        self.chat = bool(getattr(self.tokenizer, "chat_template", None))
+
+    def text(self, prompt: Text, completion: str) -> str:
+        if self.chat:
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            return self.tokenizer.apply_chat_template(  # type: ignore[no-any-return]
+                [*messages, {"role": "assistant", "content": completion}], tokenize=False)
+        if not isinstance(prompt, str):
+            raise DPOError(f"{self.where}: the prompts are message lists but the reward model's tokenizer has no "
+                           "chat template")
+        return prompt + completion
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[Text], completions: list[str]) -> list[float]:
+        texts = [self.text(p, c) for p, c in zip(prompts, completions)]
+        scores: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            encoded = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
+                                     max_length=self.max_length, add_special_tokens=not self.chat,
+                                     return_tensors="pt").to(self.device)
+            scores += self.model(**encoded).logits[:, 0].float().tolist()   # [rows]
+        return scores
