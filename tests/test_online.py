@@ -135,6 +135,19 @@ def test_a_failed_run_leaves_nothing_half_written_and_its_rerun_matches(full_run
     assert len(_rows(out / "online_metrics.jsonl")) == 2
 
 
+def test_lora_rounds_go_on_training_the_adapter_against_the_merged_policy(tmp_path, tiny_model_dir, prompts_file):
+    out = tmp_path / "lora"
+    online(_config(tiny_model_dir, prompts_file, out, lora_r=4, merge_lora=True), _options(ref_update="round"))
+    prompts = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines()]
+    records = _rows(out / "rounds" / "round-2.jsonl")  # sampled from round 1's merged policy
+    assert [(r["chosen"], r["rejected"]) for r in records] == _expected_pairs(
+        out / "rounds" / "round-1" / "model", tiny_model_dir, prompts, round_seed(42, 2))
+    trained = Config.from_yaml(out / "rounds" / "round-2" / "config.yaml")
+    assert trained.lora_adapter == str(out / "rounds" / "round-1" / "adapter")
+    assert trained.ref_model == str(out / "rounds" / "round-1" / "model")
+    assert (out / "rounds" / "round-2" / "adapter" / "adapter_config.json").is_file()
+
+
 def test_samples_are_the_same_whatever_the_batch_size(full_run, tmp_path, tiny_model_dir, prompts_file):
     out = tmp_path / "batch1"
     online(_config(tiny_model_dir, prompts_file, out), _options(rounds=1, sample_batch_size=1))
