@@ -62,13 +62,12 @@ def make_tokenizer(path: Path, vocab: list[str]):
 def time_dpokit(data: Path, tokenizer, cache_dir: Path):
     from dpokit.data import preparation as pipeline
 
-    settings = dict(data=str(data), eval_data=None, tokenizer=tokenizer, seed=0, eval_fraction=0.0, max_length=4096,
-                    max_prompt_length=2048, cache_dir=str(cache_dir))
+    settings = pipeline.DataSettings(str(data), max_length=4096, max_prompt_length=2048)
     start = time.perf_counter()
-    cold = pipeline.prepare(**settings)
+    cold = pipeline.prepare(settings, tokenizer, cache_dir=str(cache_dir))
     cold_s = time.perf_counter() - start
     start = time.perf_counter()
-    hit = pipeline.prepare(**settings)
+    hit = pipeline.prepare(settings, tokenizer, cache_dir=str(cache_dir))
     hit_s = time.perf_counter() - start
     assert "loaded tokenized data from the cache" in hit.notes[-1] and hit.train == cold.train
     return cold, cold_s, hit_s

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -144,15 +145,14 @@ def sft_jsonl(tmp_path) -> Path:
 
 
 def test_sft_data_is_refused_for_a_preference_loss_and_taken_for_sft(sft_jsonl, tokenizer):
-    from dpokit.data.preparation import prepare
+    from dpokit.data.preparation import DataSettings, prepare
 
-    common = dict(data=str(sft_jsonl), eval_data=None, tokenizer=tokenizer, seed=0, eval_fraction=0.25, cache=False)
+    settings = DataSettings(str(sft_jsonl), eval_fraction=0.25)
     with pytest.raises(DPOError, match=r"sft.jsonl holds SFT .*`dpo sft` \(or --loss sft\)"):
-        prepare(**common, sft=False)
-    assert len(prepare(**common, sft=True).train) == 12
+        prepare(replace(settings, sft=False), tokenizer, cache=False)
+    assert len(prepare(replace(settings, sft=True), tokenizer, cache=False).train) == 12
 
 
-@pytest.mark.xfail(strict=True, reason="the loop does not pass prepare(sft=...) yet (lead's wiring)")
 def test_dpo_train_on_sft_data_is_refused_naming_dpo_sft(tmp_path, tiny_model_dir, sft_jsonl, capsys):
     code, _, err = run_cli(["train", "--model", str(tiny_model_dir), "--data", str(sft_jsonl), "--output",
                             str(tmp_path / "o"), "--max-steps", "1", "--no-progress"], capsys)
@@ -162,7 +162,6 @@ def test_dpo_train_on_sft_data_is_refused_naming_dpo_sft(tmp_path, tiny_model_di
 # ---- a reused output folder ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="the loop does not call run_folder.check_fresh_output yet (lead's wiring)")
 def test_a_fresh_run_into_another_runs_folder_stops(tmp_path, tiny_model_dir, pairs_jsonl, capsys):
     (tmp_path / "checkpoints" / "step-285").mkdir(parents=True)
     code, _, err = run_cli(["train", "--model", str(tiny_model_dir), "--data", str(pairs_jsonl), "--output",

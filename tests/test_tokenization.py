@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -142,10 +143,10 @@ class CountingTokenizer:
         return getattr(self.inner, name)
 
 
-def prepare(path, tokenizer, cache_dir, **overrides):
-    settings = dict(data=str(path), eval_data=None, tokenizer=tokenizer, seed=0, eval_fraction=0.25,
-                    max_length=128, max_prompt_length=64, cache_dir=str(cache_dir))
-    return pipeline.prepare(**{**settings, **overrides})
+def prepare(path, tokenizer, cache_dir, cache=True, **overrides):
+    settings = pipeline.DataSettings(data=str(path), seed=0, eval_fraction=0.25, max_length=128,
+                                     max_prompt_length=64)
+    return pipeline.prepare(replace(settings, **overrides), tokenizer, cache=cache, cache_dir=str(cache_dir))
 
 
 def test_cache_hit_on_a_second_run_and_misses_when_inputs_change(tokenizer, tmp_path):
@@ -184,8 +185,8 @@ def test_unpaired_preparation(tokenizer, tmp_path):
     assert [p.extras["label"] for p in kto.train] == [1.0, 0.0, 1.0, 1.0, 0.0]
     with pytest.raises(DPOError, match="unpaired loss such as --loss kto"):
         prepare(EXAMPLES / "kto.jsonl", tokenizer, tmp_path, eval_fraction=0.0)
-    synthetic = pipeline.prepare(data="synthetic", eval_data=None, tokenizer=None, seed=0, eval_fraction=0.5,
-                                 max_pairs=8, unpaired=True)
+    synthetic = pipeline.prepare(pipeline.DataSettings("synthetic", eval_fraction=0.5, max_pairs=8, unpaired=True),
+                                 None)
     assert len(synthetic.train) == 8 and {p.extras["label"] for p in synthetic.train} == {0.0, 1.0}
 
 

@@ -170,12 +170,8 @@ def run_settings(run: str) -> dict[str, Any]:
 def _held_out(cfg: Any, tokenizer: Any) -> list[TokenizedPair]:
     """The run's own held-out pairs: its data prepared again with its split settings (the same seed, the same
     pairs; a cache hit when the run cached them)."""
-    prepared = pipeline.prepare(
-        data=cfg.data, eval_data=cfg.eval_data, tokenizer=tokenizer, seed=cfg.seed, eval_fraction=cfg.eval_fraction,
-        data_split=cfg.data_split, eval_split=cfg.eval_split, format=cfg.format, columns=cfg.columns,
-        pairs=cfg.pairs, max_pairs=cfg.max_pairs, skip_invalid=cfg.skip_invalid, max_length=cfg.max_length,
-        max_prompt_length=cfg.max_prompt_length, max_completion_length=cfg.max_completion_length,
-        truncation_mode=cfg.truncation_mode, cache=cfg.cache, cache_dir=cfg.cache_dir)
+    prepared = pipeline.prepare(pipeline.DataSettings.from_settings(cfg.to_dict()), tokenizer, cache=cfg.cache,
+                                cache_dir=cfg.cache_dir)
     if not prepared.eval:
         raise DPOError(f"--run: the run held out no pairs (--eval-fraction {cfg.eval_fraction}, no --eval-data); "
                        "give --data or --prompts")
@@ -203,9 +199,8 @@ def evaluate_models(*, model: str, ref_model: str, data: str | None = None, prom
     metrics: dict[str, float] = {}
     held_out = None
     if data is not None:
-        held_out = pipeline.prepare(data=data, eval_data=None, tokenizer=loaded_tokenizer, seed=0,
-                                    eval_fraction=0.0, max_length=max_length,
-                                    max_prompt_length=max_prompt_length).train
+        settings = pipeline.DataSettings(data, max_length=max_length, max_prompt_length=max_prompt_length)
+        held_out = pipeline.prepare(settings, loaded_tokenizer).train
     elif prompts is None:
         held_out = _held_out(run_config, loaded_tokenizer)
     if held_out is not None:

@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, distributed, host_memory, model_card, models, report, trackers
+from . import checkpoint, distributed, host_memory, model_card, models, report, run_folder, trackers
 from .batching import Batch, make_batch
 from .config import Config
 from .data import preparation as pipeline
 from .data.tokenization import TokenizedPair
-from .errors import DPOError, TrainingFailure
+from .errors import DPOError, TrainingFailure, import_extra
 from .metrics import MetricMeter
 from .objective import BatchLoss, Objective
 from .pair_sampler import StepBatches, even_shares, micro_batches
@@ -73,6 +73,9 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
     seed_everything(cfg.seed)
     files = RunFiles(Path(cfg.output))
     tracker_names = trackers.parse_report_to(cfg.report_to)  # a missing extra fails now, not after loading
+    if cfg.lora_r or cfg.lora_adapter:
+        import_extra("peft", "lora", "--lora-r" if cfg.lora_r else "--lora-adapter")
+    claim_output(cfg, files, dist)
 
     # ---- set-up, phase by phase --------------------------------------------------------------------------------
     objective = Objective.from_config(cfg)
@@ -183,20 +186,28 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
 
 
 def prepare_data(cfg: Config, objective: Objective) -> tuple[Any, pipeline.PreparedData]:
-    """The tokenizer (None for a preset model on the built-in task) and the tokenized train / eval pairs,
-    checked against what the losses need from the data."""
-    tokenizer = None if models.is_preset(cfg.model) else models.load_tokenizer(cfg.tokenizer or cfg.model)
-    if cfg.data != "synthetic" and tokenizer is None:
+    """The tokenizer and the tokenized train / eval pairs, checked against what the losses need from the data."""
+    if cfg.data != "synthetic" and models.is_preset(cfg.model) and not cfg.tokenizer:
         raise DPOError(f"--data {cfg.data} needs a tokenizer: pass --model PATH (or --tokenizer PATH)")
-    data = pipeline.prepare(
-        data=cfg.data, eval_data=cfg.eval_data, tokenizer=tokenizer, seed=cfg.seed, eval_fraction=cfg.eval_fraction,
-        data_split=cfg.data_split, eval_split=cfg.eval_split, format=cfg.format, columns=cfg.columns,
-        max_pairs=cfg.max_pairs, skip_invalid=cfg.skip_invalid, max_length=cfg.max_length,
-        max_prompt_length=cfg.max_prompt_length, max_completion_length=cfg.max_completion_length,
-        truncation_mode=cfg.truncation_mode, pairs=cfg.pairs, unpaired=not objective.paired,
-        cache=cfg.cache, cache_dir=cfg.cache_dir, progress=cfg.progress)
+    tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.model)  # a preset's: the built-in task's symbols
+    settings = pipeline.DataSettings.from_settings(cfg.to_dict(), unpaired=not objective.paired,
+                                                   sft=all(spec.name == "sft" for spec in objective.specs))
+    data = pipeline.prepare(settings, tokenizer, cache=cfg.cache, cache_dir=cfg.cache_dir, progress=cfg.progress)
     objective.check_data(cfg, frozenset.intersection(*(frozenset(p.extras) for p in data.train + data.eval)))
     return tokenizer, data
+
+
+def claim_output(cfg: Config, files: RunFiles, dist: distributed.Dist) -> None:
+    """Refuse (or with --overwrite-output, clear) a folder holding another run, before anything is written there;
+    rank 0 looks, and every rank stops when it refuses."""
+    refusal = None
+    if dist.is_main:
+        try:
+            run_folder.check_fresh_output(files.root, cfg.resume, cfg.overwrite_output)
+        except DPOError as err:
+            refusal = err
+    if distributed.any_rank(refusal is not None, dist):
+        raise refusal or DPOError(f"{files.root}: refused by rank 0 (see its message)")
 
 
 def step_batches(cfg: Config, data: pipeline.PreparedData, consumed: int, dist: distributed.Dist) -> StepBatches:
@@ -218,8 +229,11 @@ def restore(cfg: Config, files: RunFiles, built: Models, optimizer: torch.optim.
         return None
     resumed = checkpoint.load(cfg.resume, files.root, print if dist.is_main else _quiet)
     if resumed is None:
+        if dist.is_main:
+            print(f"no checkpoint in {files.checkpoints}: starting a fresh run", flush=True)
         return None
     record = resumed.record
+    check_same_run(cfg, resumed, record.world_size or dist.world_size, dist.world_size)
     if resumed.sharded:  # DCP reshards: written by any number of ranks, read by any number, sharded or not
         try:
             distributed.load_sharded(resumed.path / checkpoint.SHARDED, built.policy, optimizer)
@@ -239,6 +253,22 @@ def restore(cfg: Config, files: RunFiles, built: Models, optimizer: torch.optim.
         checkpoint.restore_metrics(resumed.path, files.metrics)  # rows after it are redone
     print(f"resuming from {resumed.path}", flush=True)
     return resumed
+
+
+def check_same_run(cfg: Config, resumed: checkpoint.Loaded, saved_world_size: int, world_size: int) -> None:
+    """Refuse to resume a checkpoint of another run: another model, data, loss, global batch or sequence limits
+    (what may change is `run_folder.RESUME_MAY_CHANGE`, listed in the README)."""
+    saved_config = RunFiles(resumed.path.parent.parent).config
+    if not saved_config.is_file():
+        return
+    import yaml
+
+    saved = yaml.safe_load(saved_config.read_text(encoding="utf-8")) or {}
+    differences = run_folder.resume_differences(saved, cfg.to_dict(), saved_world_size=saved_world_size,
+                                                world_size=world_size)
+    if differences:
+        raise DPOError(f"--resume: {resumed.path} belongs to a run with other settings: {'; '.join(differences)} "
+                       "(the README lists what may change on resume; or start over with --overwrite-output)")
 
 
 def open_reporter(cfg: Config, files: RunFiles, total_steps: int, tracker_names: list[str], resumed: bool,

@@ -1,6 +1,6 @@
 """From a data argument to tokenized train and eval pairs: load, split, (unpair), tokenize, report, cache.
 
-Glue between the data rooms (formats, tokenization, data_cache, synthetic); takes plain arguments, returns plain
+Glue between the data rooms (formats, tokenization, cache, synthetic); takes a `DataSettings`, returns plain
 lists. With `cache=True` a second call with the same data bytes, tokenizer and settings loads the result from
 disk instead of redoing it.
 """
@@ -8,7 +8,8 @@ disk instead of redoing it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,30 +29,63 @@ class PreparedData:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def prepare(*, data: str, eval_data: str | None, tokenizer: Any, seed: int, eval_fraction: float,
-            data_split: str = "train", eval_split: str | None = None, format: str | None = None,
-            columns: str | None = None, pairs: str = "best-worst", max_pairs: int | None = None,
-            skip_invalid: bool = False, max_length: int = 1024, max_prompt_length: int | None = None,
-            max_completion_length: int | None = None, truncation_mode: str = "keep_end", unpaired: bool = False,
-            sft: bool | None = None, cache: bool = True, cache_dir: str | None = None, progress: bool = False,
-            ) -> PreparedData:
-    """Train and eval pairs for the loop. `unpaired=True` (a loss with `paired=False`, e.g. KTO) turns paired
+@dataclass(frozen=True)
+class DataSettings:
+    """What to read and how to turn it into tokenized pairs; each field is the `dpo train` setting of its name."""
+
+    data: str
+    eval_data: str | None = None
+    data_split: str = "train"
+    eval_split: str | None = None           # default "test"
+    format: str | None = None               # None: detected from the records
+    columns: str | None = None
+    pairs: str = "best-worst"               # how ranked data becomes pairs
+    max_pairs: int | None = None
+    skip_invalid: bool = False
+    seed: int = 0
+    eval_fraction: float = 0.0              # held out from `data` when there is no `eval_data`
+    max_length: int = 1024
+    max_prompt_length: int | None = None
+    max_completion_length: int | None = None
+    truncation_mode: str = "keep_end"
+    unpaired: bool = False                  # a loss with `paired=False` (KTO): labelled single completions
+    sft: bool | None = None                 # the run's losses are all `sft` (None: do not check the data's kind)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], **overrides: Any) -> DataSettings:
+        """The fields found in `settings` (e.g. `Config.to_dict()`), then `overrides`."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in settings.items() if k in names}, **overrides})
+
+    def load_options(self) -> dict[str, Any]:
+        """`formats.load_pairs`'s keywords."""
+        return dict(format=self.format, columns=self.columns, pairs=self.pairs, max_pairs=self.max_pairs,
+                    skip_invalid=self.skip_invalid, seed=self.seed)
+
+    def limits(self) -> dict[str, Any]:
+        """`tokenization.tokenize_pairs`'s truncation keywords."""
+        return dict(max_length=self.max_length, max_prompt_length=self.max_prompt_length,
+                    max_completion_length=self.max_completion_length, truncation_mode=self.truncation_mode)
+
+
+def prepare(settings: DataSettings, tokenizer: Any, *, cache: bool = True, cache_dir: str | None = None,
+            progress: bool = False) -> PreparedData:
+    """Train and eval pairs for the loop. `settings.unpaired` (a loss with `paired=False`, e.g. KTO) turns paired
     data into labelled examples with mismatched completions (`formats.to_unpaired`).
 
-    `sft`: whether the run's losses are all `sft`. SFT-format data (chosen = rejected) is refused when they are
-    not, as unpaired data is without an unpaired loss: a preference loss learns nothing from it and looks like
-    it trains. None does not check (callers that only score the data).
+    `settings.sft`: whether the run's losses are all `sft`. SFT-format data (chosen = rejected) is refused when
+    they are not, as unpaired data is without an unpaired loss: a preference loss learns nothing from it and
+    looks like it trains. None does not check (callers that only score the data).
     """
+    data, eval_data, seed, sft = settings.data, settings.eval_data, settings.seed, settings.sft
     if data == "synthetic":
-        return _synthetic(max_pairs or SYNTHETIC_PAIRS, seed, eval_fraction, unpaired)
-    settings = dict(format=format, columns=columns, pairs=pairs, max_pairs=max_pairs, skip_invalid=skip_invalid,
-                    max_length=max_length, max_prompt_length=max_prompt_length, eval_fraction=eval_fraction,
-                    max_completion_length=max_completion_length, truncation_mode=truncation_mode, seed=seed,
-                    unpaired=unpaired, sft=sft)
-    eval_split = eval_split or "test"
-    sources = [(data, data_split)] + ([(eval_data, eval_split)] if eval_data else [])
+        return _synthetic(settings.max_pairs or SYNTHETIC_PAIRS, seed, settings.eval_fraction, settings.unpaired)
+    eval_split = settings.eval_split or "test"
+    sources = [(data, settings.data_split)] + ([(eval_data, eval_split)] if eval_data else [])
+    key_settings = {k: v for k, v in asdict(settings).items() if k not in ("data", "eval_data", "data_split",
+                                                                           "eval_split")}
     directory = Path(cache_dir) if cache_dir else data_cache.default_dir()
-    key = data_cache.cache_key(sources=sources, tokenizer=tokenizer, settings=settings) if cache else None
+    key = data_cache.cache_key(sources=sources, tokenizer=tokenizer, settings=key_settings) if cache else None
     if key is not None and (hit := data_cache.load(directory, key)) is not None:
         notes = hit.meta["notes"] + [f"loaded tokenized data from the cache {directory / key}.npz (--no-cache "
                                      "redoes it)"]
@@ -59,11 +93,10 @@ def prepare(*, data: str, eval_data: str | None, tokenizer: Any, seed: int, eval
                             hit.meta["counts"])
 
     started = time.perf_counter()
-    load = dict(format=format, columns=columns, pairs=pairs, max_pairs=max_pairs, skip_invalid=skip_invalid,
-                seed=seed)
-    loaded, report = formats.load_pairs(data, split=data_split, **load)
+    load = settings.load_options()
+    loaded, report = formats.load_pairs(data, split=settings.data_split, **load)
     notes = report.lines()
-    if report.format == "unpaired" and not unpaired:
+    if report.format == "unpaired" and not settings.unpaired:
         raise DPOError(f"{data} holds unpaired (prompt/completion/label) examples: train them with an unpaired "
                        "loss such as --loss kto")
     if report.format == "sft" and sft is False:
@@ -79,12 +112,11 @@ def prepare(*, data: str, eval_data: str | None, tokenizer: Any, seed: int, eval
             raise DPOError(f"--eval-data {eval_data} holds SFT (prompt/completion or text) records: a preference "
                            "loss cannot score them; give preference pairs, or train with `dpo sft` (or --loss sft)")
     else:
-        train_pairs, eval_pairs = formats.split_pairs(loaded, eval_fraction, seed)
-    if unpaired:
+        train_pairs, eval_pairs = formats.split_pairs(loaded, settings.eval_fraction, seed)
+    if settings.unpaired:
         train_pairs = formats.to_unpaired(train_pairs, seed)
         eval_pairs = formats.to_unpaired(eval_pairs, seed + 1) if eval_pairs else []
-    limits = dict(max_length=max_length, max_prompt_length=max_prompt_length,
-                  max_completion_length=max_completion_length, truncation_mode=truncation_mode, progress=progress)
+    limits = {**settings.limits(), "progress": progress}
     train, train_trunc = tokenization.tokenize_pairs(train_pairs, tokenizer, **limits)
     held_out, eval_trunc = tokenization.tokenize_pairs(eval_pairs, tokenizer, **limits)
     notes += [f"train: {line}" for line in train_trunc.lines()]
