@@ -3,8 +3,9 @@
 The key is a hash of everything the result depends on: the data's bytes (every file, or a hub dataset's
 `datasets` fingerprint), the tokenizer (its full serialised vocabulary, merges, normaliser, special tokens and
 chat template), the settings (format, columns, limits, seed, ...) and the source of the modules that produce it
-(`formats.py`, `sources.py`, `tokenization.py`), so editing them never serves stale tokens. An entry is one `.npz` file of
-flat token arrays written atomically (no pickle: loading a cache file cannot run code).
+(`formats.py`, `sources.py`, `tokenization.py`, `encoding.py`), so editing them never serves stale tokens. An
+entry is one `.npz` file of flat token arrays written atomically (no pickle: loading a cache file cannot run
+code).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import import_extra
-from . import formats, sources, tokenization
+from . import encoding, formats, sources, tokenization
 from .tokenization import TokenizedPair
 
 VERSION = 1
@@ -157,4 +158,4 @@ def _file_hash(path: Path) -> str:
 
 
 def _code_fingerprint() -> str:
-    return "".join(_file_hash(Path(module.__file__)) for module in (formats, sources, tokenization))  # type: ignore[arg-type]
+    return "".join(_file_hash(Path(module.__file__)) for module in (formats, sources, tokenization, encoding))  # type: ignore[arg-type]

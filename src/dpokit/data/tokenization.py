@@ -3,7 +3,9 @@
 The boundary is where most silent DPO bugs live. We tokenize `prompt` and `prompt + completion` and cut at
 their common token prefix, so a BPE merge across the boundary never makes the scored completion differ from
 what the model sees at inference; the prompt is the prefix common to the prompt and both full texts, so chosen
-and rejected share it token for token (which is what lets the prompt be forwarded once).
+and rejected share it token for token (which is what lets the prompt be forwarded once). The full texts' ids
+come from `encoding`, which tokenizes each completion behind the prompt's last few tokens only, and chunks of
+pairs are tokenized in forked processes (`tokenize_pairs`): the same ids, about half the tokens, every CPU.
 
 Special tokens: plain text gets the tokenizer's own special tokens (BOS) once; a doubled BOS (text that already
 starts with it) is collapsed. Plain completions end with EOS exactly once. Chat messages are rendered with the
@@ -21,14 +23,20 @@ the prompt is taken as the full rendering shows it: everything before the first 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import multiprocessing
+import os
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import DPOError
+from . import encoding
 from .formats import PreferencePair, Text
 
 CHUNK = 4096  # pairs per batched tokenizer call: bounds memory, drives the progress bar
+PARALLEL_MIN = 4096  # fewer pairs are tokenized in this process: starting workers would cost more than it saves
+MAX_WORKERS = 16
 BOUNDARY_MARK = "\u2063dpokit-boundary\u2063"  # message content no template rewrites, found again in its rendering
 
 
@@ -58,7 +66,15 @@ class TruncationReport:
     boundary_mismatches: int = 0
     template_mismatches: int = 0
     doubled_bos: int = 0
+    tail_fallbacks: int = 0  # pairs tokenized in full: their prompt's tail failed `encoding`'s checks
     boundary_example: str = ""  # the prompt tail left out of the first mismatched pair, decoded
+
+    def add(self, other: TruncationReport) -> None:
+        """Count `other`'s pairs too (a later chunk of the same data)."""
+        for name in ("pairs_in", "truncated_prompts", "truncated_completions", "dropped", "boundary_mismatches",
+                     "template_mismatches", "doubled_bos", "tail_fallbacks"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.boundary_example = self.boundary_example or other.boundary_example
 
     def lines(self) -> list[str]:
         out = []
@@ -80,6 +96,9 @@ class TruncationReport:
                        "the full conversation, as training sees it")
         if self.doubled_bos:
             out.append(f"removed a doubled BOS token in {self.doubled_bos} pairs (the text already started with it)")
+        if self.tail_fallbacks:
+            out.append(f"tokenized {self.tail_fallbacks} of {self.pairs_in} pairs in full (slower, same ids): their "
+                       "prompt's last tokens came out differently when tokenized with the completion")
         return out
 
 
@@ -130,25 +149,88 @@ def truncate_pair(pair: TokenizedPair, *, max_length: int, max_prompt_length: in
 
 def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer: Any, *, max_length: int,
                    max_prompt_length: int | None = None, max_completion_length: int | None = None,
-                   truncation_mode: str = "keep_end", progress: bool = False,
+                   truncation_mode: str = "keep_end", progress: bool = False, workers: int | None = None,
                    ) -> tuple[list[TokenizedPair], TruncationReport]:
-    """Tokenize pairs (batched, with the fast tokenizer) with the exact boundary, EOS and truncation rules above."""
+    """Tokenize pairs (batched, with the fast tokenizer) with the exact boundary, EOS and truncation rules above.
+
+    `workers`: processes tokenizing chunks of pairs at once (1: this process only; None: one per CPU this
+    process may use, shared with the other ranks on the node, from PARALLEL_MIN pairs on, on Linux). Chunks
+    come back in order and are tokenized the same way wherever they run, so the result does not depend on it.
+    """
     from tqdm import tqdm
 
-    report = TruncationReport(pairs_in=len(pairs))
     limits = dict(max_length=max_length, max_prompt_length=max_prompt_length,
                   max_completion_length=max_completion_length, truncation_mode=truncation_mode)
-    out = []
+    report = TruncationReport()
+    out: list[TokenizedPair] = []
     with tqdm(total=len(pairs), desc="tokenize", unit="pair", disable=None if progress else True,
               mininterval=0.5) as bar:
-        for start in range(0, len(pairs), CHUNK):
-            chunk = pairs[start:start + CHUNK]
-            for pair, tokenized in zip(chunk, _tokenize_chunk(chunk, tokenizer, report)):
-                kept = None if tokenized is None else truncate_pair(tokenized, report=report, **limits)
-                if kept is not None:
-                    out.append(kept)
-            bar.update(len(chunk))
+        for kept, part in _prepared_chunks(pairs, tokenizer, limits, workers):
+            out.extend(kept)
+            report.add(part)
+            bar.update(part.pairs_in)
     return out, report
+
+
+def default_workers(num_pairs: int) -> int:
+    """Processes `tokenize_pairs` uses by default (see there)."""
+    if num_pairs < PARALLEL_MIN or not sys.platform.startswith("linux") or multiprocessing.current_process().daemon:
+        return 1
+    cpus = len(os.sched_getaffinity(0))
+    return max(1, min(MAX_WORKERS, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+
+
+def _prepared_chunks(pairs: Sequence[PreferencePair], tokenizer: Any, limits: dict[str, Any], workers: int | None,
+                     ) -> Iterator[tuple[list[TokenizedPair], TruncationReport]]:
+    """`_prepare_chunk` over consecutive chunks of `pairs`, in order, in `workers` forked processes.
+
+    Forked, the workers find the pairs and the tokenizer in memory (nothing is pickled on the way in). Each is
+    one process tokenizing on one thread: `TOKENIZERS_PARALLELISM=false` while they fork, since a Rust thread
+    pool does not survive a fork (the tokenizers library would otherwise turn it off itself, with a warning).
+    """
+    global _FORKED
+    workers = workers or default_workers(len(pairs))
+    if workers <= 1:
+        for start in range(0, len(pairs), CHUNK):
+            yield _prepare_chunk(pairs[start:start + CHUNK], tokenizer, limits)
+        return
+    size = min(CHUNK, max(PARALLEL_MIN // 8, -(-len(pairs) // (4 * workers))))  # ~4 chunks a worker: balanced
+    _FORKED = (pairs, tokenizer, limits, size)
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = multiprocessing.get_context("fork").Pool(workers)
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+    try:
+        with pool:
+            yield from pool.imap(_prepare_chunk_in_worker, range(0, len(pairs), size))
+    finally:
+        _FORKED = None
+
+
+_FORKED: tuple[Sequence[PreferencePair], Any, dict[str, Any], int] | None = None  # what forked workers read
+
+
+def _prepare_chunk_in_worker(start: int) -> tuple[list[TokenizedPair], TruncationReport]:
+    assert _FORKED is not None, "only forked by _prepared_chunks"
+    pairs, tokenizer, limits, size = _FORKED
+    return _prepare_chunk(pairs[start:start + size], tokenizer, limits)
+
+
+def _prepare_chunk(pairs: Sequence[PreferencePair], tokenizer: Any, limits: dict[str, Any],
+                   ) -> tuple[list[TokenizedPair], TruncationReport]:
+    """The kept pairs of one chunk, tokenized and truncated, and what that did."""
+    report = TruncationReport(pairs_in=len(pairs))
+    kept = []
+    for tokenized in _tokenize_chunk(pairs, tokenizer, report):
+        pair = None if tokenized is None else truncate_pair(tokenized, report=report, **limits)
+        if pair is not None:
+            kept.append(pair)
+    return kept, report
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[Text]) -> list[list[int]]:
@@ -156,7 +238,7 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Text]) -> list[list[int]]:
     message lists rendered with the generation prompt (BOS once)."""
     plain = [p for p in prompts if isinstance(p, str)]
     chat = [_render(tokenizer, p, generation_prompt=True) for p in prompts if not isinstance(p, str)]
-    plain_ids = iter(_encode(tokenizer, plain, special=True))
+    plain_ids = iter(encoding.encode(tokenizer, plain, special=True))
     chat_ids = iter(_chat_ids(tokenizer, chat))
     bos = tokenizer.bos_token_id
     out = []
@@ -171,7 +253,7 @@ def end_of_turn_id(tokenizer: Any) -> int | None:
     `<|im_end|>`, `<end_of_turn>`, `</s>`), where sampling a chat reply stops; None when it is not one token."""
     text = _render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": BOUNDARY_MARK}])
     after = text[text.find(BOUNDARY_MARK) + len(BOUNDARY_MARK):] if BOUNDARY_MARK in text else ""
-    ids, = _encode(tokenizer, [after], special=False) if after else ([],)
+    ids, = encoding.encode(tokenizer, [after], special=False) if after else ([],)
     if ids and tokenizer.convert_ids_to_tokens(ids[0]) in {*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()}:
         return int(ids[0])
     return None
@@ -179,23 +261,20 @@ def end_of_turn_id(tokenizer: Any) -> int | None:
 
 def _tokenize_chunk(pairs: Sequence[PreferencePair], tokenizer: Any, report: TruncationReport,
                     ) -> list[TokenizedPair | None]:
-    """Encode prompt, prompt+chosen and prompt+rejected of every pair in three batched calls per text kind."""
-    texts: list[list[str]] = [[], [], []]      # prompt, prompt+chosen, prompt+rejected
-    chat_texts: list[list[str]] = [[], [], []]
+    """Ids of prompt, prompt+chosen and prompt+rejected of every pair (`encoding.encode_triples`), cut at the
+    boundary."""
     is_chat = [_is_chat(p) for p in pairs]
-    for pair, chat in zip(pairs, is_chat):
-        if chat:
-            for bucket, text in zip(chat_texts, _render_pair(tokenizer, pair, report)):
-                bucket.append(text)
-        else:
-            for bucket, text in zip(texts, (pair.prompt, pair.prompt + pair.chosen, pair.prompt + pair.rejected)):
-                bucket.append(text)
-    plain = zip(*[_encode(tokenizer, bucket, special=True) for bucket in texts])
-    chat = zip(*[_chat_ids(tokenizer, bucket) for bucket in chat_texts])
+    plain = [(p.prompt, p.prompt + p.chosen, p.prompt + p.rejected) for p, chat in zip(pairs, is_chat) if not chat]
+    chat = [_render_pair(tokenizer, p, report) for p, chat in zip(pairs, is_chat) if chat]
+    plain_ids, plain_fallbacks = encoding.encode_triples(tokenizer, plain, special=True)
+    chat_ids, chat_fallbacks = encoding.encode_triples(tokenizer, chat, special=False,
+                                                       lead=_leading_special_ids(tokenizer, chat[0][0]) if chat else ())
+    report.tail_fallbacks += plain_fallbacks + chat_fallbacks
+    plain_iter, chat_iter = iter(plain_ids), iter(chat_ids)
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     out: list[TokenizedPair | None] = []
     for pair, chat_pair in zip(pairs, is_chat):
-        prompt_ids, chosen_full, rejected_full = next(chat if chat_pair else plain)
+        prompt_ids, chosen_full, rejected_full = next(chat_iter if chat_pair else plain_iter)
         if bos is not None and prompt_ids[:2] == [bos, bos]:  # the text itself starts with BOS
             report.doubled_bos += 1
             prompt_ids, chosen_full, rejected_full = (ids[1:] if ids[:2] == [bos, bos] else ids
@@ -245,32 +324,17 @@ def _chat_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     template does not write it, so there is exactly one."""
     if not texts:
         return []
-    ids = _encode(tokenizer, texts, special=False)
-    lead = _leading_special_ids(tokenizer, texts[0])
-    return [seq if not lead or seq[:len(lead)] == lead else lead + seq for seq in ids]
+    return encoding.encode_with_lead(tokenizer, texts, special=False, lead=_leading_special_ids(tokenizer, texts[0]))
 
 
 def _leading_special_ids(tokenizer: Any, probe: str) -> list[int]:
     """The ids the tokenizer puts before `probe` when adding special tokens (`[bos]`, or none)."""
-    with_special, = _encode(tokenizer, [probe], special=True)
-    without, = _encode(tokenizer, [probe], special=False)
+    with_special, = encoding.encode(tokenizer, [probe], special=True)
+    without, = encoding.encode(tokenizer, [probe], special=False)
     for start in range(len(with_special) - len(without) + 1):
         if with_special[start:start + len(without)] == without:
             return with_special[:start]
     return []
-
-
-def _encode(tokenizer: Any, texts: list[str], *, special: bool) -> list[list[int]]:
-    """Token ids of `texts`. For a fast tokenizer, call its Rust backend directly: the same ids as
-    `tokenizer(texts)` (which calls the same `encode_batch`), without computing offsets or building a
-    `BatchEncoding`, and in parallel across texts."""
-    if not texts:
-        return []
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch_fast"):
-        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=special)]
-    return tokenizer(texts, add_special_tokens=special, return_attention_mask=False,
-                     return_token_type_ids=False)["input_ids"]
 
 
 def _is_chat(pair: PreferencePair) -> bool:
