@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     inspect = parser.add_subparsers(dest="data_command", metavar="inspect", required=True).add_parser(
         "inspect", help="pairs, format, token lengths, truncation, duplicates and examples with the boundary marked")
-    inspect.add_argument("file", metavar="FILE", help="data file, folder, save_to_disk folder or hub dataset name")
+    inspect.add_argument("file", metavar="FILE", help="data file, folder, save_to_disk folder or hub dataset name, "
+                         "or a mixture as --data takes it (a.jsonl:0.7,b.parquet:0.3)")
     inspect.add_argument("--model", help="model or tokenizer folder: lengths in tokens and truncation counts")
     inspect.add_argument("--examples", type=int, default=2, help="examples to print (default: 2)")
     add_field_arguments(inspect, ("data_split", "format", "columns", "pairs", "max_pairs", "skip_invalid",

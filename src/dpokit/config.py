@@ -43,7 +43,9 @@ class Config:
     compile: bool = _opt(False, "torch.compile the policy (opt-in)")
 
     # --- data ----------------------------------------------------------------------------------------------
-    data: str = _opt("synthetic", "training data: 'synthetic', a JSON/JSONL/Parquet/CSV file or folder, or a hub dataset")
+    data: str = _opt("synthetic", "training data: 'synthetic', a JSON/JSONL/Parquet/CSV file or folder, or a hub "
+                                  "dataset; several mixed: a.jsonl:0.7,b.parquet:0.3 (a weight is the share of that "
+                                  "source's pairs taken, drawn by --seed; 2 takes each twice; a YAML list in --config)")
     data_split: str = _opt("train", "split to read from --data when it has several")
     eval_data: str | None = _opt(None, "held-out data (default: --eval-fraction of --data)")
     eval_split: str | None = _opt(None, "split to read from --eval-data (or from --data when given)")
@@ -326,8 +328,29 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
         name = str(key).replace("-", "_")
         if name not in FIELDS:
             raise DPOError(f"{path}: unknown setting {key!r} (see `dpo train --help` for the list)")
-        values[name] = _coerce(path, key, FIELDS[name], value)
+        values[name] = _coerce(path, key, FIELDS[name], _data_sources(path, value) if name == "data" else value)
     return values
+
+
+def _data_sources(path: Path, value: Any) -> Any:
+    """A YAML list or mapping of data sources as `--data` text: `[a.jsonl: 0.7, {path: b.parquet, weight: 0.3},
+    c.csv]` or `{a.jsonl: 0.7, b.parquet: 0.3}` -> "a.jsonl:0.7,b.parquet:0.3,c.csv"."""
+    if isinstance(value, dict):
+        value = [{source: weight} for source, weight in value.items()]
+    if not isinstance(value, list):
+        return value
+    items = []
+    for item in value:
+        if isinstance(item, dict) and "path" in item and set(item) <= {"path", "weight"}:
+            item = f"{item['path']}:{item.get('weight', 1)}"
+        elif isinstance(item, dict) and len(item) == 1:
+            (source, weight), = item.items()
+            item = f"{source}:{weight}"
+        if not isinstance(item, str):
+            raise DPOError(f"{path}: setting 'data': a source is PATH, PATH:WEIGHT, {{PATH: WEIGHT}} or {{path: PATH, "
+                           f"weight: WEIGHT}}, got {item!r}")
+        items.append(item)
+    return ",".join(items)
 
 
 def _coerce(path: Path, key: Any, f: dataclasses.Field[Any], value: Any) -> Any:

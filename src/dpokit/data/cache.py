@@ -3,9 +3,9 @@
 The key is a hash of everything the result depends on: the data's bytes (every file, or a hub dataset's
 `datasets` fingerprint), the tokenizer (its full serialised vocabulary, merges, normaliser, special tokens and
 chat template), the settings (format, columns, limits, seed, ...) and the source of the modules that produce it
-(`formats.py`, `sources.py`, `tokenization.py`, `encoding.py`), so editing them never serves stale tokens. An
-entry is one `.npz` file of flat token arrays written atomically (no pickle: loading a cache file cannot run
-code).
+(`formats.py`, `sources.py`, `tokenization.py`, `encoding.py`, `mixture.py`), so editing them never serves
+stale tokens. An entry is one `.npz` file of flat token arrays written atomically (no pickle: loading a cache
+file cannot run code).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import import_extra
-from . import encoding, formats, sources, tokenization
+from . import encoding, formats, mixture, sources, tokenization
 from .tokenization import TokenizedPair
 
 VERSION = 1
@@ -132,8 +132,12 @@ def _unflatten(stored: Any, name: str, extra_names: list[str]) -> list[Tokenized
     return pairs
 
 
-def _source_fingerprint(path: str, split: str) -> list[str]:
-    """Hashes of every file's bytes (and relative name), or a hub dataset's `datasets` fingerprint."""
+def _source_fingerprint(path: str, split: str) -> list[Any]:
+    """Hashes of every file's bytes (and relative name), or a hub dataset's `datasets` fingerprint; for a
+    mixture (`a.jsonl:0.7,b.jsonl`), each source's with its weight."""
+    parts = mixture.parse(path)
+    if mixture.is_mixture(parts):
+        return [[part.weight, *_source_fingerprint(part.path, split)] for part in parts]
     files = sources.data_files(path)
     if files and not files[0].exists():  # a hub name: datasets fingerprints its downloaded files
         datasets = import_extra("datasets", "datasets", f"{path}: a hub dataset")
@@ -158,4 +162,4 @@ def _file_hash(path: Path) -> str:
 
 
 def _code_fingerprint() -> str:
-    return "".join(_file_hash(Path(module.__file__)) for module in (formats, sources, tokenization, encoding))  # type: ignore[arg-type]
+    return "".join(_file_hash(Path(module.__file__)) for module in (formats, sources, tokenization, encoding, mixture))  # type: ignore[arg-type]

@@ -1,8 +1,9 @@
 """`dpo data inspect FILE [--model PATH]`: what `dpo train` would make of a data file, before training on it.
 
-Reports the pair count and detected format, length percentiles of prompt / chosen / rejected (in tokens with a
-tokenizer, in characters without), how many pairs the length limits would truncate or drop, duplicate pairs,
-pairs whose chosen equals rejected, and examples rendered with the prompt/completion boundary marked.
+Reports the pair count and detected format (of each source of a mixture, and the pairs taken from each),
+length percentiles of prompt / chosen / rejected (in tokens with a tokenizer, in characters without), how many
+pairs the length limits would truncate or drop, duplicate pairs, pairs whose chosen equals rejected, and
+examples rendered with the prompt/completion boundary marked.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from . import formats, tokenization
+from . import formats, mixture, tokenization
 
 BOUNDARY = "┃"  # printed where the prompt ends and the completion begins
 PERCENTILES = (50, 90, 99)
@@ -23,10 +24,17 @@ def inspect(path: str, *, tokenizer: Any = None, format: str | None = None, colu
             skip_invalid: bool = False, max_length: int = 1024, max_prompt_length: int | None = None,
             max_completion_length: int | None = None, truncation_mode: str = "keep_end", examples: int = 2,
             ) -> list[str]:
-    """The report's lines."""
-    loaded, report = formats.load_pairs(path, format=format, columns=columns, split=split, pairs=pairs,
-                                        max_pairs=max_pairs, skip_invalid=skip_invalid)
-    lines = report.lines()
+    """The report's lines. A mixture (`a.jsonl:0.7,b.jsonl:0.3`) is reported source by source, then mixed as
+    `dpo train` mixes it with the default --seed 0."""
+    options = dict(format=format, columns=columns, split=split, pairs=pairs, max_pairs=max_pairs,
+                   skip_invalid=skip_invalid)
+    sources = mixture.parse(path)
+    if mixture.is_mixture(sources):
+        loaded, reports, notes = mixture.load(sources, seed=0, **options)
+        lines = [line for report in reports for line in report.lines()] + notes
+    else:
+        loaded, report = formats.load_pairs(path, **options)
+        lines = report.lines()
     lines.append(f"  duplicate pairs (same prompt, chosen and rejected as an earlier pair): {_duplicates(loaded)}")
     if tokenizer is None:
         lengths = [[_chars(getattr(p, side)) for p in loaded] for side in ("prompt", "chosen", "rejected")]

@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from . import cache as data_cache, formats, synthetic, tokenization
+from . import cache as data_cache, formats, mixture, synthetic, tokenization
 from ..errors import DPOError
+from .formats import PreferencePair
 from .tokenization import TokenizedPair
 
 SYNTHETIC_PAIRS = 1024  # the built-in task's size (train + held out)
@@ -94,16 +95,7 @@ def prepare(settings: DataSettings, tokenizer: Any, *, cache: bool = True, cache
 
     started = time.perf_counter()
     load = settings.load_options()
-    loaded, report = formats.load_pairs(data, split=settings.data_split, **load)
-    notes = report.lines()
-    if report.format == "unpaired" and not settings.unpaired:
-        raise DPOError(f"{data} holds unpaired (prompt/completion/label) examples: train them with an unpaired "
-                       "loss such as --loss kto")
-    if report.format == "sft" and sft is False:
-        raise DPOError(f"{data} holds SFT (prompt/completion or text) records, with nothing to prefer: a preference "
-                       "loss learns nothing from them; train them with `dpo sft` (or --loss sft)")
-    if report.format == "sft":
-        notes.append("  sft format: chosen = rejected = the completion; train it with an NLL loss such as --loss sft")
+    loaded, notes, skipped, identical = _load_train(settings)
     if eval_data:
         train_pairs = loaded
         eval_pairs, eval_report = formats.load_pairs(eval_data, split=eval_split, **load)
@@ -125,13 +117,39 @@ def prepare(settings: DataSettings, tokenizer: Any, *, cache: bool = True, cache
         raise DPOError(f"{data}: no training pairs left after tokenization and truncation (raise --max-length)")
     counts = {"train_pairs": len(train), "eval_pairs": len(held_out), "dropped_pairs": train_trunc.dropped,
               "truncated_pairs": train_trunc.truncated_prompts + train_trunc.truncated_completions,
-              "skipped_invalid": report.skipped_invalid, "identical_pairs": report.identical_pairs,
+              "skipped_invalid": skipped, "identical_pairs": identical,
               "boundary_mismatches": train_trunc.boundary_mismatches}
     notes.append(f"prepared {len(train)} train / {len(held_out)} eval pairs in {time.perf_counter() - started:.1f}s")
     if key is not None:
         data_cache.save(directory, key, data_cache.CachedData({"train": train, "eval": held_out},
                                                               {"notes": notes, "counts": counts}))
     return PreparedData(train, held_out, pad_id=tokenizer.pad_token_id, notes=notes, counts=counts)
+
+
+def _load_train(settings: DataSettings) -> tuple[list[PreferencePair], list[str], int, int]:
+    """The training pairs of `settings.data` (one source, or a mixture), the notes on them, and the counts of
+    skipped invalid records and of pairs with chosen identical to rejected."""
+    sources = mixture.parse(settings.data)
+    if not mixture.is_mixture(sources):
+        loaded, report = formats.load_pairs(settings.data, split=settings.data_split, **settings.load_options())
+        return loaded, _checked(settings, report), report.skipped_invalid, report.identical_pairs
+    mixed, reports, mixture_notes = mixture.load(sources, split=settings.data_split, **settings.load_options())
+    notes = [line for report in reports for line in _checked(settings, report)] + mixture_notes
+    return (mixed, notes, sum(r.skipped_invalid for r in reports), sum(r.identical_pairs for r in reports))
+
+
+def _checked(settings: DataSettings, report: formats.DataReport) -> list[str]:
+    """The report's lines, once its data is known to suit the run's losses (`prepare` says which)."""
+    notes = report.lines()
+    if report.format == "unpaired" and not settings.unpaired:
+        raise DPOError(f"{report.source} holds unpaired (prompt/completion/label) examples: train them with an "
+                       "unpaired loss such as --loss kto")
+    if report.format == "sft" and settings.sft is False:
+        raise DPOError(f"{report.source} holds SFT (prompt/completion or text) records, with nothing to prefer: a "
+                       "preference loss learns nothing from them; train them with `dpo sft` (or --loss sft)")
+    if report.format == "sft":
+        notes.append("  sft format: chosen = rejected = the completion; train it with an NLL loss such as --loss sft")
+    return notes
 
 
 def _synthetic(num_pairs: int, seed: int, eval_fraction: float, unpaired: bool) -> PreparedData:
