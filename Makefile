@@ -8,7 +8,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= dev,lora,tensorboard,wandb,bench
+EXTRAS ?= dev,lora,tensorboard,wandb,bench,quantization
 STAMP   = $(VENV)/.installed-$(TORCH_VERSION)
 
 .PHONY: demo test typecheck setup bench clean

@@ -107,6 +107,16 @@ class Config:
     prefix_sharing: bool = _opt(True, "forward each prompt once for its chosen and rejected completions")
     packing: bool = _opt(True, "pack several pairs per row, no padding (needs --prefix-sharing)")
     max_tokens_per_batch: int | None = _opt(None, "tokens per packed row: a batch's pairs are packed into rows of "
+    # --- quantized base (QLoRA) ----------------------------------------------------------------------------
+    load_in_4bit: bool = _opt(False, "QLoRA: load the base model's linear layers in 4 bits (bitsandbytes) and train "
+                                     "the LoRA adapter on them; needs --lora-r or --lora-adapter")
+    load_in_8bit: bool = _opt(False, "load the base model's linear layers in 8 bits (bitsandbytes LLM.int8()) and "
+                                     "train the LoRA adapter on them; needs --lora-r or --lora-adapter")
+    bnb_4bit_quant_type: str = _opt("nf4", "4-bit data type of --load-in-4bit: nf4 (QLoRA's NormalFloat) or fp4",
+                                    choices=("nf4", "fp4"))
+    bnb_4bit_double_quant: bool = _opt(False, "--load-in-4bit: quantize the per-block scales too (QLoRA's double "
+                                              "quantization, about 0.4 bits per weight less)")
+
                                                   "this many tokens with dense masks (default: one row without "
                                                   "padding, attended block by block with sdpa)")
     logprob_chunk_size: int = _opt(512, "completion tokens per LM-head chunk (bounds logits memory)")
@@ -190,6 +200,7 @@ class Config:
         if unknown:
             yield f"--report-to takes none, tensorboard, wandb (comma-separated), got {', '.join(unknown)!r}"
         for f in dataclasses.fields(self):
+        yield from self._quantization_problems()
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
@@ -198,6 +209,19 @@ class Config:
     @property
     def loss_names(self) -> list[str]:
         return [name.strip() for name in self.loss.split(",") if name.strip()]
+
+    def _quantization_problems(self) -> typing.Iterator[str]:
+        if self.load_in_4bit and self.load_in_8bit:
+            yield "--load-in-4bit and --load-in-8bit contradict each other: pick one"
+        quantized = "--load-in-4bit" if self.load_in_4bit else "--load-in-8bit" if self.load_in_8bit else None
+        if quantized and not (self.lora_r or self.lora_adapter):
+            yield (f"{quantized} needs LoRA (--lora-r N or --lora-adapter PATH): quantized weights cannot be "
+                   "trained, only an adapter on them")
+        if quantized and self.fsdp:
+            yield (f"{quantized} does not work with --fsdp (FSDP2 cannot shard bitsandbytes' packed weights); "
+                   "drop --fsdp to train with DDP, each process holding the whole quantized base")
+        if not self.load_in_4bit and (self.bnb_4bit_double_quant or self.bnb_4bit_quant_type != "nf4"):
+            yield "--bnb-4bit-quant-type and --bnb-4bit-double-quant set up --load-in-4bit; add it or drop them"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

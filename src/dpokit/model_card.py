@@ -40,6 +40,7 @@ class CardInfo:
     steps: int = 0
     tags: Sequence[str] = ()            # extra Hub tags, e.g. "lora"
     rows: Sequence[Mapping[str, Any]] = ()  # metrics.jsonl rows, for the run summary table
+    quantization: str | None = None     # how the base was stored while the adapter trained (`Quantization.describe`)
 
 
 def hub_datasets(data: Sequence[str]) -> list[str]:
@@ -52,7 +53,7 @@ def front_matter(info: CardInfo) -> dict[str, Any]:
     if not info.base_is_preset:
         meta["base_model"] = info.base_model
     meta["library_name"] = "dpokit"
-    meta["tags"] = list(dict.fromkeys(["dpokit", "dpo", *info.losses, *info.tags]))
+    meta["tags"] = list(dict.fromkeys(["dpokit", "dpo", *info.losses, *info.tags, *_quantization_tags(info)]))
     datasets = hub_datasets(info.data)
     if datasets:
         meta["datasets"] = datasets
@@ -72,7 +73,8 @@ def render_card(info: CardInfo) -> str:
         f"{_version()}.", "",
         "## Training", "",
         f"- loss: {' + '.join(f'`{name}`' for name in info.losses)}" + (f" ({params})" if params else ""),
-        f"- optimizer steps: {info.steps}", "",
+        f"- optimizer steps: {info.steps}",
+        *([f"- base weights: {info.quantization}"] if info.quantization else []), "",
         "## Data", "",
         *[f"- `{d}`" for d in info.data], "",
         "| count | pairs |", "|---|---|",
@@ -89,6 +91,14 @@ def write_card(model_dir: str | Path, info: CardInfo) -> Path:
     path = Path(model_dir) / "README.md"
     path.write_text(render_card(info), encoding="utf-8")
     return path
+
+
+def _quantization_tags(info: CardInfo) -> list[str]:
+    """QLoRA (a 4-bit base, arXiv 2305.14314) is what the Hub's users search for; 8 bits is tagged as such."""
+    if not info.quantization:
+        return []
+    bits = info.quantization.split(",")[0].split()[0]  # "4-bit" or "8-bit"
+    return ["qlora", bits, "bitsandbytes"] if bits == "4-bit" else [bits, "bitsandbytes"]
 
 
 def _results(info: CardInfo) -> list[str]:

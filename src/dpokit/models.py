@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,58 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def is_preset(name: str) -> bool:
+@dataclass(frozen=True)
+class Quantization:
+    """How the base model's linear layers are stored while an adapter trains on them, through bitsandbytes.
+
+    4 bits is QLoRA (Dettmers et al. 2023, arXiv 2305.14314): each block of 64 weights is stored as 4-bit codes
+    of a data type (NF4, the NormalFloat quantiles of a normal distribution, or FP4) and one scale; with
+    `double_quant` the scales are themselves quantized. 8 bits is LLM.int8() (arXiv 2208.07339). Either way each
+    matmul dequantizes its weight to `compute_dtype` (`--dtype`) first. transformers leaves the LM head,
+    embeddings and norms unquantized, in `--dtype`: the log-probs' head reads its weight as a float matrix.
+    """
+
+    bits: int                 # 4 or 8
+    quant_type: str = "nf4"   # 4 bits: nf4 or fp4
+    double_quant: bool = False
+    compute_dtype: str = "float32"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Quantization | None:
+        """From `Config`'s --load-in-4bit / --load-in-8bit flags; None when the base is not quantized."""
+        if cfg.load_in_4bit:
+            return cls(4, cfg.bnb_4bit_quant_type, cfg.bnb_4bit_double_quant, cfg.dtype)
+        return cls(8, compute_dtype=cfg.dtype) if cfg.load_in_8bit else None
+
+    @property
+    def flag(self) -> str:
+        return f"--load-in-{self.bits}bit"
+
+    def describe(self) -> str:
+        """E.g. "4-bit NF4, double quantization, compute float32 (bitsandbytes)"."""
+        kind = (f"4-bit {self.quant_type.upper()}{', double quantization' if self.double_quant else ''}"
+                if self.bits == 4 else "8-bit LLM.int8()")
+        return f"{kind}, compute {self.compute_dtype} (bitsandbytes)"
+
+    def bnb_config(self) -> Any:
+        """transformers' `BitsAndBytesConfig`; a missing bitsandbytes is one line naming the extra."""
+        import_extra("bitsandbytes", "quantization", self.flag)
+        from transformers import BitsAndBytesConfig
+
+        if self.bits == 8:
+            # LLM.int8() computes in float16 by design; bitsandbytes logs that at every matmul of a float32 input.
+            logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
+                                  bnb_4bit_use_double_quant=self.double_quant,
+                                  bnb_4bit_compute_dtype=DTYPES[self.compute_dtype])
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether `model` (or the base under a PEFT wrap) holds bitsandbytes-quantized weights."""
+    return any(type(module).__module__.startswith("bitsandbytes") for module in model.modules())
+
+
     return name in PRESETS
 
 
@@ -51,14 +106,19 @@ def build_preset(name: str, seed: int, attn_implementation: str = "sdpa") -> tor
 
 
 def load_model(name_or_path: str, *, dtype: str = "float32", seed: int = 0,
-               attn_implementation: str = "sdpa", empty: bool = False, lean: bool = True) -> torch.nn.Module:
+               attn_implementation: str = "sdpa", empty: bool = False, lean: bool = True,
+               quantization: Quantization | None = None, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Load a causal LM: a preset name, a local folder or a hub name (`AutoModelForCausalLM.from_pretrained`).
 
     `empty`: the same architecture on the meta device, no weights read or allocated (FSDP2 ranks other than 0,
     which receive their shards from rank 0 once the model is sharded: `distributed.fill_from_rank0`).
     `lean`: Llama-family norm, rotary and SwiGLU layers with fewer passes over memory (`lean_layers`).
     """
-    if is_preset(name_or_path):
+    `quantization`: the linear layers quantized as they are read, straight onto `device` (see `Quantization`).
+    if quantization is not None:
+        model = _load_quantized(name_or_path, dtype=dtype, seed=seed, attn_implementation=attn_implementation,
+                                quantization=quantization, device=device)
+    elif is_preset(name_or_path):
         with torch.device("meta") if empty else contextlib.nullcontext():
             model = build_preset(name_or_path, seed, attn_implementation)
     else:
@@ -78,7 +138,8 @@ def load_model(name_or_path: str, *, dtype: str = "float32", seed: int = 0,
                     name_or_path, dtype=DTYPES[dtype], attn_implementation=attn_implementation, **source)
         except (OSError, ValueError, KeyError) as err:
             raise DPOError(f"{name_or_path}: could not load a causal LM ({_first_line(err)})") from None
-    model.to(DTYPES[dtype])
+    if quantization is None:  # a quantized model's unquantized weights are already in `dtype`
+        model.to(DTYPES[dtype])
     disable_dropout(model)
     if lean:
         lean_layers.apply(model)
@@ -89,6 +150,29 @@ def load_tokenizer(name_or_path: str) -> Any:
     """The model's tokenizer (`AutoTokenizer`), with a pad token (EOS when it has none); a preset's is
     `preset_tokenizer`. A folder needs only the tokenizer files (`dpo data inspect --model TOKENIZER_DIR`)."""
     from transformers import AutoTokenizer
+def _load_quantized(name_or_path: str, *, dtype: str, seed: int, attn_implementation: str,
+                    quantization: Quantization, device: torch.device | str) -> torch.nn.Module:
+    """`from_pretrained` with a `BitsAndBytesConfig`: each linear layer is quantized as it is read. A preset is
+    written to a temporary folder first, so that it goes through the same quantizer as any saved model."""
+    from transformers import AutoModelForCausalLM
+
+    bnb_config = quantization.bnb_config()
+    quiet_progress_bars_without_terminal()
+    with tempfile.TemporaryDirectory(prefix="dpokit-preset-") as folder:
+        if is_preset(name_or_path):
+            build_preset(name_or_path, seed, attn_implementation).save_pretrained(folder)
+            path, source = folder, {}
+        else:
+            path, source = name_or_path, _check_model_path(name_or_path)
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                path, dtype=DTYPES[dtype], attn_implementation=attn_implementation, quantization_config=bnb_config,
+                device_map={"": torch.device(device)}, **source)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise DPOError(f"{name_or_path}: could not load a causal LM with {quantization.flag} "
+                           f"({_first_line(err)})") from None
+
+
 
     if is_preset(name_or_path):
         return preset_tokenizer(name_or_path)
@@ -189,6 +273,8 @@ def save_policy(policy: torch.nn.Module, output: Path, *, merge_lora: bool = Fal
     `state_dict` replaces the policy's own weights when they are sharded (FSDP2: the gathered full state).
     `dtype`: write a full model's floating-point weights in this dtype (FSDP2 trains float32 master weights under
     `--dtype bfloat16`; the saved model is then bf16, as a one-device bf16 run saves it).
+      A quantized base (QLoRA) is first dequantized to its compute dtype, so the merged model is a full-precision
+      model that scores as the trained policy did (merging into 4-bit weights would round the adapter away).
     """
     quiet_progress_bars_without_terminal()
     model_dir = output / "model"
@@ -211,7 +297,13 @@ def save_policy(policy: torch.nn.Module, output: Path, *, merge_lora: bool = Fal
         policy.save_pretrained(model_dir, safe_serialization=True, state_dict=state_dict)
         return model_dir
     policy.save_pretrained(output / "adapter", safe_serialization=True)
-    policy.merge_and_unload().save_pretrained(model_dir, safe_serialization=True)
+    if is_quantized(policy):
+        merged = _merge_dequantized(policy, output / "adapter")
+        print(f"--merge-lora: merged the adapter into a dequantized {str(merged.dtype).removeprefix('torch.')} copy of the quantized base; "
+              f"the adapter alone is in {output / 'adapter'}", flush=True)
+    else:
+        merged = policy.merge_and_unload()
+    merged.save_pretrained(model_dir, safe_serialization=True)
     return model_dir
 
 
@@ -219,6 +311,16 @@ def disable_dropout(model: torch.nn.Module) -> None:
     """DPO compares log-probs of two models; dropout would make them noisy. TRL does the same."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
+def _merge_dequantized(policy: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
+    """The base without its adapter, dequantized in place (transformers' `dequantize`: each quantized linear
+    becomes an `nn.Linear` holding the weights the training forward used), with the saved adapter merged in."""
+    import peft
+
+    base = policy.unload()
+    base.dequantize()
+    return peft.PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+
             module.p = 0.0
     config = getattr(model, "config", None)
     for name in ("attention_dropout", "hidden_dropout", "dropout"):

@@ -96,9 +96,17 @@ def build_models(cfg: Config, strategy: str, plan: Placement, dist: distributed.
 
 
 def build_policy(cfg: Config, plan: Placement, dist: distributed.Dist) -> torch.nn.Module:
-    """The policy on its device (or the meta device), with gradient checkpointing and LoRA as asked."""
+    """The policy on its device (or the meta device), with gradient checkpointing and LoRA as asked.
+
+    On a quantized base (QLoRA, `--load-in-4bit`) only the LoRA adapter trains. Of PEFT's k-bit preparation
+    (`prepare_model_for_kbit_training`) nothing is needed here: PEFT freezes the base itself; its input-grad hook
+    exists for reentrant checkpointing, and ours is non-reentrant (gradients reach the adapters inside each
+    checkpointed layer without it); and its cast of every bf16 weight to float32 is left out so that the
+    embeddings, norms and LM head stay in the compute dtype (`--dtype`), as in a LoRA run.
+    """
     policy = models.load_model(cfg.model, dtype=plan.load_dtype, seed=cfg.seed,
-                               attn_implementation=cfg.attn_implementation, empty=plan.on_meta, lean=plan.lean)
+                               attn_implementation=cfg.attn_implementation, empty=plan.on_meta, lean=plan.lean,
+                               quantization=models.Quantization.from_config(cfg), device=dist.device)
     policy = policy if plan.on_meta else policy.to(dist.device)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -117,8 +125,11 @@ def build_reference(cfg: Config, strategy: str, policy: torch.nn.Module, plan: P
         return AdapterReference(policy, chunk_size=cfg.logprob_chunk_size, ld_alpha=cfg.ld_alpha), policy
     if strategy not in ("copy", "model"):
         return NoReference(), None
+    # A --ref-model is quantized like the policy's base: a QLoRA run has no room for a full-precision second model.
     weights = (models.load_model(cfg.ref_model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                                 empty=plan.on_meta, lean=plan.lean) if cfg.ref_model else models.frozen_copy(policy))
+                                 empty=plan.on_meta, lean=plan.lean, quantization=models.Quantization.from_config(cfg),
+                                 device=dist.device)
+               if cfg.ref_model else models.frozen_copy(policy))
     if not plan.on_meta:
         weights = weights.to(dist.device)
     if cfg.ref_sync_every:
@@ -133,6 +144,9 @@ def precompute_reference_once(cfg: Config, reference: Reference, weights: torch.
     earlier run computed them with the same reference weights, token ids and settings (else computed now,
     each process scoring its share of the batches)."""
     settings = {"dtype": cfg.dtype, "attn": cfg.attn_implementation, "ld_alpha": cfg.ld_alpha}
+    quantization = models.Quantization.from_config(cfg)
+    if quantization is not None:  # the packed 4-bit codes do not show how their scales were stored (double quant)
+        settings["quantization"] = quantization.describe()
     cache_file = None
     if cfg.cache:
         key = reference_cache_key(weights, pairs, settings)
