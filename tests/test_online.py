@@ -239,6 +239,15 @@ def test_one_sample_per_prompt_is_one_line(tmp_path, tiny_model_dir, prompts_fil
                r"--samples-per-prompt must be at least 2", tmp_path, tiny_model_dir, prompts_file, capsys)
 
 
+def test_a_prompt_over_the_context_is_one_line(tmp_path, tiny_model_dir, capsys):
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps({"prompt": "fox " * 300}) + "\n")
+    (tmp_path / "judge.py").write_text("def f(p, c):\n    return [1.0] * len(c)\n", encoding="utf-8")
+    _bad_input(["--reward", f"{tmp_path / 'judge.py'}:f", "--max-prompt-length", "none", "--max-length", "4096"],
+               r"round 1, prompt 1: \d+ tokens \+ --max-new-tokens 4 exceed the model's context \(512 positions\)",
+               tmp_path, tiny_model_dir, prompts, capsys)
+
+
 def _bad_input(flags, message, tmp_path, model, prompts, capsys):
     import re
 

@@ -3,7 +3,7 @@
     python examples/controlled_generation/online_vs_offline.py --threads 1   # about 15 minutes on 2 busy cores
 
 1. SFT a small random-init Llama on synthetic reviews (`dpo sft`, as run.py does, smaller), or take --sft MODEL.
-2. For each seed, three ways to spend the same number of gradient steps with the same beta, learning rate, judge
+2. For each beta and seed, three ways to spend the same number of gradient steps with the same learning rate, judge
    (the known reward, task.positive_share) and pairing (best vs worst of K samples per prompt):
    - offline: `dpo online --rounds 1` over all R x N prompts, R x S steps: DPO on the SFT model's samples;
    - online: `dpo online --rounds R --prompts-per-round N --max-steps S`, the SFT model as reference throughout
@@ -51,7 +51,7 @@ class Scale:
     prompts_per_round: int = 128    # N
     samples_per_prompt: int = 4     # K
     steps_per_round: int = 16       # S: 2 epochs over a round's pairs at batch 16
-    beta: float = 0.1
+    betas: tuple[float, ...] = (0.1, 0.5)
     lr: float = 1e-4
     seeds: tuple[int, ...] = (0, 1)
     eval_prompts: int = 256
@@ -94,25 +94,24 @@ def run(out: Path, scale: Scale = FULL, sft: Path | None = None) -> dict:
              "--out", str(out / "eval" / f"{name}.json"), *sampling])
         return json.loads((out / "eval" / f"{name}.json").read_text())
 
-    runs = [{"method": "sft", "seed": seed, "time_s": 0.0, **evaluate(sft, seed, f"sft-seed{seed}")}
+    runs = [{"method": "sft", "beta": None, "seed": seed, "time_s": 0.0, **evaluate(sft, seed, f"sft-seed{seed}")}
             for seed in scale.seeds]
     total_steps = scale.rounds * scale.steps_per_round
-    for seed in scale.seeds:
-        for method, flags in METHODS.items():
-            name = f"{method}-seed{seed}"
-            rounds = (["--rounds", "1", "--max-steps", str(total_steps)] if method == "offline" else
-                      ["--rounds", str(scale.rounds), "--prompts-per-round", str(scale.prompts_per_round),
-                       "--max-steps", str(scale.steps_per_round)])
-            began = time.perf_counter()
-            dpo(["online", "--model", str(sft), "--prompts", str(prompts), "--reward", REWARD, "--output",
-                 str(out / name), "--samples-per-prompt", str(scale.samples_per_prompt), "--seed", str(seed),
-                 "--beta", str(scale.beta), "--lr", str(scale.lr), "--batch-size", str(scale.batch_size),
-                 "--sample-batch-size", "128", *sampling, *rounds, *flags, *scale.extra_flags])
-            elapsed = time.perf_counter() - began
-            per_round = _rows(out / name / "online_metrics.jsonl")
-            final = out / name / "rounds" / f"round-{len(per_round)}" / "model"
-            runs.append({"method": method, "seed": seed, "time_s": elapsed, "rounds": per_round,
-                         **evaluate(final, seed, name)})
+    for beta, seed, (method, flags) in [(b, s, m) for b in scale.betas for s in scale.seeds for m in METHODS.items()]:
+        name = f"{method}-beta{beta}-seed{seed}"
+        rounds = (["--rounds", "1", "--max-steps", str(total_steps)] if method == "offline" else
+                  ["--rounds", str(scale.rounds), "--prompts-per-round", str(scale.prompts_per_round),
+                   "--max-steps", str(scale.steps_per_round)])
+        began = time.perf_counter()
+        dpo(["online", "--model", str(sft), "--prompts", str(prompts), "--reward", REWARD, "--output",
+             str(out / name), "--samples-per-prompt", str(scale.samples_per_prompt), "--seed", str(seed),
+             "--beta", str(beta), "--lr", str(scale.lr), "--batch-size", str(scale.batch_size),
+             "--sample-batch-size", "128", *sampling, *rounds, *flags, *scale.extra_flags])
+        elapsed = time.perf_counter() - began
+        per_round = _rows(out / name / "online_metrics.jsonl")
+        final = out / name / "rounds" / f"round-{len(per_round)}" / "model"
+        runs.append({"method": method, "beta": beta, "seed": seed, "time_s": elapsed, "rounds": per_round,
+                     **evaluate(final, seed, name)})
     results = {"scale": asdict(scale), "runs": runs, "sft": str(sft), "sft_time_s": sft_time,
                "wall_time_s": time.perf_counter() - start,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"}
@@ -124,41 +123,66 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def mean_points(results: dict, method: str) -> list[dict[str, float]]:
+    """(beta, mean KL, mean reward) over seeds for each beta of `method`, by increasing KL."""
+    runs = [r for r in results["runs"] if r["method"] == method]
+    points = [{"beta": beta, "kl": statistics.mean(r["samples/kl"] for r in rs),
+               "reward": statistics.mean(r["samples/reward"] for r in rs)}
+              for beta in sorted({r["beta"] for r in runs}, key=lambda b: -1 if b is None else b)
+              for rs in [[r for r in runs if r["beta"] == beta]]]
+    return sorted(points, key=lambda p: p["kl"])
+
+
+def above_offline(results: dict, method: str) -> tuple[int, int]:
+    """How many of `method`'s mean points lie above offline's frontier (offline's mean points and the SFT model,
+    joined by straight lines) at the same KL, out of those within offline's KL range: comparable KL only."""
+    frontier = sorted(mean_points(results, "sft") + mean_points(results, "offline"), key=lambda p: p["kl"])
+    above = comparable = 0
+    for p in mean_points(results, method):
+        for a, b in zip(frontier, frontier[1:]):
+            if a["kl"] <= p["kl"] <= b["kl"]:
+                t = (p["kl"] - a["kl"]) / max(b["kl"] - a["kl"], 1e-12)
+                comparable += 1
+                above += p["reward"] > a["reward"] + t * (b["reward"] - a["reward"])
+                break
+    return above, comparable
+
+
 def summarize(results: dict) -> dict:
-    """Mean reward and KL over seeds per method, and whether online / iterative end above offline in reward."""
-    by_method: dict[str, dict[str, float]] = {}
-    for method in ("sft", *METHODS):
-        rs = [r for r in results["runs"] if r["method"] == method]
-        by_method[method] = {"reward": statistics.mean(r["samples/reward"] for r in rs),
-                             "kl": statistics.mean(r["samples/kl"] for r in rs),
-                             "reward_min": min(r["samples/reward"] for r in rs),
-                             "reward_max": max(r["samples/reward"] for r in rs)}
-    offline = by_method["offline"]
-    return {"by_method": by_method,
-            **{f"{m}_above_offline_every_seed": by_method[m]["reward_min"] > offline["reward_max"]
+    """Mean points per method and beta, and how many online / iterative points beat offline at the same KL."""
+    return {"points": {m: mean_points(results, m) for m in ("sft", *METHODS)},
+            **{f"{m}_above_offline_at_same_kl": "{} of {} comparable".format(*above_offline(results, m))
                for m in ("online", "iterative")}}
 
 
 def plot(results: dict, path: Path) -> Path:
-    """Reward of held-out samples against KL(policy || SFT), one point per run and method."""
+    """Reward of held-out samples against KL(policy || SFT): one point per run; each method's means over seeds
+    joined into its frontier (from the SFT model), one marker per beta."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    styles = {"sft": ("k*", "SFT (start)"), "offline": ("o", "offline DPO (SFT samples)"),
-              "online": ("s", "online DPO (ref = SFT)"), "iterative": ("^", "iterative DPO (ref = round start)")}
-    for method, (fmt, label) in styles.items():
-        rs = [r for r in results["runs"] if r["method"] == method]
-        ax.errorbar([r["samples/kl"] for r in rs], [r["samples/reward"] for r in rs],
-                    xerr=[r["samples/kl_stderr"] for r in rs], yerr=[r["samples/reward_stderr"] for r in rs],
-                    fmt=fmt, markersize=9 if method == "sft" else 6, label=label)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    sft = [r for r in results["runs"] if r["method"] == "sft"]
+    ax.errorbar([r["samples/kl"] for r in sft], [r["samples/reward"] for r in sft], fmt="k*", markersize=11,
+                label="SFT (start)")
+    labels = {"offline": "offline DPO (SFT samples)", "online": "online DPO (ref = SFT)",
+              "iterative": "iterative DPO (ref = round start)"}
+    markers = dict(zip(results["scale"]["betas"], "os^Dv"))
+    for (method, label), color in zip(labels.items(), ("tab:gray", "tab:blue", "tab:orange")):
+        line = mean_points(results, "sft")[:1] + mean_points(results, method)
+        ax.plot([p["kl"] for p in line], [p["reward"] for p in line], "-", color=color, alpha=0.6, label=label)
+        for r in (r for r in results["runs"] if r["method"] == method):
+            ax.errorbar(r["samples/kl"], r["samples/reward"], xerr=r["samples/kl_stderr"],
+                        yerr=r["samples/reward_stderr"], fmt=markers[r["beta"]], color=color, markersize=5)
+    for beta, marker in markers.items():
+        ax.plot([], [], marker, color="k", label=f"beta={beta}")
     ax.set_xlabel("KL(policy || SFT) per sequence, nats (from samples)")
     ax.set_ylabel("mean reward of samples (share of positive words)")
-    ax.set_title("Same steps, same beta: who writes the samples")
+    ax.set_title("Same steps and beta: who writes the samples")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -177,7 +201,8 @@ def write_report(results: dict, path: Path, plot_name: str) -> Path:
         "",
         f"The controlled-generation task of run.py (reward: share of positive words, task.py). A {s['layers']}-layer, "
         f"hidden-{s['hidden']} Llama SFT'd on {s['corpus']} reviews is the start. Three ways to spend {total} "
-        f"gradient steps (batch {s['batch_size']} pairs, beta {s['beta']:g}, lr {s['lr']:g} constant) on the same "
+        f"gradient steps (batch {s['batch_size']} pairs, lr {s['lr']:g} constant; beta {', '.join(map(str, s['betas']))}; "
+        f"seeds {', '.join(map(str, s['seeds']))}) on the same "
         f"{s['rounds'] * s['prompts_per_round']} prompts, each pair the best and worst of {s['samples_per_prompt']} "
         "samples under the known reward:",
         "",
@@ -191,26 +216,30 @@ def write_report(results: dict, path: Path, plot_name: str) -> Path:
         "",
         f"![online vs offline]({plot_name})",
         "",
-        "| method | seed | mean reward (± s.e.) | KL to SFT, nats (± s.e.) | win rate vs SFT | train pairs | wall s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| method | beta | seed | mean reward (± s.e.) | KL to SFT, nats (± s.e.) | win rate vs SFT | train pairs "
+        "| wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results["runs"]:
         pairs = sum(row["pairs"] for row in r.get("rounds", [])) or "-"
-        lines.append(f"| {r['method']} | {r['seed']} | {r['samples/reward']:.3f} ± {r['samples/reward_stderr']:.3f} | "
+        beta = r["beta"] if r["beta"] is not None else "-"
+        lines.append(f"| {r['method']} | {beta} | {r['seed']} | {r['samples/reward']:.3f} ± {r['samples/reward_stderr']:.3f} | "
                      f"{r['samples/kl']:.2f} ± {r['samples/kl_stderr']:.2f} | {r['samples/win_rate']:.3f} | {pairs} | "
                      f"{r['time_s']:.0f} |")
-    lines += ["", "Mean over seeds: " + "; ".join(
-        f"{m}: reward {v['reward']:.3f}, KL {v['kl']:.2f}" for m, v in summary["by_method"].items()) + ".", ""]
+    lines += ["", "Means over seeds: " + "; ".join(
+        f"{m} beta {p['beta']}: reward {p['reward']:.3f}, KL {p['kl']:.2f}"
+        for m, points in summary["points"].items() if m != "sft" for p in points) + ".", ""]
     for method in ("online", "iterative"):
-        lines.append(f"- {method} above offline in reward for every seed (lowest {method} > highest offline): "
-                     f"**{summary[f'{method}_above_offline_every_seed']}**.")
+        verdict = summary[f"{method}_above_offline_at_same_kl"]
+        lines.append(f"- {method} mean points above offline's frontier (SFT and offline's means joined by straight "
+                     f"lines) at the same KL: **{verdict}** (a point beyond offline's largest KL is not comparable).")
     lines += ["", "Per round (training prompts; the samples of round r come from the policy after r - 1 rounds, KL "
               "to the SFT model):", "",
-              "| method | seed | round | mean reward of samples | KL to SFT | pairs | ties dropped |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              "| method | beta | seed | round | mean reward of samples | KL to SFT | pairs | ties dropped |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["runs"]:
         for row in r.get("rounds", []):
-            lines.append(f"| {r['method']} | {r['seed']} | {row['round']} | {row['samples/reward']:.3f} | "
+            lines.append(f"| {r['method']} | {r['beta']} | {r['seed']} | {row['round']} | {row['samples/reward']:.3f} | "
                          f"{row['samples/kl']:.2f} | {row['pairs']} | {row['pairs/ties_dropped']} |")
     lines += ["", f"Wall time: {results['wall_time_s'] / 60:.1f} min in all (SFT {results['sft_time_s'] / 60:.1f} "
               f"min), on {results['machine']}, a 2-core machine shared with other jobs.", ""]

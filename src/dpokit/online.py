@@ -267,6 +267,12 @@ def sample_round(n: int, cfg: Config, options: OnlineOptions, files: OnlineFiles
     sampled)."""
     chosen_prompts = round_prompts(len(prompts), options.prompts_per_round, cfg.seed, n)
     policy = load_policy(cfg, files, n)
+    context = getattr(policy.config, "max_position_embeddings", None)
+    for i in chosen_prompts:
+        if context is not None and len(prompt_ids[i]) + options.max_new_tokens > context:
+            raise DPOError(f"round {n}, prompt {i}: {len(prompt_ids[i])} tokens + --max-new-tokens "
+                           f"{options.max_new_tokens} exceed the model's context ({context} positions); shorten "
+                           "the prompt or lower --max-new-tokens")
     stops = generate.stop_ids(tokenizer, prompts)
     samples = generate.sample(policy, [prompt_ids[i] for i in chosen_prompts], eos_id=stops,
                               pad_id=tokenizer.pad_token_id, num_samples=options.samples_per_prompt,
@@ -285,8 +291,8 @@ def sample_round(n: int, cfg: Config, options: OnlineOptions, files: OnlineFiles
                                   chosen_prompts)
     if not records:
         raise DPOError(f"round {n}: no pairs (all {options.samples_per_prompt} samples of every prompt scored the "
-                       f"same{' or were empty' if counts['empty_dropped'] else ''}); sample more (--samples-per-prompt, "
-                       "--temperature) or use a finer reward")
+                       f"same{' or were empty' if counts['empty_dropped'] else ''}); sample more "
+                       "(--samples-per-prompt, --temperature) or use a finer reward")
     stats = {"round": n, "prompts": len(chosen_prompts), "samples": len(samples),
              "samples/reward": scores.mean().item(), "samples/reward_std": scores.std().item(),
              "samples/missing_eos": missing_eos.double().mean().item(),
@@ -298,8 +304,9 @@ def sample_round(n: int, cfg: Config, options: OnlineOptions, files: OnlineFiles
     if start_model is None:  # round 1 samples from the starting model itself
         stats["samples/kl"] = 0.0
     else:  # KL(policy || starting model) per sequence, as `dpo eval` estimates it
-        log_ratios = (evaluation.completion_logps(policy, samples, batch_size=options.sample_batch_size).double()
-                      - evaluation.completion_logps(start_model, samples, batch_size=options.sample_batch_size).double())
+        batch = options.sample_batch_size
+        log_ratios = (evaluation.completion_logps(policy, samples, batch_size=batch).double()
+                      - evaluation.completion_logps(start_model, samples, batch_size=batch).double())   # [samples]
         stats["samples/kl"] = log_ratios.mean().item()
     del policy
     gc.collect()
