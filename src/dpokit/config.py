@@ -56,6 +56,8 @@ class Config:
     pairs: str = _opt("best-worst", "how to pair several ranked responses per prompt",
                       choices=("best-worst", "all", "adjacent"))
     max_pairs: int | None = _opt(None, "use at most this many pairs from --data")
+    stream_data: bool = _opt(False, "for data larger than memory: read and tokenize --data in shards into the cache and "
+                                    "train from there, memory-mapped")
     skip_invalid: bool = _opt(False, "skip malformed records (counted and reported) instead of stopping")
     max_length: int = _opt(1024, "max tokens of prompt + completion")
     max_prompt_length: int | None = _opt(512, "max prompt tokens (truncated per --truncation-mode)")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -77,13 +78,31 @@ def load_pairs(path: str, *, format: str | None = None, split: str = "train", co
                max_pairs: int | None = None, skip_invalid: bool = False, pairs: str = "best-worst",
                seed: int = 0) -> tuple[list[PreferencePair], DataReport]:
     """Load preference pairs from a file, a folder of files, a `save_to_disk` folder or a hub dataset name."""
-    if format is not None and format not in FORMATS:
-        raise DPOError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    report = DataReport(source=path, format=format or "?")
+    out: list[PreferencePair] = []
+    for pair in iter_pairs(path, report, split=split, columns=columns, skip_invalid=skip_invalid, pairs=pairs):
+        out.append(pair)
+        if max_pairs is not None and len(out) >= max_pairs:
+            report.notes.append(f"stopped at --max-pairs {max_pairs}")
+            break
+    if not out:
+        raise DPOError(f"{path}: no usable preference pairs found ({report.records} records read)")
+    if report.format == "unpaired":
+        out = to_unpaired(out, seed)
+    report.pairs = len(out)
+    return out, report
+
+
+def iter_pairs(path: str, report: DataReport, *, split: str = "train", columns: str | None = None,
+               skip_invalid: bool = False, pairs: str = "best-worst") -> Iterator[PreferencePair]:
+    """`load_pairs` one pair at a time, for data larger than memory: counts go to `report` as records are read
+    (its `format`, "?" until the first record, or the format to force). Unpaired records come as they are read,
+    without `to_unpaired`'s partners."""
+    if report.format != "?" and report.format not in FORMATS:
+        raise DPOError(f"--format must be one of {', '.join(FORMATS)}, got {report.format!r}")
     if pairs not in PAIRING:
         raise DPOError(f"--pairs must be one of {', '.join(PAIRING)}, got {pairs!r}")
     rename = _parse_columns(columns)
-    report = DataReport(source=path, format=format or "?")
-    out: list[PreferencePair] = []
     for where, record in read_records_or_malformed(path, split=split):
         report.records += 1
         try:
@@ -103,17 +122,7 @@ def load_pairs(path: str, *, format: str | None = None, split: str = "train", co
                 pair = replace(pair, group=report.records - 1)
             if report.format != "sft" and pair.chosen == pair.rejected and "label" not in pair.extras:
                 report.identical_pairs += 1
-            out.append(pair)
-        if max_pairs is not None and len(out) >= max_pairs:
-            out = out[:max_pairs]
-            report.notes.append(f"stopped at --max-pairs {max_pairs}")
-            break
-    if not out:
-        raise DPOError(f"{path}: no usable preference pairs found ({report.records} records read)")
-    if report.format == "unpaired":
-        out = to_unpaired(out, seed)
-    report.pairs = len(out)
-    return out, report
+            yield pair
 
 
 def detect_format(record: dict[str, Any], where: str = "") -> str:

@@ -7,13 +7,14 @@ disk instead of redoing it.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from . import cache as data_cache, formats, mixture, synthetic, tokenization
+from . import cache as data_cache, formats, mixture, streaming, synthetic, tokenization
 from ..errors import DPOError
 from .formats import PreferencePair
 from .tokenization import TokenizedPair
@@ -51,6 +52,7 @@ class DataSettings:
     truncation_mode: str = "keep_end"
     unpaired: bool = False                  # a loss with `paired=False` (KTO): labelled single completions
     sft: bool | None = None                 # the run's losses are all `sft` (None: do not check the data's kind)
+    stream_data: bool = False               # tokenize in shards to the cache, read back memory-mapped (`streaming`)
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], **overrides: Any) -> DataSettings:
@@ -87,6 +89,13 @@ def prepare(settings: DataSettings, tokenizer: Any, *, cache: bool = True, cache
                                                                            "eval_split")}
     directory = Path(cache_dir) if cache_dir else data_cache.default_dir()
     key = data_cache.cache_key(sources=sources, tokenizer=tokenizer, settings=key_settings) if cache else None
+    if settings.stream_data:  # train / eval are then `streaming.ShardedPairs`, sequences read from disk
+        key = key or data_cache.cache_key(sources=sources, tokenizer=tokenizer, settings=key_settings)
+        shards = directory / f"{key}.shards"
+        if not cache:
+            shutil.rmtree(shards, ignore_errors=True)
+        train, held_out, notes, counts = streaming.prepare(settings, tokenizer, shards, progress=progress)
+        return PreparedData(train, held_out, tokenizer.pad_token_id, notes, counts)  # type: ignore[arg-type]
     if key is not None and (hit := data_cache.load(directory, key)) is not None:
         notes = hit.meta["notes"] + [f"loaded tokenized data from the cache {directory / key}.npz (--no-cache "
                                      "redoes it)"]
