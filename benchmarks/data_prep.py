@@ -6,8 +6,9 @@ One process, one JSONL file, one fast BPE tokenizer (trained here with `tokenize
 synthetic vocabulary, so ~1 token per word). Both sides start from the file on disk and end with per-pair
 prompt / chosen / rejected token ids:
 
-- dpokit: `pipeline.prepare(...)` (read, split, tokenize with the exact boundary, EOS, truncation) with a fresh
-  cache directory (cold), then again with the same directory (cache hit).
+- dpokit: `pipeline.prepare(...)` (read, split, tokenize with the exact boundary, EOS, truncation; each
+  completion tokenized behind the prompt's last tokens, chunks in one forked process per CPU) with a fresh cache
+  directory (cold), then again with the same directory (cache hit).
 - TRL: `datasets.load_dataset("json", ...)` then `DPOTrainer._prepare_dataset(...)` (add EOS, tokenize prompt,
   prompt+chosen, prompt+rejected, cut at the common prefix), on a trainer built with a tiny model and a 4-row
   dataset so that only the preparation of the full dataset is timed. `datasets` caching is off, so it is cold too.
@@ -98,12 +99,13 @@ def time_trl(data: Path, tokenizer, work: Path):
     return prepared, total_s, load_s
 
 
-def write_results(section: str) -> Path:
+def write_results(section: str, start: str = START, end: str = END) -> Path:
+    """Put `section` into benchmarks/RESULTS.md between the markers `start` and `end` (at the end if absent)."""
     path = ROOT / "benchmarks" / "RESULTS.md"
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    block = f"{START}\n{section.rstrip()}\n{END}"
-    if START in text and END in text:
-        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
+    block = f"{start}\n{section.rstrip()}\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text, encoding="utf-8")
@@ -121,6 +123,9 @@ def main() -> None:
     import transformers
     import trl
 
+    from dpokit.data import tokenization
+
+    load_before = os.getloadavg()[0]  # the machine may be shared: its load is part of the result
     with tempfile.TemporaryDirectory(prefix="dpokit-bench-") as tmp:
         work = Path(tmp)
         os.environ["HF_DATASETS_CACHE"] = str(work / "hf")
@@ -129,23 +134,27 @@ def main() -> None:
         tokenizer = make_tokenizer(work / "tokenizer", vocab)
         ours, ours_s, hit_s = time_dpokit(data, tokenizer, work / "cache")
         theirs, trl_s, trl_load_s = time_trl(data, tokenizer, work)
-        # Same token ids on both sides (TRL appends EOS to the text; we append the EOS id): a fair comparison.
+        # Same token ids on both sides (TRL appends EOS to the text; we append the EOS id): a fair comparison,
+        # and TRL's are the full-text method's (prompt, prompt + chosen, prompt + rejected, cut at the prefix).
         same = sum(list(t["prompt_ids"]) == o.prompt_ids and list(t["chosen_ids"]) == o.chosen_ids
-                   for t, o in zip(theirs, ours.train))
+                   and list(t["rejected_ids"]) == o.rejected_ids for t, o in zip(theirs, ours.train))
+        fallbacks = next((line for line in ours.notes if "in full (slower, same ids)" in line), "none")
         lengths = [(len(p.prompt_ids), len(p.chosen_ids)) for p in ours.train]
     mean_prompt = sum(p for p, _ in lengths) / len(lengths)
     mean_response = sum(c for _, c in lengths) / len(lengths)
     rows = [("TRL 1.16 DPOTrainer (load_dataset + _prepare_dataset)", trl_s),
             ("dpokit pipeline.prepare, cold", ours_s), ("dpokit pipeline.prepare, cache hit", hit_s)]
     machine = (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, transformers {transformers.__version__}, "
-               f"tokenizers {tokenizers.__version__}, trl {trl.__version__}")
+               f"tokenizers {tokenizers.__version__}, trl {trl.__version__}; load average {load_before:.1f} before the "
+               f"run, {os.getloadavg()[0]:.1f} after")
     lines = ["## Data preparation: dpokit vs TRL", "",
              f"{args.pairs} pairs, prompt {mean_prompt:.0f} tokens and responses {mean_response:.0f} tokens on average "
-             f"(BPE tokenizer trained with `tokenizers`), from one JSONL file, one process.", "",
+             f"(BPE tokenizer trained with `tokenizers`), from one JSONL file; TRL in one process, dpokit in "
+             f"{tokenization.default_workers(args.pairs)} (one per CPU).", "",
              "| preparation | seconds | vs TRL |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {seconds:.2f} | {seconds / trl_s:.2f}x |" for name, seconds in rows]
-    lines += ["", f"TRL's `load_dataset` part: {trl_load_s:.2f} s. Identical prompt and chosen ids on both sides for "
-              f"{same} of {len(ours.train)} pairs.", "",
+    lines += ["", f"TRL's `load_dataset` part: {trl_load_s:.2f} s. Identical prompt, chosen and rejected ids on both "
+              f"sides for {same} of {len(ours.train)} pairs. Pairs dpokit tokenized in full: {fallbacks}.", "",
               f"Command: `.venv/bin/python benchmarks/data_prep.py --pairs {args.pairs} --prompt-words "
               f"{args.prompt_words} --response-words {args.response_words}`", "", f"Machine: {machine}."]
     section = "\n".join(lines)
