@@ -3,6 +3,7 @@
     python benchmarks/memory.py             # the four configs below, each in its own subprocess; writes RESULTS.md
     python benchmarks/memory.py --jobs 4    # the same, subprocesses side by side (RSS is per process; times suffer)
     python benchmarks/memory.py --one lora  # one config, prints one JSON line
+    python benchmarks/memory.py --qlora     # lora and qlora only; writes its own section of RESULTS.md
 
 Setup (issue 6): a ~106M-parameter random-init Llama (hidden 768, 8 layers, 12 heads, intermediate 2048, vocab
 32000, untied embeddings, sdpa, float32, CPU); one packed batch of 4 pairs (random 32-token prompt, 32-token
@@ -16,7 +17,14 @@ step. Each config runs in a fresh subprocess, so `ru_maxrss` is that config's ow
   model is kept; the precompute pass itself, run before training, is not part of the step measured);
 - `lora`: LoRA r=16 on all attention and MLP linears, the reference the policy with the adapter disabled
   (`AdapterReference`, no second copy);
-- `simpo`: full fine-tuning with a reference-free loss (`NoReference`: nothing loaded or run).
+- `simpo`: full fine-tuning with a reference-free loss (`NoReference`: nothing loaded or run);
+- `qlora`: `lora` on a 4-bit NF4 base (QLoRA, arXiv 2305.14314: `models.load_model(..., quantization=...)`,
+  float32 compute), the same model saved to a temporary folder first and read back through bitsandbytes, as
+  `dpo train --load-in-4bit` reads it. The embeddings and LM head (49M of the 106M parameters) stay float32.
+
+Reading a saved model maps its float32 file into memory while each layer is quantized, so the QLoRA process
+peaks while loading; `step peak` is the peak from the first training step on (the kernel's high-water mark is
+reset there, `/proc/self/clear_refs`), which is what training holds.
 
 "baseline" is the RSS after importing torch, transformers and peft, before the model is built; "above baseline"
 is what the training step itself costs.
@@ -30,15 +38,18 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = ("full+copy", "full+precomputed", "lora", "simpo")
+CONFIGS = ("full+copy", "full+precomputed", "lora", "simpo", "qlora")
+QLORA_CONFIGS = ("lora", "qlora")
 MODEL = dict(vocab_size=32000, hidden_size=768, num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=12,
              intermediate_size=2048, tie_word_embeddings=False)
 PAIRS, PROMPT, COMPLETION, STEPS, LORA_R = 4, 32, 32, 2, 16
 RESULTS = Path(__file__).with_name("RESULTS.md")
 START, END = "<!-- memory:start -->", "<!-- memory:end -->"
+QLORA_MARKERS = ("<!-- memory-qlora:start -->", "<!-- memory-qlora:end -->")
 NOTE = ("Why LoRA is not lower: it drops the reference copy, the full gradients and AdamW's two moments (4 of "
         "the 5 weight-sized buffers of full+copy), but the batch's activations and the process baseline stay; at "
         "~100M parameters they are of the order of the weights, so the ratio of total peaks sits near 0.5x while "
@@ -56,11 +67,34 @@ def current_rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def run_one(config: str) -> dict[str, float | str | int]:
+def reset_peak_rss() -> float:
+    """The peak RSS so far, then restart the kernel's high-water mark from the current RSS."""
+    peak = rss_mib()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return peak
+
+
+def save_model(folder: str) -> None:
+    """The benchmark's model, as `save_pretrained` writes it (what the `qlora` config reads back in 4 bits)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**MODEL)).save_pretrained(folder)
+
+
+def run_one(config: str, model_dir: str | None = None) -> dict[str, float | str | int]:
     """Build the model and reference for `config`, take STEPS training steps, report memory."""
     import peft  # noqa: F401  (imported before the baseline so that every config pays the same import cost)
     import torch
     import transformers
+
+    try:
+        import bitsandbytes  # noqa: F401  (the same import cost for every config, when installed)
+    except ImportError:
+        if config == "qlora":
+            raise SystemExit("qlora needs bitsandbytes: pip install 'dpokit[quantization]'")
 
     from dpokit import losses, models
     from dpokit.batching import make_batch
@@ -71,7 +105,11 @@ def run_one(config: str) -> dict[str, float | str | int]:
     torch.set_num_threads(2)
     baseline = current_rss_mib()
     torch.manual_seed(0)
-    policy = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MODEL))
+    if config == "qlora":
+        assert model_dir is not None, "qlora reads the model from --model-dir"
+        policy = models.load_model(model_dir, lean=False, quantization=models.Quantization(4))
+    else:
+        policy = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MODEL))
     models.disable_dropout(policy)
     g = torch.Generator().manual_seed(1)
 
@@ -82,7 +120,7 @@ def run_one(config: str) -> dict[str, float | str | int]:
     batch = make_batch(pairs, layout="packed", pair_ids=list(range(PAIRS)))
 
     loss_name = "simpo" if config == "simpo" else "sigmoid"
-    if config == "lora":
+    if config in ("lora", "qlora"):
         policy = models.apply_lora(policy, r=LORA_R, alpha=2 * LORA_R, dropout=0.0, target_modules="all-linear")
         reference = AdapterReference(policy)
     elif config == "full+copy":
@@ -100,6 +138,7 @@ def run_one(config: str) -> dict[str, float | str | int]:
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     step_times = []
+    load_peak = reset_peak_rss()
     for _ in range(STEPS):
         began = time.perf_counter()
         policy_logps = sequence_logps(scorer, batch)
@@ -110,26 +149,39 @@ def run_one(config: str) -> dict[str, float | str | int]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_times.append(time.perf_counter() - began)
-    peak = rss_mib()
-    return {"config": config, "loss": loss_name, "params_m": sum(p.numel() for p in policy.parameters()) / 1e6,
+    step_peak = rss_mib()
+    peak = max(load_peak, step_peak)
+    return {"config": config, "loss": loss_name, "params_m": sum(_numel(p) for p in policy.parameters()) / 1e6,
             "trainable_m": sum(p.numel() for p in trainable) / 1e6, "baseline_mib": baseline, "peak_mib": peak,
-            "above_baseline_mib": peak - baseline, "step_s": step_times[-1]}
+            "above_baseline_mib": peak - baseline, "load_peak_mib": load_peak, "step_peak_mib": step_peak,
+            "step_above_baseline_mib": step_peak - baseline, "step_s": step_times[-1]}
 
 
-def run_all(jobs: int) -> list[dict]:
-    """Each config in its own subprocess, `jobs` at a time; rows in CONFIGS order."""
+def _numel(param) -> int:
+    """Parameters a weight stands for: a 4-bit weight packs two per byte (bitsandbytes keeps its logical shape)."""
+    quant_state = getattr(param, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else param.numel()
+
+
+def run_all(jobs: int, configs: tuple[str, ...] = CONFIGS) -> list[dict]:
+    """Each config in its own subprocess, `jobs` at a time; rows in `configs` order. The qlora config's model is
+    saved first by a subprocess of its own, so no process holds it twice."""
     rows: dict[str, dict] = {}
-    for start in range(0, len(CONFIGS), jobs):
-        running = {config: subprocess.Popen([sys.executable, __file__, "--one", config], stdout=subprocess.PIPE,
-                                            stderr=subprocess.PIPE, text=True)
-                   for config in CONFIGS[start:start + jobs]}
+    folder = tempfile.TemporaryDirectory(prefix="memory-bench-")
+    if "qlora" in configs:
+        subprocess.run([sys.executable, __file__, "--save-model", folder.name], check=True, capture_output=True)
+    for start in range(0, len(configs), jobs):
+        running = {config: subprocess.Popen([sys.executable, __file__, "--one", config, "--model-dir", folder.name],
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for config in configs[start:start + jobs]}
         for config, process in running.items():
             stdout, stderr = process.communicate()
             if process.returncode != 0:
                 raise SystemExit(f"{config} failed:\n{stderr[-3000:]}")
             rows[config] = json.loads(stdout.strip().splitlines()[-1])
             print(f"{config}: peak {rows[config]['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
-    return [rows[config] for config in CONFIGS]
+    folder.cleanup()
+    return [rows[config] for config in configs]
 
 
 def table(rows: list[dict]) -> str:
@@ -145,12 +197,46 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(text: str) -> None:
+def qlora_table(rows: list[dict]) -> str:
+    lora = next(r for r in rows if r["config"] == "lora")
+    lines = ["| config | params (M) | trainable (M) | load peak (MiB) | step peak (MiB) | step above baseline (MiB) | "
+             "step above baseline vs lora | step (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['params_m']:.1f} | {r['trainable_m']:.2f} | {r['load_peak_mib']:.0f} | "
+                     f"{r['step_peak_mib']:.0f} | {r['step_above_baseline_mib']:.0f} | "
+                     f"{r['step_above_baseline_mib'] / lora['step_above_baseline_mib']:.2f}x | {r['step_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def qlora_section(rows: list[dict]) -> str:
+    lora, qlora = (next(r for r in rows if r["config"] == name) for name in QLORA_CONFIGS)
+    ratio = qlora["step_above_baseline_mib"] / lora["step_above_baseline_mib"]
+    return "\n".join([
+        "## Memory: QLoRA against LoRA (issue 24)",
+        "",
+        f"`python benchmarks/memory.py --qlora` on {platform.machine()} {platform.system()}, 2 threads, torch "
+        f"{_version('torch')}, transformers {_version('transformers')}, peft {_version('peft')}, bitsandbytes "
+        f"{_version('bitsandbytes')}; CPU, float32 compute. The model, batch and steps of the section above; LoRA "
+        f"r={LORA_R} on all attention and MLP linears, the reference the policy with its adapter off, the base "
+        "float32 (lora) or 4-bit NF4 (qlora). Load peak: the process peak while building the model (qlora maps "
+        "the float32 file while quantizing it); step peak: the peak from the first training step on.",
+        "",
+        qlora_table(rows),
+        "",
+        f"QLoRA's training steps take {ratio:.2f}x LoRA's memory above the import baseline (target <= 0.6x). The "
+        "4-bit layers hold 57M of the 108M parameters; the embeddings and the LM head (49M) stay float32, so the "
+        "weights only halve here (411 MiB to about 220 MiB), where on a 7B Llama the layers are 96% of them.",
+    ])
+
+
+def write_results(text: str, markers: tuple[str, str] = (START, END)) -> None:
     """Replace this benchmark's section of RESULTS.md (between its markers), keeping every other section."""
+    start, end = markers
     old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-    section = f"{START}\n{text}\n{END}"
-    if START in old and END in old:
-        new = old[:old.index(START)] + section + old[old.index(END) + len(END):]
+    section = f"{start}\n{text}\n{end}"
+    if start in old and end in old:
+        new = old[:old.index(start)] + section + old[old.index(end) + len(end):]
     else:
         new = old.rstrip("\n") + "\n\n" + section + "\n"
     RESULTS.write_text(new, encoding="utf-8")
@@ -161,9 +247,21 @@ def main() -> None:
     parser.add_argument("--one", choices=CONFIGS, help="run one config in this process and print a JSON line")
     parser.add_argument("--no-write", action="store_true", help="print the table without updating RESULTS.md")
     parser.add_argument("--jobs", type=int, default=1, help="configs run side by side (step times then suffer)")
+    parser.add_argument("--qlora", action="store_true", help="lora and qlora only, into their own section")
+    parser.add_argument("--model-dir", help="where --one qlora reads the model (written by --save-model)")
+    parser.add_argument("--save-model", metavar="DIR", help="save the benchmark's model to DIR and exit")
     args = parser.parse_args()
+    if args.save_model:
+        save_model(args.save_model)
+        return
     if args.one:
-        print(json.dumps(run_one(args.one)))
+        print(json.dumps(run_one(args.one, args.model_dir)))
+        return
+    if args.qlora:
+        text = qlora_section(run_all(args.jobs, QLORA_CONFIGS))
+        print(text)
+        if not args.no_write:
+            write_results(text, QLORA_MARKERS)
         return
     rows = run_all(args.jobs)
     lora = next(r for r in rows if r["config"] == "lora")
