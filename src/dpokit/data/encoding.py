@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 TAIL_TOKENS = 6   # the prompt's last tokens re-tokenized with each completion
-TAIL_SEARCH = 6   # how many tokens further back to look for a tail that starts at a word boundary
+TAIL_SEARCH = 16  # how many tokens further back to look for a tail that starts at a word boundary
 
 Triple = tuple[list[int], list[int], list[int]]  # ids of prompt, prompt + chosen, prompt + rejected
 
