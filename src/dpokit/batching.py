@@ -79,14 +79,15 @@ class Batch:
 
 def layout_for(*, prefix_sharing: bool = True, packing: bool = True, attn_implementation: str = "sdpa",
                compile: bool = False, max_tokens_per_batch: int | None = None) -> str:
-    """The layout for these settings. Packing with sdpa attention lays a micro-batch out as one row without
-    padding, attended block by block (`blocks`); rows of `max_tokens_per_batch` tokens with dense masks
+    """The layout for these settings. Packing with sdpa or FlexAttention lays a micro-batch out as one row
+    without padding, attended block by block or in one FlexAttention call per layer (`blocks`; "auto" picks one
+    of the two); rows of `max_tokens_per_batch` tokens with dense masks
     (`packed`) serve the other attention kernels and `torch.compile`."""
     if not prefix_sharing:
         return "concatenated"
     if not packing:
         return "shared"
-    if max_tokens_per_batch is None and attn_implementation == "sdpa" and not compile:
+    if max_tokens_per_batch is None and attn_implementation in ("auto", "sdpa", "flex_attention") and not compile:
         return "blocks"
     return "packed"
 

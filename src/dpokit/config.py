@@ -38,7 +38,9 @@ class Config:
     tokenizer: str | None = _opt(None, "tokenizer folder or hub name (default: the model's own)")
     dtype: str = _opt("float32", "weights and compute dtype", choices=("float32", "bfloat16"))
     device: str = _opt("auto", "device: auto, cpu, cuda, cuda:N")
-    attn_implementation: str = _opt("sdpa", "attention kernel passed to transformers (sdpa, eager, flex_attention)")
+    attn_implementation: str = _opt("auto", "attention kernel passed to transformers: auto (flex_attention on CUDA "
+                                            "with triton, else sdpa), sdpa, eager, flex_attention, "
+                                            "flash_attention_2")
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass to save memory")
     compile: bool = _opt(False, "torch.compile the policy (opt-in)")
 
@@ -105,10 +107,6 @@ class Config:
     lora_adapter: str | None = _opt(None, "start from this existing PEFT adapter folder")
     merge_lora: bool = _opt(False, "also save the LoRA adapter merged into the base model")
 
-    # --- layout and speed ----------------------------------------------------------------------------------
-    prefix_sharing: bool = _opt(True, "forward each prompt once for its chosen and rejected completions")
-    packing: bool = _opt(True, "pack several pairs per row, no padding (needs --prefix-sharing)")
-    max_tokens_per_batch: int | None = _opt(None, "tokens per packed row: a batch's pairs are packed into rows of "
     # --- quantized base (QLoRA) ----------------------------------------------------------------------------
     load_in_4bit: bool = _opt(False, "QLoRA: load the base model's linear layers in 4 bits (bitsandbytes) and train "
                                      "the LoRA adapter on them; needs --lora-r or --lora-adapter")
@@ -119,6 +117,10 @@ class Config:
     bnb_4bit_double_quant: bool = _opt(False, "--load-in-4bit: quantize the per-block scales too (QLoRA's double "
                                               "quantization, about 0.4 bits per weight less)")
 
+    # --- layout and speed ----------------------------------------------------------------------------------
+    prefix_sharing: bool = _opt(True, "forward each prompt once for its chosen and rejected completions")
+    packing: bool = _opt(True, "pack several pairs per row, no padding (needs --prefix-sharing)")
+    max_tokens_per_batch: int | None = _opt(None, "tokens per packed row: a batch's pairs are packed into rows of "
                                                   "this many tokens with dense masks (default: one row without "
                                                   "padding, attended block by block with sdpa)")
     logprob_chunk_size: int = _opt(512, "completion tokens per LM-head chunk (bounds logits memory)")
@@ -198,19 +200,15 @@ class Config:
             yield "--overwrite-output and --resume contradict each other: replace the run in --output, or continue it"
         if self.merge_lora and not (self.lora_r or self.lora_adapter):
             yield "--merge-lora needs LoRA training (--lora-r N or --lora-adapter PATH)"
+        yield from self._quantization_problems()
         unknown = [t for t in self.report_to.split(",") if t.strip() not in ("none", "tensorboard", "wandb")]
         if unknown:
             yield f"--report-to takes none, tensorboard, wandb (comma-separated), got {', '.join(unknown)!r}"
         for f in dataclasses.fields(self):
-        yield from self._quantization_problems()
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 yield f"--{_flag(f.name)} must be one of {', '.join(choices)}, got {value!r}"
-
-    @property
-    def loss_names(self) -> list[str]:
-        return [name.strip() for name in self.loss.split(",") if name.strip()]
 
     def _quantization_problems(self) -> typing.Iterator[str]:
         if self.load_in_4bit and self.load_in_8bit:
@@ -224,6 +222,10 @@ class Config:
                    "drop --fsdp to train with DDP, each process holding the whole quantized base")
         if not self.load_in_4bit and (self.bnb_4bit_double_quant or self.bnb_4bit_quant_type != "nf4"):
             yield "--bnb-4bit-quant-type and --bnb-4bit-double-quant set up --load-in-4bit; add it or drop them"
+
+    @property
+    def loss_names(self) -> list[str]:
+        return [name.strip() for name in self.loss.split(",") if name.strip()]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

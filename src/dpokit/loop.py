@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, distributed, host_memory, model_card, models, report, run_folder, trackers
+from . import accelerator, checkpoint, distributed, host_memory, model_card, models, report, run_folder, trackers
 from .batching import Batch, make_batch
 from .config import Config
 from .data import preparation as pipeline
@@ -69,7 +69,9 @@ def train(cfg: Config) -> Summary:
 
 def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
     start_time = time.perf_counter()
+    accelerator.check_device(cfg.device, cfg.dtype)
     dist = distributed.init(cfg.device)
+    cfg = cfg.replace(attn_implementation=accelerator.choose_attention(dist.device, cfg.attn_implementation))
     seed_everything(cfg.seed)
     files = RunFiles(Path(cfg.output))
     tracker_names = trackers.parse_report_to(cfg.report_to)  # a missing extra fails now, not after loading
@@ -437,6 +439,7 @@ def card_info(cfg: Config, files: RunFiles, loss_params: dict[str, Any], counts:
         counts=counts, command=shlex.join(["dpo", "train", *cfg.replace(resume=None).to_args()]),
         eval_before=outcome.eval_before, eval_after=outcome.eval_after, final_train=outcome.final_train,
         steps=outcome.steps, tags=["lora", "peft"] if cfg.lora_r or cfg.lora_adapter else [],
+        quantization=(q.describe() if (q := models.Quantization.from_config(cfg)) else None),
         rows=report.read_metrics(files.metrics))
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from . import lean_layers
+from .accelerator import choose_attention
 from .data import synthetic
 from .errors import DPOError, import_extra
 
@@ -38,7 +39,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def is_preset(name: str) -> bool:
 @dataclass(frozen=True)
 class Quantization:
     """How the base model's linear layers are stored while an adapter trains on them, through bitsandbytes.
@@ -91,6 +91,7 @@ def is_quantized(model: torch.nn.Module) -> bool:
     return any(type(module).__module__.startswith("bitsandbytes") for module in model.modules())
 
 
+def is_preset(name: str) -> bool:
     return name in PRESETS
 
 
@@ -113,8 +114,11 @@ def load_model(name_or_path: str, *, dtype: str = "float32", seed: int = 0,
     `empty`: the same architecture on the meta device, no weights read or allocated (FSDP2 ranks other than 0,
     which receive their shards from rank 0 once the model is sharded: `distributed.fill_from_rank0`).
     `lean`: Llama-family norm, rotary and SwiGLU layers with fewer passes over memory (`lean_layers`).
-    """
     `quantization`: the linear layers quantized as they are read, straight onto `device` (see `Quantization`).
+    `attn_implementation` "auto": the kernel `accelerator.choose_attention` picks for the GPU if there is one.
+    """
+    if attn_implementation == "auto":
+        attn_implementation = choose_attention("cuda" if torch.cuda.is_available() else "cpu")
     if quantization is not None:
         model = _load_quantized(name_or_path, dtype=dtype, seed=seed, attn_implementation=attn_implementation,
                                 quantization=quantization, device=device)
@@ -146,10 +150,6 @@ def load_model(name_or_path: str, *, dtype: str = "float32", seed: int = 0,
     return model
 
 
-def load_tokenizer(name_or_path: str) -> Any:
-    """The model's tokenizer (`AutoTokenizer`), with a pad token (EOS when it has none); a preset's is
-    `preset_tokenizer`. A folder needs only the tokenizer files (`dpo data inspect --model TOKENIZER_DIR`)."""
-    from transformers import AutoTokenizer
 def _load_quantized(name_or_path: str, *, dtype: str, seed: int, attn_implementation: str,
                     quantization: Quantization, device: torch.device | str) -> torch.nn.Module:
     """`from_pretrained` with a `BitsAndBytesConfig`: each linear layer is quantized as it is read. A preset is
@@ -173,6 +173,10 @@ def _load_quantized(name_or_path: str, *, dtype: str, seed: int, attn_implementa
                            f"({_first_line(err)})") from None
 
 
+def load_tokenizer(name_or_path: str) -> Any:
+    """The model's tokenizer (`AutoTokenizer`), with a pad token (EOS when it has none); a preset's is
+    `preset_tokenizer`. A folder needs only the tokenizer files (`dpo data inspect --model TOKENIZER_DIR`)."""
+    from transformers import AutoTokenizer
 
     if is_preset(name_or_path):
         return preset_tokenizer(name_or_path)
@@ -269,12 +273,12 @@ def save_policy(policy: torch.nn.Module, output: Path, *, merge_lora: bool = Fal
     - LoRA with `merge_lora`: the adapter merged into the base, a plain model that
       `AutoModelForCausalLM.from_pretrained` loads alone; the adapter itself goes to `output/adapter`.
       Merging happens in place (the policy is no longer a PEFT wrap afterwards), so call this last.
+      A quantized base (QLoRA) is first dequantized to its compute dtype, so the merged model is a full-precision
+      model that scores as the trained policy did (merging into 4-bit weights would round the adapter away).
 
     `state_dict` replaces the policy's own weights when they are sharded (FSDP2: the gathered full state).
     `dtype`: write a full model's floating-point weights in this dtype (FSDP2 trains float32 master weights under
     `--dtype bfloat16`; the saved model is then bf16, as a one-device bf16 run saves it).
-      A quantized base (QLoRA) is first dequantized to its compute dtype, so the merged model is a full-precision
-      model that scores as the trained policy did (merging into 4-bit weights would round the adapter away).
     """
     quiet_progress_bars_without_terminal()
     model_dir = output / "model"
@@ -307,10 +311,6 @@ def save_policy(policy: torch.nn.Module, output: Path, *, merge_lora: bool = Fal
     return model_dir
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
-    """DPO compares log-probs of two models; dropout would make them noisy. TRL does the same."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
 def _merge_dequantized(policy: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
     """The base without its adapter, dequantized in place (transformers' `dequantize`: each quantized linear
     becomes an `nn.Linear` holding the weights the training forward used), with the saved adapter merged in."""
@@ -321,6 +321,10 @@ def _merge_dequantized(policy: torch.nn.Module, adapter_dir: Path) -> torch.nn.M
     return peft.PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """DPO compares log-probs of two models; dropout would make them noisy. TRL does the same."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     config = getattr(model, "config", None)
     for name in ("attention_dropout", "hidden_dropout", "dropout"):
