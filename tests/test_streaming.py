@@ -71,3 +71,16 @@ def test_unpaired_training_is_not_streamed(tokenizer, tmp_path):
     with pytest.raises(DPOError, match="--stream-data"):
         preparation.prepare(settings(EXAMPLES / "hh_rlhf.jsonl", stream_data=True, unpaired=True), tokenizer,
                             cache=False)
+
+
+def test_dpo_train_runs_on_streamed_data(tiny_model_dir, pairs_jsonl, tmp_path, one_thread):
+    from dpokit import Config, train
+
+    cfg = Config(model=str(tiny_model_dir), data=str(pairs_jsonl), stream_data=True, max_steps=2, batch_size=2,
+                 max_length=64, eval_fraction=0.25, output=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+                 device="cpu", progress=False)
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row and "step" in row] == [1, 2]
+    assert any(key.startswith("eval/") for row in rows for key in row)
+    assert list((tmp_path / "cache").glob("*.shards/train-00000.tokens.npy"))

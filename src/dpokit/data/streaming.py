@@ -29,7 +29,7 @@ from . import formats, mixture, tokenization
 from .formats import PreferencePair
 from .tokenization import TokenizedPair, TruncationReport
 
-SHARD_PAIRS = 50_000  # pairs read, tokenized and written at a time: the bound on memory while preparing
+SHARD_PAIRS = 10_000  # pairs read, tokenized and written at a time: the bound on memory while preparing
 
 
 class ShardedPairs(Sequence[TokenizedPair]):
@@ -76,6 +76,32 @@ class ShardedPairs(Sequence[TokenizedPair]):
 
     def __iter__(self) -> Iterator[TokenizedPair]:
         return (self[i] for i in range(len(self)))
+
+    def __add__(self, other: Sequence[TokenizedPair]) -> Chained:
+        return Chained(self, other)
+
+    def __radd__(self, other: Sequence[TokenizedPair]) -> Chained:
+        return Chained(other, self)
+
+
+class Chained(Sequence[TokenizedPair]):
+    """`first + second` without copying either (train then eval pairs, as the loop scores them)."""
+
+    def __init__(self, first: Sequence[TokenizedPair], second: Sequence[TokenizedPair]):
+        self.first, self.second = first, second
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    def __getitem__(self, index: int) -> TokenizedPair:  # type: ignore[override]
+        index = index + len(self) if index < 0 else index
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.first[index] if index < len(self.first) else self.second[index - len(self.first)]
+
+    def __iter__(self) -> Iterator[TokenizedPair]:
+        yield from self.first
+        yield from self.second
 
 
 def write_shard(stem: Path, pairs: list[TokenizedPair]) -> None:
