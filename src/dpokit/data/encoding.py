@@ -5,10 +5,10 @@ The exact boundary (`tokenization`) compares a prompt's ids with the ids of `pro
 tokenized once, and each completion with only the prompt's last few tokens in front (their text, as the
 tokenizer's own decoder writes it): `prompt + completion` is the prompt's ids before that tail, then the ids of
 tail + completion. That holds when the tail starts where the tokenizer splits the text anyway, which is checked
-on every pair: the tail's text must end the prompt and not start inside a word, and tail + completion must start
-with the tail's own tokens again, for both completions. A pair that fails is tokenized in full and counted, so
-every pair gets the ids the full text has (tests/test_fast_encoding.py holds this pair by pair on byte-level BPE
-and Metaspace tokenizers, non-ASCII text, spaces at the boundary and chat templates).
+on every pair: the tail's text must end the prompt and start next to a space or at a special token, and tail +
+completion must start with the tail's own tokens again, for both completions. A pair that fails is tokenized in
+full and counted, so every pair gets the ids the full text has (tests/test_fast_encoding.py holds this pair by
+pair on byte-level BPE and Metaspace tokenizers, non-ASCII text, spaces at the boundary and chat templates).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 TAIL_TOKENS = 6   # the prompt's last tokens re-tokenized with each completion
-TAIL_SEARCH = 16  # how many tokens further back to look for a tail that starts at a word boundary
+TAIL_SEARCH = 16  # how many tokens further back to look for a tail that starts where the tokenizer splits
 
 Triple = tuple[list[int], list[int], list[int]]  # ids of prompt, prompt + chosen, prompt + rejected
 

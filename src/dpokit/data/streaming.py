@@ -170,6 +170,9 @@ def _write(settings: Any, tokenizer: Any, folder: Path, progress: bool) -> dict[
             for kind, pairs in split.items():
                 if pairs:
                     tokenized, report_part = tokenization.tokenize_pairs(pairs, tokenizer, **limits)
+                    if any(getattr(p, "image_inputs", None) for p in tokenized):
+                        raise DPOError(f"{source.path}: --stream-data does not stream prompts with images: drop "
+                                       "--stream-data for this data")
                     truncation[kind].add(report_part)
                     names[kind].append(f"{kind}-{len(names[kind]):05d}")
                     write_shard(folder / names[kind][-1], tokenized)

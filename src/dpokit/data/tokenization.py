@@ -180,6 +180,9 @@ def default_workers(num_pairs: int) -> int:
     return max(1, min(MAX_WORKERS, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
 
 
+_FORKED: tuple[Sequence[PreferencePair], Any, dict[str, Any], int] | None = None  # what forked workers read
+
+
 def _prepared_chunks(pairs: Sequence[PreferencePair], tokenizer: Any, limits: dict[str, Any], workers: int | None,
                      ) -> Iterator[tuple[list[TokenizedPair], TruncationReport]]:
     """`_prepare_chunk` over consecutive chunks of `pairs`, in order, in `workers` forked processes.
@@ -210,9 +213,6 @@ def _prepared_chunks(pairs: Sequence[PreferencePair], tokenizer: Any, limits: di
             yield from pool.imap(_prepare_chunk_in_worker, range(0, len(pairs), size))
     finally:
         _FORKED = None
-
-
-_FORKED: tuple[Sequence[PreferencePair], Any, dict[str, Any], int] | None = None  # what forked workers read
 
 
 def _prepare_chunk_in_worker(start: int) -> tuple[list[TokenizedPair], TruncationReport]:
