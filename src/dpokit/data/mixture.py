@@ -21,6 +21,8 @@ from .formats import PreferencePair
 
 @dataclass(frozen=True)
 class Source:
+    """One `--data` source: a file, folder or hub name, and the share of its pairs taken."""
+
     path: str
     weight: float = 1.0
 
