@@ -41,6 +41,7 @@ ROOMS: dict[str, set[str]] = {
     "evaluation": {"generate", "models", "logprobs", "batching", "data", "losses", "reference", "config", "errors"},
     "metrics": {"distributed", "logprobs", "losses"},
     "host_memory": set(),
+    "health": {"config", "data", "losses"},
     "plan": {"batching", "data", "errors", "models", "objective"},
     "loop": {"accelerator", "batching", "checkpoint", "config", "data", "distributed", "errors", "host_memory", "metrics",
              "model_card", "models", "objective", "pair_sampler", "placement", "reference", "report", "run_files",

@@ -158,6 +158,9 @@ class Config:
     overwrite_output: bool = _opt(False, "replace the run already in --output (its checkpoints, model and metrics) "
                                          "instead of stopping")
     max_bad_steps: int = _opt(5, "stop after K consecutive steps with a non-finite loss or gradient")
+    health_checks: bool = _opt(True, "watch the metrics for a run going wrong (no learning, likelihood displacement, "
+                                     "length hacking, exploding KL, gradient spikes, NaN) and say so once each in "
+                                     "the log, metrics.jsonl (health/...) and summary.md")
     num_workers: int = _opt(0, "dataloader worker processes")
     report_to: str = _opt("none", "metric sinks besides metrics.jsonl: none, tensorboard, wandb (comma-separated)")
     fsdp: bool = _opt(False, "shard the model with FSDP2 under torchrun (default: DDP)")

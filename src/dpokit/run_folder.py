@@ -28,7 +28,7 @@ RUN_OUTPUTS = ("checkpoints", "model", "adapter", "metrics.jsonl", "training_cur
 RESUME_MAY_CHANGE = frozenset({
     # when and where the run reports and saves
     "save_every", "save_total_limit", "log_every", "eval_every", "eval_batch_size", "report_to", "progress",
-    "max_bad_steps", "merge_lora", "cache", "cache_dir",
+    "max_bad_steps", "merge_lora", "cache", "cache_dir", "health_checks",
     # how the same steps are computed: layout, kernels, memory, workers, device
     "device", "num_workers", "compile", "gradient_checkpointing", "attn_implementation", "lean_layers",
     "lean_host_memory", "logprob_chunk_size", "prefix_sharing", "packing", "max_tokens_per_batch",
