@@ -18,6 +18,11 @@ Layouts (all exact: the same per-sequence log-probs as scoring each prompt+compl
   the row, `attention_mask` is a `BlockLayout` (where each block starts, its prompt and completion lengths), for
   an attention function that runs block by block (`block_attention`), so attention costs the sum of the blocks'
   squares, not the row's.
+
+Pairs whose prompt has images (`TokenizedPair.image_inputs`) bring an `ImageBatch`: each distinct prompt's images
+once, and where each prompt sits in the rows, so that their features are computed once per prompt and placed at
+its image tokens wherever it appears (twice per pair in `concatenated`, once per block in the others). A prompt is
+shared only with pairs of the same token ids and the same images.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field, fields
 from itertools import chain
 
+import hashlib
+
+import numpy as np
 import torch
 
 from .data.tokenization import TokenizedPair
@@ -48,6 +56,18 @@ class BlockLayout:
 
 
 @dataclass
+class ImageBatch:
+    """The images of a batch, each distinct prompt's once however many rows show it."""
+
+    inputs: dict[str, torch.Tensor]  # the image processor's arrays of the distinct prompts, concatenated in order
+    shown_at: torch.Tensor           # [prompt segments, 3] flat start (in rows*seq), length and prompt number of
+                                     # every prompt segment with images, in flat order
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> ImageBatch:
+        return ImageBatch({k: v.to(device, non_blocking=non_blocking) for k, v in self.inputs.items()}, self.shown_at)
+
+
+@dataclass
 class Batch:
     input_ids: torch.Tensor          # [rows, seq]
     position_ids: torch.Tensor       # [rows, seq]
@@ -63,6 +83,7 @@ class Batch:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-pair numbers, [pairs] each
     num_sequences: int = 0
     num_tokens: int = 0              # real (non-padding) tokens forwarded
+    images: ImageBatch | None = None  # the prompts' images, for a vision-language model
 
     @property
     def num_pairs(self) -> int:
@@ -71,7 +92,7 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in moved.items():
-            if isinstance(value, (torch.Tensor, BlockLayout)):
+            if isinstance(value, (torch.Tensor, BlockLayout, ImageBatch)):
                 moved[name] = value.to(device, non_blocking=True)
         moved["extras"] = {k: v.to(device, non_blocking=True) for k, v in self.extras.items()}
         return Batch(**moved)
@@ -99,15 +120,16 @@ def make_batch(pairs: Sequence[TokenizedPair], *, layout: str = "packed", pad_id
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     pair_ids = list(range(len(pairs))) if pair_ids is None else list(pair_ids)
     builder = _RowBuilder()
+    images = _DistinctImages()
+    image_of = [images.number(p.image_inputs) for p in pairs]
     if layout == "concatenated":
-        sequences: list[tuple[list[int], list[int]]] = [(p.prompt_ids, p.chosen_ids) for p in pairs]
-        sequences += [(p.prompt_ids, p.rejected_ids) for p in pairs]
-        for prompt, completion in sequences:
-            builder.add_row([builder.block(prompt, [completion])])
+        for completion_of in ("chosen_ids", "rejected_ids"):
+            for pair, image in zip(pairs, image_of):
+                builder.add_row([builder.block(pair.prompt_ids, [getattr(pair, completion_of)], image)])
         n = len(pairs)
         chosen_index, rejected_index = list(range(n)), list(range(n, 2 * n))
     else:
-        blocks, chosen_index, rejected_index = _prompt_blocks(pairs, builder)
+        blocks, chosen_index, rejected_index = _prompt_blocks(pairs, image_of, builder)
         if layout == "shared":
             for block in blocks:
                 builder.add_row([block])
@@ -122,7 +144,7 @@ def make_batch(pairs: Sequence[TokenizedPair], *, layout: str = "packed", pad_id
         extras[name] = torch.tensor([p.extras.get(name, float("nan")) for p in pairs], dtype=torch.float32)
     mask = {"concatenated": "padding", "blocks": "blocks"}.get(layout, "4d")
     return builder.finish(pad_id=pad_id, mask=mask, chosen_index=chosen_index,
-                          rejected_index=rejected_index, pair_ids=pair_ids, extras=extras)
+                          rejected_index=rejected_index, pair_ids=pair_ids, extras=extras, images=images)
 
 
 @dataclass
@@ -132,6 +154,7 @@ class _Block:
     prompt: list[int]
     completions: list[list[int]]
     first_sequence: int              # sequence number of the first completion; the others follow in order
+    image: int = -1                  # the prompt's images: their number in `_DistinctImages`, -1 for none
 
     @property
     def size(self) -> int:
@@ -147,9 +170,9 @@ class _RowBuilder:
         self.rows: list[list[_Block]] = []
         self.num_sequences = 0
 
-    def block(self, prompt: list[int], completions: list[list[int]]) -> _Block:
+    def block(self, prompt: list[int], completions: list[list[int]], image: int = -1) -> _Block:
         """A block whose completions become new sequences, numbered in order."""
-        block = _Block(prompt, completions, self.num_sequences)
+        block = _Block(prompt, completions, self.num_sequences, image)
         self.num_sequences += len(completions)
         return block
 
@@ -157,18 +180,21 @@ class _RowBuilder:
         self.rows.append(blocks)
 
     def finish(self, *, pad_id: int, mask: str, chosen_index: list[int], rejected_index: list[int],
-               pair_ids: list[int], extras: dict[str, torch.Tensor]) -> Batch:
+               pair_ids: list[int], extras: dict[str, torch.Tensor], images: _DistinctImages) -> Batch:
         width = max(sum(b.size for b in row) for row in self.rows)
         # One entry per segment: flat start (row * width + offset), length, first position id, part (0 = prompt,
         # k = k-th completion of its block), block number within the row, sequence (-1 for prompts), and the
         # flat index of its block's last prompt token (which predicts a completion's first token).
         ids: list[list[int]] = []
         start, length, first_position, part, block_no, sequence, prompt_end = ([] for _ in range(7))
+        shown_at: list[tuple[int, int, int]] = []  # (flat start, length, image number) of prompts with images
         for r, row in enumerate(self.rows):
             offset = r * width
             for b, block in enumerate(row):
                 segments = [block.prompt, *block.completions]
                 end_of_prompt = offset + len(block.prompt) - 1
+                if block.image >= 0:
+                    shown_at.append((offset, len(block.prompt), block.image))
                 for k, segment in enumerate(segments):
                     ids.append(segment)
                     start.append(offset)
@@ -229,26 +255,53 @@ class _RowBuilder:
             chosen_index=torch.tensor(chosen_index, dtype=torch.long),
             rejected_index=torch.tensor(rejected_index, dtype=torch.long),
             pair_ids=torch.tensor(pair_ids, dtype=torch.long), extras=extras,
-            num_sequences=self.num_sequences, num_tokens=total)
+            num_sequences=self.num_sequences, num_tokens=total, images=images.batch(shown_at))
 
 
-def _prompt_blocks(pairs: Sequence[TokenizedPair], builder: _RowBuilder,
+def _prompt_blocks(pairs: Sequence[TokenizedPair], image_of: list[int], builder: _RowBuilder,
                    ) -> tuple[list[_Block], list[int], list[int]]:
-    """One block per distinct prompt; each distinct completion of that prompt appears once in it."""
-    by_prompt: dict[tuple[int, ...], dict[tuple[int, ...], int]] = {}
-    for pair in pairs:
-        completions = by_prompt.setdefault(tuple(pair.prompt_ids), {})
+    """One block per distinct prompt (token ids and images); each distinct completion of it appears once in it."""
+    by_prompt: dict[tuple[tuple[int, ...], int], dict[tuple[int, ...], int]] = {}
+    for pair, image in zip(pairs, image_of):
+        completions = by_prompt.setdefault((tuple(pair.prompt_ids), image), {})
         for completion in (tuple(pair.chosen_ids), tuple(pair.rejected_ids)):
             completions.setdefault(completion, len(completions))
     blocks, first_of = [], {}
-    for prompt, completions in by_prompt.items():
-        block = builder.block(list(prompt), [list(c) for c in completions])
+    for (prompt, image), completions in by_prompt.items():
+        block = builder.block(list(prompt), [list(c) for c in completions], image)
         blocks.append(block)
-        first_of[prompt] = block.first_sequence
-    sequence_of = lambda prompt, completion: first_of[prompt] + by_prompt[prompt][completion]  # noqa: E731
-    chosen_index = [sequence_of(tuple(p.prompt_ids), tuple(p.chosen_ids)) for p in pairs]
-    rejected_index = [sequence_of(tuple(p.prompt_ids), tuple(p.rejected_ids)) for p in pairs]
+        first_of[prompt, image] = block.first_sequence
+    sequence_of = lambda key, completion: first_of[key] + by_prompt[key][completion]  # noqa: E731
+    chosen_index = [sequence_of((tuple(p.prompt_ids), i), tuple(p.chosen_ids)) for p, i in zip(pairs, image_of)]
+    rejected_index = [sequence_of((tuple(p.prompt_ids), i), tuple(p.rejected_ids)) for p, i in zip(pairs, image_of)]
     return blocks, chosen_index, rejected_index
+
+
+class _DistinctImages:
+    """The batch's prompts' images, each distinct set once (compared by content: two prompts with the same token
+    ids but other images are different prompts)."""
+
+    def __init__(self) -> None:
+        self.numbers: dict[tuple[object, ...], int] = {}
+        self.inputs: list[dict[str, np.ndarray]] = []
+
+    def number(self, image_inputs: dict[str, np.ndarray]) -> int:
+        """The number of these images in the batch (new ones get the next number); -1 for a prompt without."""
+        if not image_inputs:
+            return -1
+        key = tuple((name, array.shape, str(array.dtype), hashlib.blake2b(np.ascontiguousarray(array)).digest())
+                    for name, array in sorted(image_inputs.items()))
+        if key not in self.numbers:
+            self.numbers[key] = len(self.inputs)
+            self.inputs.append(image_inputs)
+        return self.numbers[key]
+
+    def batch(self, shown_at: list[tuple[int, int, int]]) -> ImageBatch | None:
+        if not self.inputs:
+            return None
+        inputs = {name: torch.from_numpy(np.concatenate([arrays[name] for arrays in self.inputs]))
+                  for name in self.inputs[0]}
+        return ImageBatch(inputs, torch.tensor(sorted(shown_at), dtype=torch.long).view(-1, 3))
 
 
 def _first_fit_decreasing(blocks: list[_Block], capacity: int) -> list[list[_Block]]:

@@ -101,8 +101,9 @@ def _count_call() -> None:
 
 
 def decoder_hidden_states(decoder: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                          blocks: BlockLayout) -> torch.Tensor:
-    """The decoder's last hidden states `[1, seq, hidden]` for a `blocks` row.
+                          blocks: BlockLayout, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoder's last hidden states `[1, seq, hidden]` for a `blocks` row (from `inputs_embeds` instead of the
+    ids when given: a vision-language model's, with the image features in place).
 
     Refuses a model whose attention never received the blocks (one that does not pass its keyword arguments down
     to transformers' attention functions, or uses neither sdpa nor flex_attention): its output would have
@@ -117,7 +118,8 @@ def decoder_hidden_states(decoder: torch.nn.Module, input_ids: torch.Tensor, pos
         mask = flex_attention.block_mask(blocks, input_ids.device)
     else:
         mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
-    hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False,
+    tokens = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    hidden = decoder(**tokens, position_ids=position_ids, attention_mask=mask, use_cache=False,
                      dpokit_blocks=blocks).last_hidden_state
     if _block_calls == calls_before:
         raise ValueError("this model's attention did not take dpokit's block layout (it needs transformers' sdpa "

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from .batching import Batch
-from .logprobs import (PairLogps, SoftmaxParts, accumulate_weight_gradient, chunked_target_logps, logit_gradient,
-                       pair_logps, rebuilt_softmax, select_pair_logps, softmax_parts)
+from .logprobs import (PairLogps, SoftmaxParts, accumulate_weight_gradient, chunked_target_logps, image_inputs,
+                       logit_gradient, pair_logps, rebuilt_softmax, select_pair_logps, softmax_parts)
 
 # (policy log-probs of some pairs, the indices of those pairs in the batch) -> their losses `[those pairs]`.
 LossOfPairs = Callable[[PairLogps, torch.Tensor], torch.Tensor]
@@ -67,7 +67,8 @@ def fused_sequence_loss(scorer: torch.nn.Module, batch: Batch, loss_of_pairs: Lo
     from `scorer` (a `SequenceScorer`, or a DDP/FSDP wrap of one) with the LM head and the loss fused."""
     spec = FusedPairLoss(batch, loss_of_pairs, chunk_size, ld_alpha, with_wpo)
     total, token_logps, token_wpo = scorer(batch.input_ids, batch.position_ids, batch.attention_mask,
-                                           batch.score_index, batch.target_ids, with_wpo, pair_loss=spec)
+                                           batch.score_index, batch.target_ids, with_wpo, pair_loss=spec,
+                                           **image_inputs(batch))
     return total, pair_logps(batch, token_logps, token_wpo, ld_alpha)
 
 

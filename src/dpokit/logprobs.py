@@ -4,7 +4,8 @@
 states at `Batch.score_index` (completion positions only: prompt and padding never reach the LM head), and
 computes `log_softmax(h @ W.T)[target]` in chunks of `chunk_size` tokens, so that the `[tokens, vocab]` logits
 exist for one chunk at a time, in the forward and (by recomputation) in the backward pass. Wrapping the model in
-an `nn.Module` is what lets DDP and FSDP2 wrap the scorer and see every parameter used.
+an `nn.Module` is what lets DDP and FSDP2 wrap the scorer and see every parameter used. A batch with images
+(`Batch.images`) reaches the decoder as input embeddings with each prompt's image features in place (`vision`).
 
 `naive_sequence_logps` is the textbook computation (full logits, `log_softmax`, `gather`, mask) kept for tests.
 """
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .batching import Batch, BlockLayout
+from . import vision
+from .batching import Batch, BlockLayout, ImageBatch
 from .block_attention import decoder_hidden_states
 
 
@@ -57,19 +59,25 @@ class SequenceScorer(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | BlockLayout,
                 score_index: torch.Tensor, target_ids: torch.Tensor, with_wpo: bool = False,
-                pair_loss: Callable[..., Any] | None = None) -> tuple[torch.Tensor, ...]:
+                pair_loss: Callable[..., Any] | None = None, images: ImageBatch | None = None,
+                ) -> tuple[torch.Tensor, ...]:
         """Token log-probs `[scored]` (and WPO terms when asked); with `pair_loss` (a `fused_loss.FusedPairLoss`),
-        `pair_loss(hidden, head, softcap)` takes over from the backbone's output: LM head and loss in one pass."""
+        `pair_loss(hidden, head, softcap)` takes over from the backbone's output: LM head and loss in one pass.
+        `images`: the batch's images, for a vision-language model."""
         decoder = self.model.get_decoder()
         head = self.model.get_output_embeddings()
+        # The tokens as the decoder takes them: ids, or embeddings with the image features written in.
+        tokens = ({"input_ids": input_ids} if images is None
+                  else {"inputs_embeds": vision.input_embeddings(self.model, input_ids, images)})
         if isinstance(attention_mask, BlockLayout):
-            hidden = decoder_hidden_states(decoder, input_ids, position_ids, attention_mask)
+            hidden = decoder_hidden_states(decoder, input_ids, position_ids, attention_mask,
+                                           inputs_embeds=tokens.get("inputs_embeds"))
         else:
             if attention_mask.dim() == 4 and self._attn_implementation() == "eager":
                 attention_mask = _additive(attention_mask, self._dtype())
             elif attention_mask.dim() == 4 and self._attn_implementation() == "flex_attention":
                 attention_mask = _block_mask(attention_mask)  # transformers would add a bool tensor to the scores
-            hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+            hidden = decoder(**tokens, position_ids=position_ids, attention_mask=attention_mask,
                              use_cache=False).last_hidden_state       # [rows, seq, hidden]
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_index)  # [scored, hidden]
         softcap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
@@ -284,8 +292,13 @@ def sequence_logps(scorer: torch.nn.Module, batch: Batch, *, ld_alpha: float | N
                    with_wpo: bool = False) -> PairLogps:
     """Per-pair completion log-probs of `batch` under the model wrapped by `scorer` (or a DDP/FSDP wrap of it)."""
     token_logps, token_wpo = scorer(batch.input_ids, batch.position_ids, batch.attention_mask,
-                                    batch.score_index, batch.target_ids, with_wpo)
+                                    batch.score_index, batch.target_ids, with_wpo, **image_inputs(batch))
     return pair_logps(batch, token_logps, token_wpo, ld_alpha)
+
+
+def image_inputs(batch: Batch) -> dict[str, ImageBatch]:
+    """The scorer's `images` keyword for a batch with images; none for text (so that any scorer takes it)."""
+    return {} if batch.images is None else {"images": batch.images}
 
 
 def naive_sequence_logps(model: torch.nn.Module, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:

@@ -13,6 +13,9 @@ record, or forced with `format=`):
 - `unpaired` (KTO): `prompt`, `completion`, `label` (bool). See `to_unpaired` for the representation.
 - `sft`: `prompt` + `completion`, or `text` alone (empty prompt): `PreferencePair(prompt, completion, completion)`.
 
+Any format may carry the prompt's images in an `images` (list) or `image` column (see `images`); in chat messages
+a content may then be a list of parts, `{"type": "image"}` where an image goes and `{"type": "text", "text": ...}`.
+
 Every bad record is reported as `file:line: field ...: what is wrong`, or skipped and counted (`skip_invalid`).
 """
 
@@ -22,9 +25,11 @@ import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from ..errors import DPOError
+from . import images as image_column
 from .sources import Malformed, read_records_or_malformed
 
 Text = str | list[dict[str, Any]]  # plain text, or chat messages [{"role": ..., "content": ...}]
@@ -42,6 +47,7 @@ class PreferencePair:
     `extras` holds optional per-pair numbers that some losses use (score_chosen, score_rejected, margin, label).
     `group` is the same for pairs that share a prompt (several ranked responses), so it can be computed once.
     `tools`: function definitions (JSON schemas) the chat template shows the model, from a `tools` column.
+    `images`: the prompt's images (`images.ImageSource`: an absolute path or encoded bytes), in order.
     """
 
     prompt: Text
@@ -50,6 +56,7 @@ class PreferencePair:
     extras: dict[str, float] = field(default_factory=dict)
     group: int | None = None
     tools: list[dict[str, Any]] | None = None
+    images: tuple[image_column.ImageSource, ...] = ()
 
 
 @dataclass
@@ -103,6 +110,7 @@ def iter_pairs(path: str, report: DataReport, *, split: str = "train", columns: 
     if pairs not in PAIRING:
         raise DPOError(f"--pairs must be one of {', '.join(PAIRING)}, got {pairs!r}")
     rename = _parse_columns(columns)
+    image_base = _image_base(path)
     for where, record in read_records_or_malformed(path, split=split):
         report.records += 1
         try:
@@ -112,6 +120,7 @@ def iter_pairs(path: str, report: DataReport, *, split: str = "train", columns: 
             if report.format == "?":  # detected from the first readable record
                 report.format = detect_format(record, where)
             made = _CONVERTERS[report.format](record, pairs)
+            made = _with_images(made, record, image_base)
         except _BadRecord as bad:
             if skip_invalid:
                 report.skipped_invalid += 1
@@ -315,13 +324,53 @@ def _messages(record: dict[str, Any], name: str) -> list[dict[str, Any]]:
         raise _BadRecord(f"field '{name}' must be a non-empty list of messages, got {type(value).__name__}")
     for i, message in enumerate(value):
         calls = isinstance(message, dict) and isinstance(message.get("tool_calls"), list)
+        if isinstance(message, dict) and isinstance(message.get("content"), list):
+            message = value[i] = {**message, "content": _content_parts(message["content"], name, i)}
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
-                or not (isinstance(message.get("content"), str) or calls and message.get("content") is None):
+                or not (isinstance(message.get("content"), (str, list)) or calls and message.get("content") is None):
             raise _BadRecord(f"field '{name}', message {i}: expected {{\"role\": str, \"content\": str}} (content "
                              f"may be null beside \"tool_calls\"), got {message!r:.80}")
         if message.get("reasoning_content") is not None and not isinstance(message["reasoning_content"], str):
             raise _BadRecord(f"field '{name}', message {i}: \"reasoning_content\" must be a string")
     return value
+
+
+def _content_parts(parts: list[Any], name: str, i: int) -> str | list[dict[str, Any]]:
+    """A message's content given as parts: image and text parts kept as they are; text parts alone joined into
+    the plain string a text-only chat template expects."""
+    for part in parts:
+        if not (image_column.is_image_part(part) or isinstance(part, dict) and part.get("type") == "text"
+                and isinstance(part.get("text"), str)):
+            raise _BadRecord(f"field '{name}', message {i}: a content part must be {{\"type\": \"image\"}} or "
+                             f"{{\"type\": \"text\", \"text\": str}}, got {part!r:.80}")
+    if any(image_column.is_image_part(part) for part in parts):
+        return [{"type": "image"} if image_column.is_image_part(part) else {"type": "text", "text": part["text"]}
+                for part in parts]
+    return "".join(part["text"] for part in parts)
+
+
+def _with_images(made: list[PreferencePair], record: dict[str, Any], base: Path) -> list[PreferencePair]:
+    """The record's pairs with the prompt's images, one per `{"type": "image"}` placeholder of a chat prompt (a
+    plain-text prompt's placeholders are the processor's image token, checked when it tokenizes them)."""
+    try:
+        sources = image_column.column_sources(record, base)
+    except image_column.BadImage as bad:
+        raise _BadRecord(str(bad)) from None
+    for pair in made:
+        for name in ("chosen", "rejected"):
+            completion = getattr(pair, name)
+            if isinstance(completion, list) and image_column.placeholder_count(completion):
+                raise _BadRecord(f"field '{name}' holds an image placeholder; images belong to the prompt")
+        if isinstance(pair.prompt, list) and image_column.placeholder_count(pair.prompt) != len(sources):
+            raise _BadRecord(f"the prompt has {image_column.placeholder_count(pair.prompt)} image placeholders "
+                             f"({{\"type\": \"image\"}}) for {len(sources)} images; give one image per placeholder")
+    return [replace(pair, images=sources) for pair in made] if sources else made
+
+
+def _image_base(path: str) -> Path:
+    """The folder image paths in `path`'s records are relative to: the data file's (or the data folder)."""
+    source = Path(path)
+    return source if source.is_dir() else source.parent
 
 
 def _tools(record: dict[str, Any]) -> list[dict[str, Any]] | None:

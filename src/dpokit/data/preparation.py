@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from . import cache as data_cache, formats, mixture, streaming, synthetic, tokenization
+from . import cache as data_cache, formats, mixture, multimodal, streaming, synthetic, tokenization
 from ..errors import DPOError
 from .formats import PreferencePair
 from .tokenization import TokenizedPair
@@ -88,6 +88,11 @@ def prepare(settings: DataSettings, tokenizer: Any, *, cache: bool = True, cache
     key_settings = {k: v for k, v in asdict(settings).items() if k not in ("data", "eval_data", "data_split",
                                                                            "eval_split")}
     directory = Path(cache_dir) if cache_dir else data_cache.default_dir()
+    processor = multimodal.is_processor(tokenizer)
+    if processor:  # the cache holds token ids only, and its key does not cover the image files' bytes
+        cache = False
+        if settings.stream_data:
+            raise DPOError("--stream-data does not take a vision-language model's data yet; drop --stream-data")
     key = data_cache.cache_key(sources=sources, tokenizer=tokenizer, settings=key_settings) if cache else None
     if settings.stream_data:  # train / eval are then `streaming.ShardedPairs`, sequences read from disk
         key = key or data_cache.cache_key(sources=sources, tokenizer=tokenizer, settings=key_settings)
@@ -118,8 +123,13 @@ def prepare(settings: DataSettings, tokenizer: Any, *, cache: bool = True, cache
         train_pairs = formats.to_unpaired(train_pairs, seed)
         eval_pairs = formats.to_unpaired(eval_pairs, seed + 1) if eval_pairs else []
     limits = {**settings.limits(), "progress": progress}
-    train, train_trunc = tokenization.tokenize_pairs(train_pairs, tokenizer, **limits)
-    held_out, eval_trunc = tokenization.tokenize_pairs(eval_pairs, tokenizer, **limits)
+    if not processor and (with_images := next((p for p in train_pairs + eval_pairs if p.images), None)):
+        raise DPOError(f"{data}: the data has images (an images/image column, {len(with_images.images)} in its first "
+                       "such pair) but the model's tokenizer has no image processor (a text-only model); use a "
+                       "vision-language model, or drop the image column")
+    tokenize = multimodal.tokenize_pairs if processor else tokenization.tokenize_pairs
+    train, train_trunc = tokenize(train_pairs, tokenizer, **limits)
+    held_out, eval_trunc = tokenize(eval_pairs, tokenizer, **limits)
     notes += [f"train: {line}" for line in train_trunc.lines()]
     notes += [f"eval: {line}" for line in eval_trunc.lines()]
     if not train:
@@ -128,11 +138,15 @@ def prepare(settings: DataSettings, tokenizer: Any, *, cache: bool = True, cache
               "truncated_pairs": train_trunc.truncated_prompts + train_trunc.truncated_completions,
               "skipped_invalid": skipped, "identical_pairs": identical,
               "boundary_mismatches": train_trunc.boundary_mismatches}
+    if processor:
+        counts["images"] = sum(len(p.images) for p in train_pairs + eval_pairs)
+        notes.append(f"{counts['images']} images, encoded with the model's processor (not cached)")
     notes.append(f"prepared {len(train)} train / {len(held_out)} eval pairs in {time.perf_counter() - started:.1f}s")
     if key is not None:
         data_cache.save(directory, key, data_cache.CachedData({"train": train, "eval": held_out},
                                                               {"notes": notes, "counts": counts}))
-    return PreparedData(train, held_out, pad_id=tokenizer.pad_token_id, notes=notes, counts=counts)
+    return PreparedData(train, held_out, pad_id=multimodal.text_tokenizer(tokenizer).pad_token_id, notes=notes,
+                        counts=counts)
 
 
 def _load_train(settings: DataSettings) -> tuple[list[PreferencePair], list[str], int, int]:

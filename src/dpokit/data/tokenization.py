@@ -27,7 +27,7 @@ import multiprocessing
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import DPOError
@@ -42,13 +42,18 @@ BOUNDARY_MARK = "\u2063dpokit-boundary\u2063"  # message content no template rew
 
 @dataclass
 class TokenizedPair:
-    """Token ids of one pair: the shared prompt, then each completion (ending with EOS or the end-of-turn)."""
+    """Token ids of one pair: the shared prompt, then each completion (ending with EOS or the end-of-turn).
+
+    `image_inputs`: for a prompt with images, the image processor's arrays for them (`pixel_values`, and e.g.
+    `image_grid_thw`), each with the prompt's images along its first axis (`multimodal`); empty for text.
+    """
 
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
     extras: dict[str, float] = field(default_factory=dict)
     group: int | None = None
+    image_inputs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -144,7 +149,7 @@ def truncate_pair(pair: TokenizedPair, *, max_length: int, max_prompt_length: in
     chosen, rejected = pair.chosen_ids[:room], pair.rejected_ids[:room]
     if len(chosen) < len(pair.chosen_ids) or len(rejected) < len(pair.rejected_ids):
         report.truncated_completions += 1
-    return TokenizedPair(prompt, chosen, rejected, pair.extras, pair.group)
+    return replace(pair, prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected)
 
 
 def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer: Any, *, max_length: int,
