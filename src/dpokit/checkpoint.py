@@ -328,9 +328,15 @@ def read(path: Path) -> Loaded:
     return Loaded(path, {}, {}, parts[0], sharded=True) if sharded else Loaded(path, *parts)
 
 
+# `--resume` values that look in --output itself rather than at a path.
+IN_OUTPUT = ("latest", "auto")
+
+
 def load(resume: str, output: Path, warn: Callable[[str], None]) -> Loaded | None:
-    """The newest usable checkpoint for `--resume` ("latest": under `output`; else a run folder, a checkpoints
-    folder or one checkpoint), falling back past broken ones with a warning. None: "latest" and none saved yet."""
+    """The newest usable checkpoint for `--resume` ("latest" or "auto": under `output`; else a run folder, a
+    checkpoints folder or one checkpoint), falling back past broken ones with a warning. None: "latest" or "auto"
+    and none saved yet, so the run starts fresh (what makes one `--resume auto` command line serve the first start
+    and every torchrun restart)."""
     root, newest = _resolve(resume, output)
     candidates = [p for p in checkpoints(root) if newest is None or step_of(p) <= newest]
     skipped: list[tuple[Path, str]] = []
@@ -349,14 +355,14 @@ def load(resume: str, output: Path, warn: Callable[[str], None]) -> Loaded | Non
     if skipped:
         details = "; ".join(f"{p}: {why}" for p, why in skipped)
         raise DPOError(f"--resume: no usable checkpoint under {root} ({details})")
-    if resume == "latest":
+    if resume in IN_OUTPUT:
         return None
     raise DPOError(f"--resume {resume}: no checkpoint found there (expected step-N folders from --save-every)")
 
 
 def _resolve(resume: str, output: Path) -> tuple[Path, int | None]:
     """(folder holding step-N checkpoints, newest step allowed) for a `--resume` value."""
-    if resume == "latest":
+    if resume in IN_OUTPUT:
         return RunFiles(output).checkpoints, None
     path = Path(resume)
     if not path.exists():

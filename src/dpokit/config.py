@@ -154,7 +154,10 @@ class Config:
     eval_batch_size: int | None = _opt(None, "pairs per eval batch (default: --batch-size)")
     save_every: int | None = _opt(None, "save a resumable checkpoint every N steps (and at the end)")
     save_total_limit: int | None = _opt(None, "keep only the newest K checkpoints")
-    resume: str | None = _opt(None, "resume from the latest checkpoint in --output, or from PATH", nargs="?", const="latest")
+    resume: str | None = _opt(None, "resume from the latest checkpoint in --output, or from PATH; 'auto': resume if "
+                                    "--output holds a complete checkpoint, else start fresh (one command line for "
+                                    "the first start and every torchrun --max-restarts restart)", nargs="?",
+                              const="latest")
     overwrite_output: bool = _opt(False, "replace the run already in --output (its checkpoints, model and metrics) "
                                          "instead of stopping")
     max_bad_steps: int = _opt(5, "stop after K consecutive steps with a non-finite loss or gradient")
@@ -199,6 +202,8 @@ class Config:
             yield f"--lora-r must be >= 0, got {self.lora_r}"
         if not 0.0 <= self.lora_dropout < 1.0:
             yield f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"
+        if self.resume == "auto" and not self.save_every:
+            yield "--resume auto needs --save-every N: without checkpoints every restart would start over"
         if self.overwrite_output and self.resume is not None:
             yield "--overwrite-output and --resume contradict each other: replace the run in --output, or continue it"
         if self.merge_lora and not (self.lora_r or self.lora_adapter):

@@ -59,7 +59,7 @@ def check_fresh_output(output: Path, resume: str | None, overwrite: bool) -> Non
     has_model = any(_children(output / "model"))
     if not steps and not has_model:
         return
-    if resume is not None and (steps or resume != "latest"):
+    if resume is not None and (steps or resume not in ("latest", "auto")):
         return
     if overwrite:
         for name in RUN_OUTPUTS:
