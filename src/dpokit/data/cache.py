@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain
@@ -75,7 +76,7 @@ def load(directory: Path, key: str) -> CachedData | None:
         with np.load(path, allow_pickle=False) as stored:
             meta = json.loads(str(stored["meta"]))
             splits = {name: _unflatten(stored, name, meta["extras"][name]) for name in meta["splits"]}
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # a truncated .npz is a broken zip
         return None
     return CachedData(splits, meta)
 
@@ -98,7 +99,11 @@ def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     run never reads half a file. The sibling keeps `path`'s suffix (np.savez would add one otherwise)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
-    write(partial)
+    try:
+        write(partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a failed write (disk full) leaves no partial file behind
+        raise
     os.replace(partial, path)
 
 

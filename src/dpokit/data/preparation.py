@@ -101,6 +101,7 @@ def prepare(settings: DataSettings, tokenizer: Any, *, cache: bool = True, cache
             shutil.rmtree(shards, ignore_errors=True)
         train, held_out, notes, counts = streaming.prepare(settings, tokenizer, shards, progress=progress)
         return PreparedData(train, held_out, tokenizer.pad_token_id, notes, counts)  # type: ignore[arg-type]
+    stale = key is not None and (directory / f"{key}.npz").is_file()
     if key is not None and (hit := data_cache.load(directory, key)) is not None:
         notes = hit.meta["notes"] + [f"loaded tokenized data from the cache {directory / key}.npz (--no-cache "
                                      "redoes it)"]
@@ -110,6 +111,9 @@ def prepare(settings: DataSettings, tokenizer: Any, *, cache: bool = True, cache
     started = time.perf_counter()
     load = settings.load_options()
     loaded, notes, skipped, identical = _load_train(settings)
+    if stale:  # there, but truncated or not a cache file: rebuilt below and written over
+        notes.insert(0, f"warning: the data cache {directory / key}.npz is unreadable (truncated or not written by "
+                        "dpokit); tokenizing again and replacing it")
     if eval_data:
         train_pairs = loaded
         eval_pairs, eval_report = formats.load_pairs(eval_data, split=eval_split, **load)
@@ -143,8 +147,12 @@ def prepare(settings: DataSettings, tokenizer: Any, *, cache: bool = True, cache
         notes.append(f"{counts['images']} images, encoded with the model's processor (not cached)")
     notes.append(f"prepared {len(train)} train / {len(held_out)} eval pairs in {time.perf_counter() - started:.1f}s")
     if key is not None:
-        data_cache.save(directory, key, data_cache.CachedData({"train": train, "eval": held_out},
-                                                              {"notes": notes, "counts": counts}))
+        try:
+            data_cache.save(directory, key, data_cache.CachedData({"train": train, "eval": held_out},
+                                                                  {"notes": notes, "counts": counts}))
+        except OSError as err:  # a full or read-only cache disk costs the cache, not the run
+            notes.append(f"warning: could not write the data cache {directory / key}.npz "
+                         f"({err.strerror or err}); training goes on without it")
     return PreparedData(train, held_out, pad_id=multimodal.text_tokenizer(tokenizer).pad_token_id, notes=notes,
                         counts=counts)
 
