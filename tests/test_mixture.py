@@ -101,4 +101,4 @@ def test_data_inspect_shows_each_source(tmp_path):
     lines = inspect(f"{a}:0.5,{b}")
     assert f"{a}: 6 pairs from 6 records (explicit format)" in lines
     assert f"{b}: 3 pairs from 3 records (explicit format)" in lines
-    assert "mixture of 2 sources (--seed 0): 6 pairs" in lines and f"  {a}: 3 of 6 pairs (weight 0.5)" in lines
+    assert "mixture of 2 sources (--seed 42): 6 pairs" in lines and f"  {a}: 3 of 6 pairs (weight 0.5)" in lines

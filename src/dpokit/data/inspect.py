@@ -25,12 +25,12 @@ def inspect(path: str, *, tokenizer: Any = None, format: str | None = None, colu
             max_completion_length: int | None = None, truncation_mode: str = "keep_end", examples: int = 2,
             ) -> list[str]:
     """The report's lines. A mixture (`a.jsonl:0.7,b.jsonl:0.3`) is reported source by source, then mixed as
-    `dpo train` mixes it with the default --seed 0."""
+    `dpo train` mixes it with its default --seed (42)."""
     options = dict(format=format, columns=columns, split=split, pairs=pairs, max_pairs=max_pairs,
                    skip_invalid=skip_invalid)
     sources = mixture.parse(path)
     if mixture.is_mixture(sources):
-        loaded, reports, notes = mixture.load(sources, seed=0, **options)
+        loaded, reports, notes = mixture.load(sources, seed=42, **options)
         lines = [line for report in reports for line in report.lines()] + notes
     else:
         loaded, report = formats.load_pairs(path, **options)
