@@ -183,7 +183,7 @@ def test_log_probs_equal_a_plain_forward(tokenizers, name, one_thread):
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
     model.eval()
-    scored = evaluation.pair_logps(model, [pair])
+    scored = evaluation.dataset_logps(model, [pair])
     for completion, got in ((pair.chosen_ids, scored.chosen), (pair.rejected_ids, scored.rejected)):
         ids = torch.tensor([pair.prompt_ids + completion])
         with torch.no_grad():

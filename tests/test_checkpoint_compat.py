@@ -46,6 +46,6 @@ def test_a_checkpoint_from_before_the_typed_trainer_state_resumes_to_the_same_ru
     got, want = rows(output / "metrics.jsonl"), rows(FIXTURE / "final_metrics.jsonl")
     assert [r["step"] for r in got] == [r["step"] for r in want] == [3, 6, 8]
     for g, w in zip(got, want):
-        assert g.keys() == w.keys()
+        assert g.keys() >= w.keys()  # rows may carry metrics added since
         for key in w:
             assert abs(g[key] - w[key]) <= 1e-6 * max(1.0, abs(w[key])), (g["step"], key)

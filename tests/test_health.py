@@ -290,7 +290,6 @@ def test_a_real_run_that_learns_raises_nothing(model_dir, tmp_path, one_thread, 
     assert alarms_of_real_run(model_dir, tmp_path / "learning", lr) == []
 
 
-@pytest.mark.xfail(strict=True, reason="loop wiring pending")
 def test_dpo_train_reports_no_learning_in_metrics_and_summary(model_dir, tmp_path, one_thread):
     from dpokit.loop import train
 

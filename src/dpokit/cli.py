@@ -104,8 +104,6 @@ def _add_online_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of sample, score, train (default: 3)")
     parser.add_argument("--prompts-per-round", type=int, help="prompts per round, drawn in seeded passes over the "
                                                               "file (default: all, every round)")
-    parser.add_argument("--ref-update", default="start", choices=("start", "round"), help="the reference: the "
-                        "starting model for every round, or the policy at the start of each round (default: start)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens per completion (default: 64)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1 = off)")
@@ -116,7 +114,7 @@ def _add_online_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reward-device", help="device of the reward models (default: --device)")
 
 
-def _online_options(args: argparse.Namespace) -> object:
+def _online_options(args: argparse.Namespace, *, ref_update: str) -> object:
     from .online import OnlineOptions
 
     weights = None
@@ -128,7 +126,7 @@ def _online_options(args: argparse.Namespace) -> object:
     return OnlineOptions(
         rewards=args.reward, reward_models=args.reward_model, reward_weights=weights,
         samples_per_prompt=args.samples_per_prompt, rounds=args.rounds, prompts_per_round=args.prompts_per_round,
-        ref_update=args.ref_update, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        ref_update=ref_update, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, sample_batch_size=args.sample_batch_size, missing_eos_penalty=args.missing_eos_penalty,
         reward_device=args.reward_device)
 

@@ -43,6 +43,8 @@ class Config:
                                             "flash_attention_2")
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass to save memory")
     compile: bool = _opt(False, "torch.compile the policy (opt-in)")
+    freeze_vision: bool = _opt(True, "vision-language models: the vision tower gets no gradient (--no-freeze-vision "
+                                     "trains it too)")
 
     # --- data ----------------------------------------------------------------------------------------------
     data: str = _opt("synthetic", "training data: 'synthetic', a JSON/JSONL/Parquet/CSV file or folder, or a hub "
@@ -98,6 +100,15 @@ class Config:
     precompute_ref: bool = _opt(False, "compute reference log-probs once before training, then free the reference")
     ref_sync_every: int | None = _opt(None, "TR-DPO: update the reference from the policy every N steps")
     ref_sync_alpha: float = _opt(1.0, "TR-DPO: ref = a*policy + (1-a)*ref at each sync (1 = hard copy)")
+    ref_update: str = _opt("start", "the reference: the starting model throughout (start); BEMA, the policy's "
+                                    "bias-corrected moving average (bema, arXiv 2508.00180); dpo online also takes "
+                                    "round (the policy at the start of each round)", choices=("start", "bema", "round"))
+    bema_update_every: int = _opt(400, "--ref-update bema: move the reference every N steps (TRL's update_freq)")
+    bema_ema_power: float = _opt(0.5, "--ref-update bema: EMA weight beta_t = (lag + multiplier t)^-power (kappa)")
+    bema_bias_power: float = _opt(0.2, "--ref-update bema: bias correction alpha_t = (lag + multiplier t)^-power "
+                                       "(eta; 0 gives the plain EMA's correction of 1)")
+    bema_lag: float = _opt(10.0, "--ref-update bema: the schedules' offset rho")
+    bema_multiplier: float = _opt(1.0, "--ref-update bema: the schedules' step multiplier gamma")
 
     # --- LoRA ----------------------------------------------------------------------------------------------
     lora_r: int = _opt(0, "LoRA rank (0 = full fine-tuning)")
@@ -198,6 +209,11 @@ class Config:
             yield "--warmup-steps, --max-grad-norm, --weight-decay and --num-workers must not be negative"
         if not 0.0 < self.ref_sync_alpha <= 1.0:
             yield f"--ref-sync-alpha must be in (0, 1], got {self.ref_sync_alpha}"
+        if self.bema_update_every < 1:
+            yield f"--bema-update-every must be at least 1, got {self.bema_update_every}"
+        if not (self.bema_lag > 0 and self.bema_multiplier >= 0 and self.bema_ema_power >= 0
+                and self.bema_bias_power >= 0):
+            yield "--bema-lag must be positive and --bema-multiplier, --bema-ema-power, --bema-bias-power not negative"
         if self.lora_r < 0:
             yield f"--lora-r must be >= 0, got {self.lora_r}"
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -393,7 +409,7 @@ def _coerce(path: Path, key: Any, f: dataclasses.Field[Any], value: Any) -> Any:
     """Check a YAML value against the field's type; YAML's own typing (1e-6 is a str in YAML 1.1) is forgiven."""
     kind = _base_type(f.type)
     if value is None:
-        if f.default is None or f.name == "resume":
+        if f.default is None:
             return None
         raise DPOError(f"{path}: setting {key!r} must not be empty")
     if kind is bool:

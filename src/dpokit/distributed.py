@@ -57,9 +57,7 @@ def init(device: str = "auto") -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    chosen = torch.device(device)
+    chosen = resolve_device(device)
     if chosen.type == "cuda":
         if chosen.index is None:
             chosen = torch.device("cuda", local_rank)
@@ -68,6 +66,16 @@ def init(device: str = "auto") -> Dist:
     if owns_group:
         td.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
     return Dist(rank, world_size, local_rank, chosen, owns_group)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> the first GPU when there is one, else the CPU; anything else as torch spells it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise DPOError(f"--device: unknown device {device!r} (auto, cpu, cuda, cuda:N)") from None
 
 
 def cleanup(dist: Dist) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from . import generate, models
+from . import distributed, generate, models
 from .data import preparation as pipeline
 from .errors import DPOError
 from .batching import layout_for
@@ -41,7 +41,7 @@ from .data.tokenization import TokenizedPair
 RewardFunction = Callable[[list[Text], list[str]], Sequence[float]]
 
 
-def pair_logps(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, batch_size: int = 32) -> PairLogps:
+def dataset_logps(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, batch_size: int = 32) -> PairLogps:
     """Summed completion log-probs of every pair under `model` (`[pairs]` each, on the CPU): the same batched,
     no-grad pass that `--precompute-ref` makes over a dataset, with `model` frozen as a reference."""
     device = next(model.parameters()).device
@@ -55,7 +55,7 @@ def completion_logps(model: torch.nn.Module, samples: Sequence[generate.Sample],
                      ) -> torch.Tensor:
     """log pi(y|x) of each sampled completion `[samples]`: scored as a pair whose two sides are the completion."""
     pairs = [TokenizedPair(s.prompt_ids, s.completion_ids, s.completion_ids) for s in samples]
-    return pair_logps(model, pairs, batch_size=batch_size).chosen
+    return dataset_logps(model, pairs, batch_size=batch_size).chosen
 
 
 def preference_metrics(policy: torch.nn.Module, reference: torch.nn.Module, pairs: Sequence[TokenizedPair], *,
@@ -63,8 +63,8 @@ def preference_metrics(policy: torch.nn.Module, reference: torch.nn.Module, pair
     """Reward accuracy and margins of `policy` against `reference` on preference pairs (TRL's metric names)."""
     if not pairs:
         raise DPOError("eval: no preference pairs to evaluate")
-    policy_logps = pair_logps(policy, pairs, batch_size=batch_size)
-    reference_logps = pair_logps(reference, pairs, batch_size=batch_size)
+    policy_logps = dataset_logps(policy, pairs, batch_size=batch_size)
+    reference_logps = dataset_logps(reference, pairs, batch_size=batch_size)
     chosen_rewards = beta * (policy_logps.chosen - reference_logps.chosen)           # [pairs], Eq. 5
     rejected_rewards = beta * (policy_logps.rejected - reference_logps.rejected)     # [pairs]
     return {"rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
@@ -192,7 +192,7 @@ def evaluate_models(*, model: str, ref_model: str, data: str | None = None, prom
     if prompts is not None and reward is None:
         raise DPOError("eval: --prompts needs --reward module:function to score the samples")
     reward_fn = load_reward(reward) if prompts is not None and reward is not None else None
-    where = generate.resolve_device(device)
+    where = distributed.resolve_device(device)
     loaded_tokenizer = models.load_tokenizer(tokenizer or model)
     policy = models.load_model(model, dtype=dtype).to(where)
     reference = models.load_model(ref_model, dtype=dtype, seed=ref_seed).to(where)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from . import models
+from . import distributed, models
 from .errors import DPOError
 from .data import tokenization
 from .data.formats import Text
@@ -211,22 +211,12 @@ def write_samples(path: str | Path, prompts: Sequence[Text], texts: Sequence[tup
     return path
 
 
-def resolve_device(device: str) -> torch.device:
-    """`auto` -> the first GPU when there is one, else the CPU; anything else as torch spells it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise DPOError(f"--device: unknown device {device!r} (auto, cpu, cuda, cuda:N)") from None
-
-
 def generate_file(*, model: str, prompts: str, out: str, field: str = "prompt", device: str = "auto",
                   dtype: str = "float32", batch_size: int = 32, **sampling: Any) -> Path:
     """`dpo generate`: sample completions of every prompt in a file from a saved model, write them as JSONL."""
     texts_in = read_prompts(prompts, field)
     tokenizer = models.load_tokenizer(model)
-    policy = models.load_model(model, dtype=dtype).to(resolve_device(device))
+    policy = models.load_model(model, dtype=dtype).to(distributed.resolve_device(device))
     texts = sample_texts(policy, tokenizer, texts_in, batch_size=batch_size, **sampling)
     path = write_samples(out, texts_in, texts)
     print(f"wrote {len(texts)} samples of {len(texts_in)} prompts to {path}", flush=True)

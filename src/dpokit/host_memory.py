@@ -1,13 +1,12 @@
 """Keep a CPU training process's resident memory close to what it actually holds (glibc malloc only).
 
-A training step allocates and frees the same large tensors every time (activations, gradients, a chunk of
-logits). glibc keeps freed heap memory, and as the holes left by one step fit the next step's tensors only in
-part, the heap grows: peak RSS creeps up step after step (+200 MB over four steps of the throughput benchmark's
-short shape). `release_free_memory`, called after each optimizer step, hands the heap's free pages back
-(malloc_trim), and `lean_allocator` fixes the mmap threshold at 32 MiB (the ceiling of glibc's own dynamic
-threshold), so the largest blocks (a chunk of logits) are always mapped and unmapped on their own. A lower
-threshold keeps RSS a little lower still but maps every activation afresh: the kernel faults in and zeroes each
-page again, every step. Elsewhere (macOS, musl, Windows) both do nothing.
+A training step allocates and frees the same large tensors every time (activations, gradients, a chunk of logits).
+glibc keeps freed heap memory, and as the holes left by one step fit the next step's tensors only in part, the heap
+grows: peak RSS creeps up step after step. `release_free_memory`, called after each optimizer step, hands the
+heap's free pages back (malloc_trim), and `lean_allocator` fixes the mmap threshold at 32 MiB (the ceiling of
+glibc's own dynamic threshold), so the largest blocks (a chunk of logits) are always mapped and unmapped on their
+own. A lower threshold keeps RSS a little lower still but maps every activation afresh: the kernel faults in and
+zeroes each page again, every step. Elsewhere (macOS, musl, Windows) both do nothing.
 """
 
 from __future__ import annotations

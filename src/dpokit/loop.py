@@ -9,6 +9,7 @@ Losses, log-probs, layouts and the reference live in their own modules; this fil
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import shlex
@@ -21,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import accelerator, checkpoint, distributed, host_memory, model_card, models, report, run_folder, trackers
+from . import (accelerator, checkpoint, distributed, health, host_memory, model_card, models, report, run_folder,
+               trackers)
 from .batching import Batch, make_batch
 from .config import Config
 from .data import preparation as pipeline
@@ -91,20 +93,19 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
     resumed = restore(cfg, files, built, optimizer, schedule, plan, dist)
     state = resumed.record.state if resumed is not None else checkpoint.TrainerState()
     reporter = open_reporter(cfg, files, total_steps, tracker_names, resumed is not None, data.notes, dist)
+    monitor = health.HealthMonitor.from_config(cfg, data.train)
+    if resumed is not None and dist.is_main:
+        monitor.replay(report.read_metrics(files.metrics))  # the rows up to the checkpoint: no alarm twice
     scoring = Scoring(objective, model, reference, layout=run_layout(cfg), pad_id=data.pad_id,
                       row_capacity=cfg.max_tokens_per_batch, device=dist.device, dtype=cfg.dtype)
-    headline, headline_name = objective.headline
-    if resumed is None:
-        state.eval_before = evaluate(scoring, data.eval, len(data.train), cfg.eval_batch_size or cfg.batch_size, dist)
-        if state.eval_before:
-            reporter.log({"step": 0, "epoch": 0.0, **{f"eval/{k}": v for k, v in state.eval_before.items()}})
-            reporter.print(f"{headline_name} before training: {state.eval_before[headline]:.3f}")
+    held_out = functools.partial(evaluate, scoring, data.eval, len(data.train), cfg.eval_batch_size or cfg.batch_size,
+                                 dist)
+    if resumed is None and (eval_before := held_out()):
+        state.eval_before = eval_before
+        reporter.log_eval(0, 0.0, eval_before)
+        reporter.print(f"{objective.headline[1]} before training: {eval_before[objective.headline[0]]:.3f}")
     batches = step_batches(cfg, data, state.pairs_consumed, dist)
-    meter = MetricMeter(dist.device)
-    if resumed is not None:
-        own = checkpoint.rank_state(resumed, dist.rank, dist.world_size)
-        meter.load_state_dict(own.meter)
-        checkpoint.restore_rng(own.rng)
+    meter = resume_rank(resumed, dist)  # this rank's metric sums since the last log step, and its generators
     last_log_time = time.perf_counter() - state.since_log_s
     lean_host_memory = cfg.lean_host_memory and dist.device.type == "cpu" and host_memory.lean_allocator()
     row: dict[str, Any] = {}
@@ -145,13 +146,15 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
             pairs, tokens = metrics.pop("pairs"), metrics.pop("tokens")
             row = {"step": step, "epoch": epoch, **metrics, "lr": schedule.get_last_lr()[0],
                    "pairs_per_s": pairs / elapsed, "tokens_per_s": tokens / elapsed}
-            reporter.log(row)
+            alarms = monitor.check(row)
+            reporter.log(row | health.row_keys(alarms))
+            for alarm in alarms:
+                reporter.print(alarm.line)
             reporter.progress(step, row)
             meter = MetricMeter(dist.device)
             last_log_time = time.perf_counter()
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-            held_out = evaluate(scoring, data.eval, len(data.train), cfg.eval_batch_size or cfg.batch_size, dist)
-            reporter.log({"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in held_out.items()}})
+            reporter.log_eval(step, epoch, held_out())
 
         # ---- checkpoint at the step boundary: every --save-every steps, at the end, on a signal, on failure ----
         failed = state.bad_steps >= cfg.max_bad_steps
@@ -160,24 +163,14 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
         if failed or stopping or (cfg.save_every and (step % cfg.save_every == 0 or step == total_steps)):
             state.since_log_s = time.perf_counter() - last_log_time
             saved = save_checkpoint(cfg, files, state, built, optimizer, schedule, meter, dist)
-        if failed:
-            kept = f"checkpoint {saved} holds the weights from before them" if saved else "no checkpoint saved"
-            raise TrainingFailure(
-                f"step {step}: {state.bad_steps} consecutive steps with a non-finite loss or gradient were skipped "
-                f"({kept}); try a lower --lr, --dtype float32 instead of bfloat16, or --max-grad-norm 1.0")
-        if stopping:
-            where = (f"saved checkpoint {saved}; continue with the same command plus --resume" if saved
-                     else "no checkpoint saved")
-            raise checkpoint.Interrupted(f"stopped by {checkpoint.signal_name(stop.received)} after step {step}: "
-                                         f"{where}", stop.received or 15)
+        if failed or stopping:
+            raise stopped_early(step, state.bad_steps if failed else None, stop.received, saved)
 
     # ---- finish: evaluate, save the model, report -----------------------------------------------------------------
-    eval_after = evaluate(scoring, data.eval, len(data.train), cfg.eval_batch_size or cfg.batch_size, dist)
-    epoch = round(state.step * pairs_per_step / len(data.train), 4)
-    if eval_after:
-        reporter.log({"step": state.step, "epoch": epoch, **{f"eval/{k}": v for k, v in eval_after.items()}})
+    eval_after = held_out()
+    reporter.log_eval(state.step, round(state.step * pairs_per_step / len(data.train), 4), eval_after)
     final_train = {k: v for k, v in row.items() if k not in ("step", "epoch")}
-    outcome = Outcome(state.step, state.eval_before, eval_after, final_train, objective.headline)
+    outcome = Outcome(state.step, state.eval_before, eval_after, final_train, objective.headline, monitor.alarms)
     model_dir = finish(cfg, files, built, tokenizer, reporter, objective, data.counts, outcome, plan, dist)
     distributed.cleanup(dist)
     return Summary(files.root, model_dir, state.step, state.eval_before, eval_after, final_train,
@@ -197,6 +190,19 @@ def prepare_data(cfg: Config, objective: Objective) -> tuple[Any, pipeline.Prepa
     data = pipeline.prepare(settings, tokenizer, cache=cfg.cache, cache_dir=cfg.cache_dir, progress=cfg.progress)
     objective.check_data(cfg, frozenset.intersection(*(frozenset(p.extras) for p in data.train + data.eval)))
     return tokenizer, data
+
+
+def stopped_early(step: int, bad_steps: int | None, signum: int | None, saved: Path | None) -> TrainingFailure:
+    """Why the run ends after `step`: `bad_steps` consecutive non-finite steps, or else the signal `signum`."""
+    if bad_steps is not None:
+        kept = f"checkpoint {saved} holds the weights from before them" if saved else "no checkpoint saved"
+        return TrainingFailure(f"step {step}: {bad_steps} consecutive steps with a non-finite loss or gradient were "
+                               f"skipped ({kept}); try a lower --lr, --dtype float32 instead of bfloat16, or "
+                               "--max-grad-norm 1.0")
+    where = f"saved checkpoint {saved}; continue with the same command plus --resume" if saved else \
+        "no checkpoint saved"
+    return checkpoint.Interrupted(f"stopped by {checkpoint.signal_name(signum)} after step {step}: {where}",
+                                  signum or 15)
 
 
 def claim_output(cfg: Config, files: RunFiles, dist: distributed.Dist) -> None:
@@ -271,6 +277,17 @@ def check_same_run(cfg: Config, resumed: checkpoint.Loaded, saved_world_size: in
     if differences:
         raise DPOError(f"--resume: {resumed.path} belongs to a run with other settings: {'; '.join(differences)} "
                        "(the README lists what may change on resume; or start over with --overwrite-output)")
+
+
+def resume_rank(resumed: checkpoint.Loaded | None, dist: distributed.Dist) -> MetricMeter:
+    """A metric meter holding this rank's sums since the last log step of the checkpoint (empty for a fresh
+    run), with the rank's generators restored as they were when it was saved."""
+    meter = MetricMeter(dist.device)
+    if resumed is not None:
+        own = checkpoint.rank_state(resumed, dist.rank, dist.world_size)
+        meter.load_state_dict(own.meter)
+        checkpoint.restore_rng(own.rng)
+    return meter
 
 
 def open_reporter(cfg: Config, files: RunFiles, total_steps: int, tracker_names: list[str], resumed: bool,
@@ -355,6 +372,7 @@ class Outcome:
     eval_after: dict[str, float]
     final_train: dict[str, float]
     headline: tuple[str, str]
+    alarms: list[health.Alarm]
 
 
 def finish(cfg: Config, files: RunFiles, built: Models, tokenizer: Any, reporter: report.Reporter | report.NullReporter,
@@ -372,6 +390,7 @@ def finish(cfg: Config, files: RunFiles, built: Models, tokenizer: Any, reporter
     if tokenizer is not None:
         tokenizer.save_pretrained(model_dir)
     report.write_report([files.root], files.curves, files.summary)
+    health.append_summary(files.summary, outcome.alarms)
     model_card.write_card(model_dir, card_info(cfg, files, objective.params, counts, outcome))
     lines = report.summary_lines(outcome.eval_before, outcome.eval_after, movement)
     headline, headline_name = outcome.headline

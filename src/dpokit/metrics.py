@@ -15,8 +15,10 @@ from .logprobs import PairLogps
 from .losses import LossOutput
 
 # Order of the summed metrics kept on device between log steps; reduced across ranks in one call.
+# `lengths/preferred_gap`: the length gap (tokens) of the completion the policy's rewards prefer over the other,
+# for the health alarm on length hacking (`health.preferred_length_gap` is the same formula).
 SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-          "logps/chosen", "logps/rejected")
+          "logps/chosen", "logps/rejected", "lengths/preferred_gap")
 
 
 class MetricMeter:
@@ -35,9 +37,11 @@ class MetricMeter:
     def add(self, per_pair: torch.Tensor, policy: PairLogps, outputs: list[LossOutput], tokens: int) -> None:
         first = outputs[0]
         chosen, rejected = first.chosen_rewards, first.rejected_rewards
+        preferred_gap = (chosen - rejected).sign() * (policy.chosen_lengths - policy.rejected_lengths)
         values = torch.stack([per_pair.detach().sum(), chosen.sum(), rejected.sum(),
                               (chosen > rejected).float().sum(), (chosen - rejected).sum(),
-                              policy.chosen.detach().sum(), policy.rejected.detach().sum()])
+                              policy.chosen.detach().sum(), policy.rejected.detach().sum(),
+                              preferred_gap.sum().to(chosen.dtype)])
         self.sums += values.double()
         n = per_pair.numel()
         for out in outputs:
@@ -77,7 +81,8 @@ class MetricMeter:
         if not state:
             return
         move = lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v  # noqa: E731
-        self.sums = move(state["sums"])
+        saved = move(state["sums"])  # a checkpoint from before a metric was added lacks its trailing sums
+        self.sums = torch.cat([saved, saved.new_zeros(len(SUMMED) - len(saved))])
         self.extra = {name: move(value) for name, value in state["extra"].items()}
         self.pairs, self.tokens = state["pairs"], state["tokens"]
         self.steps, self.bad_steps = state["steps"], state["bad_steps"]

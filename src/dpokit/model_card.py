@@ -17,9 +17,8 @@ from typing import Any
 
 import yaml
 
-from .report import summary_table
+from .report import HELD_OUT as METRICS, summary_table
 
-METRICS = ("rewards/accuracies", "rewards/margins", "loss", "logps/chosen", "logps/rejected")
 
 
 @dataclass

@@ -109,7 +109,8 @@ def build_preset(name: str, seed: int, attn_implementation: str = "sdpa") -> tor
 def load_model(name_or_path: str, *, dtype: str = "float32", seed: int = 0,
                attn_implementation: str = "sdpa", empty: bool = False, lean: bool = True,
                quantization: Quantization | None = None, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Load a causal LM: a preset name, a local folder or a hub name (`AutoModelForCausalLM.from_pretrained`).
+    """Load a causal LM: a preset name, a local folder or a hub name (`AutoModelForCausalLM.from_pretrained`; a
+    vision-language model, one whose config has a `vision_config`, with `AutoModelForImageTextToText`).
 
     `empty`: the same architecture on the meta device, no weights read or allocated (FSDP2 ranks other than 0,
     which receive their shards from rank 0 once the model is sharded: `distributed.fill_from_rank0`).
@@ -126,19 +127,19 @@ def load_model(name_or_path: str, *, dtype: str = "float32", seed: int = 0,
         with torch.device("meta") if empty else contextlib.nullcontext():
             model = build_preset(name_or_path, seed, attn_implementation)
     else:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         quiet_progress_bars_without_terminal()
 
         source = _check_model_path(name_or_path)
         try:
+            config = AutoConfig.from_pretrained(name_or_path, **source)
+            auto = _auto_class(config)
             if empty:
-                config = AutoConfig.from_pretrained(name_or_path, **source)
                 with torch.device("meta"):
-                    model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype],
-                                                             attn_implementation=attn_implementation)
+                    model = auto.from_config(config, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
             else:
-                model = AutoModelForCausalLM.from_pretrained(
+                model = auto.from_pretrained(
                     name_or_path, dtype=DTYPES[dtype], attn_implementation=attn_implementation, **source)
         except (OSError, ValueError, KeyError) as err:
             raise DPOError(f"{name_or_path}: could not load a causal LM ({_first_line(err)})") from None
@@ -148,6 +149,15 @@ def load_model(name_or_path: str, *, dtype: str = "float32", seed: int = 0,
     if lean:
         lean_layers.apply(model)
     return model
+
+
+def _auto_class(config: Any) -> Any:
+    """The transformers auto class for `config`: image-text-to-text for a vision-language model, else causal LM."""
+    import transformers
+
+    if getattr(config, "vision_config", None) is not None:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
 
 
 def _load_quantized(name_or_path: str, *, dtype: str, seed: int, attn_implementation: str,
@@ -175,19 +185,36 @@ def _load_quantized(name_or_path: str, *, dtype: str, seed: int, attn_implementa
 
 def load_tokenizer(name_or_path: str) -> Any:
     """The model's tokenizer (`AutoTokenizer`), with a pad token (EOS when it has none); a preset's is
-    `preset_tokenizer`. A folder needs only the tokenizer files (`dpo data inspect --model TOKENIZER_DIR`)."""
-    from transformers import AutoTokenizer
+    `preset_tokenizer`. A folder needs only the tokenizer files (`dpo data inspect --model TOKENIZER_DIR`). A
+    vision-language model's is its processor (`AutoProcessor`: image processor and tokenizer), whose tokenizer
+    gets the pad token."""
+    from transformers import AutoProcessor, AutoTokenizer
 
     if is_preset(name_or_path):
         return preset_tokenizer(name_or_path)
     source = _check_model_path(name_or_path, TOKENIZER_FILES)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **source)
+        if _is_vision_language(name_or_path, source):
+            processor = AutoProcessor.from_pretrained(name_or_path, **source)
+            tokenizer = processor.tokenizer
+        else:
+            processor = tokenizer = AutoTokenizer.from_pretrained(name_or_path, **source)
     except (OSError, ValueError, KeyError) as err:
         raise DPOError(f"{name_or_path}: could not load a tokenizer ({_first_line(err)})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return processor
+
+
+def _is_vision_language(name_or_path: str, source: dict[str, Any]) -> bool:
+    """Whether `name_or_path` holds a vision-language model's config (a tokenizer-only folder has no config)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **source)
+    except (OSError, ValueError, KeyError):
+        return False
+    return getattr(config, "vision_config", None) is not None
 
 
 def preset_tokenizer(name: str) -> Any:
@@ -212,15 +239,16 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def apply_lora(model: torch.nn.Module, *, r: int, alpha: float, dropout: float, target_modules: str,
-               ) -> torch.nn.Module:
+               pattern: str | None = None) -> torch.nn.Module:
     """Wrap `model` in a PEFT `PeftModel` with a fresh LoRA adapter (Hu et al. 2021); the base is frozen.
 
     `target_modules` is PEFT's "all-linear" (every linear layer of attention and MLP, not the LM head) or
-    comma-separated module names (`q_proj,v_proj`). The adapter starts as a no-op (B = 0), so the wrapped model
-    scores exactly like the base at step 0.
+    comma-separated module names (`q_proj,v_proj`); `pattern`, a PEFT regex over full module names, replaces
+    them (a vision-language model's language layers only: `vision.language_lora_targets`). The adapter starts
+    as a no-op (B = 0), so the wrapped model scores exactly like the base at step 0.
     """
     peft = import_extra("peft", "lora", "--lora-r")
-    targets: str | list[str] = (target_modules if target_modules == "all-linear"
+    targets: str | list[str] = (pattern or target_modules if pattern or target_modules == "all-linear"
                                 else [name.strip() for name in target_modules.split(",") if name.strip()])
     config = peft.LoraConfig(r=r, lora_alpha=alpha,  # type: ignore[arg-type]  # annotated int; scaling = alpha / r
                         lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")

@@ -57,7 +57,8 @@ class Objective:
         strategy = reference_strategy(loss_names=cfg.loss_names,
                                       needs_reference=any(spec.needs_reference for spec in specs),
                                       lora=bool(cfg.lora_r or cfg.lora_adapter), ref_model=cfg.ref_model,
-                                      precompute_ref=cfg.precompute_ref, ref_sync_every=cfg.ref_sync_every)
+                                      precompute_ref=cfg.precompute_ref, ref_sync_every=cfg.ref_sync_every,
+                                      ref_update=cfg.ref_update)
         return cls(specs, weights, {name: getattr(cfg, name) for spec in specs for name in spec.params}, strategy,
                    ld_alpha=cfg.ld_alpha, use_wpo=cfg.use_weighting, chunk_size=cfg.logprob_chunk_size)
 

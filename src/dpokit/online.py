@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from . import evaluation, generate, loop, models, report
+from . import distributed, evaluation, generate, loop, models, report
 from .config import Config
 from .data.formats import PAIRING, Text
 from .errors import DPOError
@@ -399,7 +399,7 @@ def build_pairs(prompts: list[Text], texts: list[str], scores: list[float], k: i
 def load_policy(cfg: Config, files: OnlineFiles, n: int) -> torch.nn.Module:
     """The policy at the start of round n, for sampling: the starting model (with --lora-adapter), else the
     previous round's model/ (for LoRA without --merge-lora, the base with that adapter)."""
-    device = generate.resolve_device(cfg.device)
+    device = distributed.resolve_device(cfg.device)
     lora = cfg.lora_r or cfg.lora_adapter
     merged = n > 1 and lora and cfg.merge_lora
     path = str(files.run(n - 1) / "model") if n > 1 and (not lora or merged) else cfg.model
@@ -468,7 +468,7 @@ def load_judges(options: OnlineOptions, cfg: Config) -> list[tuple[str, Judge]]:
             judges.append((f"--reward {reward}", evaluation.load_reward(reward)))
         else:
             judges.append((f"reward {getattr(reward, '__qualname__', repr(reward))}", reward))
-    device = generate.resolve_device(options.reward_device or cfg.device)
+    device = distributed.resolve_device(options.reward_device or cfg.device)
     for path in options.reward_models:
         judges.append((f"--reward-model {path}", RewardModel(path, device=device, dtype=cfg.dtype,
                                                              batch_size=options.sample_batch_size,

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, models
+from . import distributed, models, vision
 from .batching import layout_for
 from .config import Config
 from .data import cache as data_cache
 from .data.tokenization import TokenizedPair
 from .errors import DPOError
 from .logprobs import SequenceScorer
-from .reference import (AdapterReference, ModelReference, NoReference, Reference, paired_parameters,
+from .reference import (AdapterReference, BemaSchedule, ModelReference, NoReference, Reference, paired_parameters,
                         precompute_reference, reference_cache_key)
 
 
@@ -47,9 +47,9 @@ class Placement:
         sharded = cfg.fsdp and dist.enabled
         if sharded and cfg.merge_lora:
             raise DPOError("--merge-lora is not supported with --fsdp; save the adapter and merge it afterwards")
-        if cfg.ref_sync_every and cfg.fsdp and (cfg.save_every or cfg.resume):
-            raise DPOError("--ref-sync-every with --fsdp cannot be checkpointed yet (the synced reference is not "
-                           "saved sharded); drop --save-every/--resume or run without --fsdp")
+        if (cfg.ref_sync_every or cfg.ref_update == "bema") and cfg.fsdp and (cfg.save_every or cfg.resume):
+            raise DPOError("--ref-sync-every / --ref-update bema with --fsdp cannot be checkpointed yet (the moving "
+                           "reference is not saved sharded); drop --save-every/--resume or run without --fsdp")
         from_rank0 = sharded and not (cfg.lora_adapter or cfg.precompute_ref)
         return cls(sharded=sharded, from_rank0=from_rank0, on_meta=from_rank0 and not dist.is_main,
                    lean=cfg.lean_layers and not cfg.compile, load_dtype="float32" if sharded else cfg.dtype,
@@ -79,7 +79,8 @@ def build_models(cfg: Config, strategy: str, plan: Placement, dist: distributed.
         reference = precompute_reference_once(cfg, reference, reference_weights, scored_pairs, pad_id, dist)
     policy.train()
     # A frozen copy of the start already holds the starting weights: no second snapshot.
-    reference_is_start = strategy == "copy" and not (cfg.ref_sync_every or cfg.precompute_ref or plan.sharded)
+    reference_is_start = strategy == "copy" and not (cfg.ref_sync_every or cfg.ref_update == "bema"
+                                                     or cfg.precompute_ref or plan.sharded)
     initial = (dict(reference_weights.named_parameters()) if reference_is_start and reference_weights is not None
                else snapshot_parameters(policy) if dist.is_main else None)
     scorer = SequenceScorer(policy, cfg.logprob_chunk_size)
@@ -108,13 +109,17 @@ def build_policy(cfg: Config, plan: Placement, dist: distributed.Dist) -> torch.
                                attn_implementation=cfg.attn_implementation, empty=plan.on_meta, lean=plan.lean,
                                quantization=models.Quantization.from_config(cfg), device=dist.device)
     policy = policy if plan.on_meta else policy.to(dist.device)
+    if cfg.freeze_vision and vision.is_vision_model(policy):
+        vision.freeze_vision(policy)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_adapter:
         return models.load_lora_adapter(policy, cfg.lora_adapter, r=cfg.lora_r)
     if cfg.lora_r:
+        language_only = (vision.language_lora_targets(policy, cfg.lora_target_modules)
+                         if vision.is_vision_model(policy) else None)  # not the vision tower nor the projector
         return models.apply_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                 target_modules=cfg.lora_target_modules)
+                                 target_modules=cfg.lora_target_modules, pattern=language_only)
     return policy
 
 
@@ -134,8 +139,10 @@ def build_reference(cfg: Config, strategy: str, policy: torch.nn.Module, plan: P
         weights = weights.to(dist.device)
     if cfg.ref_sync_every:
         paired_parameters(weights, policy)  # refuse a --ref-model that TR-DPO cannot update, before training
+    bema = (BemaSchedule(cfg.bema_update_every, cfg.bema_ema_power, cfg.bema_bias_power, cfg.bema_lag,
+                         cfg.bema_multiplier) if cfg.ref_update == "bema" else None)
     return ModelReference(weights, chunk_size=cfg.logprob_chunk_size, ld_alpha=cfg.ld_alpha,
-                          sync_every=cfg.ref_sync_every, sync_alpha=cfg.ref_sync_alpha), weights
+                          sync_every=cfg.ref_sync_every, sync_alpha=cfg.ref_sync_alpha, bema=bema), weights
 
 
 def precompute_reference_once(cfg: Config, reference: Reference, weights: torch.nn.Module,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +73,15 @@ class ModelReference(Reference):
     """A frozen model scored like the policy, without gradients; with `sync_every`, TR-DPO's moving reference."""
 
     def __init__(self, model: torch.nn.Module, *, chunk_size: int = 512, ld_alpha: float | None = None,
-                 sync_every: int | None = None, sync_alpha: float = 1.0) -> None:
+                 sync_every: int | None = None, sync_alpha: float = 1.0, bema: BemaSchedule | None = None) -> None:
         model.eval()
         model.requires_grad_(False)
         self.model = model
         self.scorer = SequenceScorer(model, chunk_size)
         self.ld_alpha = ld_alpha
         self.sync_every, self.sync_alpha = sync_every, sync_alpha
+        self.bema = bema
+        self.bema_state: BemaState | None = None
 
     @torch.no_grad()
     def logps(self, batch: Batch) -> PairLogps | None:
@@ -92,44 +95,126 @@ class ModelReference(Reference):
     def filled_from_rank0(self) -> list[torch.nn.Module]:
         return [self.scorer]
 
+    @property
+    def moves(self) -> bool:
+        return bool(self.sync_every) or self.bema is not None
+
     def after_step(self, step: int, policy: torch.nn.Module) -> None:
         if self.sync_every and step % self.sync_every == 0:
             self.sync(policy, self.sync_alpha)
+        if self.bema is not None:
+            self.bema_step(step, policy)
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
-        if not self.sync_every:
+        if not self.moves:
             return None
-        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        if self.bema_state is not None:
+            state |= self.bema_state.flat()
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if not self.sync_every:
+        if not self.moves:
             super().load_state_dict(state)
-        else:
-            self.model.load_state_dict(state)
+        weights = {k: v for k, v in state.items() if not k.startswith(BemaState.PREFIX)}
+        self.model.load_state_dict(weights)
+        if self.bema is not None and len(weights) < len(state):
+            self.bema_state = BemaState.from_flat(state, like=dict(self.model.named_parameters()))
+
+    @torch.no_grad()
+    def bema_step(self, step: int, policy: torch.nn.Module) -> None:
+        """BEMA (Block & Zhang 2025, arXiv 2508.00180, Algorithm 1) as TRL's `BEMACallback` applies it to the
+        reference: every `update_every` steps, EMA <- (1 - beta_t) EMA + beta_t theta_t, then
+        ref <- EMA + alpha_t (theta_t - theta_0), with beta_t = (lag + multiplier t)^-ema_power and
+        alpha_t = (lag + multiplier t)^-bias_power. theta_0 and the EMA start at the starting policy: the reference
+        itself before its first move (`reference_strategy` allows BEMA only on a copy of the starting policy).
+        """
+        assert self.bema is not None
+        if self.bema_state is None:  # nothing has moved the reference yet: it is the starting policy
+            self.bema_state = BemaState.start(dict(self.model.named_parameters()))
+        if step % self.bema.update_every:
+            return
+        beta, alpha = self.bema.factors(step)
+        for name, reference_param, value in self._paired_with(policy):
+            theta0, ema = self.bema_state.theta0[name], self.bema_state.ema[name]
+            value = value.to(ema.dtype)
+            ema.mul_(1 - beta).add_(value, alpha=beta)
+            reference_param.copy_(ema + alpha * (value - theta0))
+
+    def _paired_with(self, policy: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter, torch.Tensor]]:
+        """(name, reference parameter, the policy's value for it), sharded alike under FSDP2. The reference is
+        resharded first: after a no-grad forward FSDP2 leaves the root group (embeddings, final norm, LM head)
+        gathered, and an update to that temporary (compute-dtype) copy would never reach the sharded weights."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.scorer.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        names = [name for name, _ in policy.named_parameters()]  # paired_parameters' order
+        pairs = []
+        for name, (reference_param, policy_param) in zip(names, paired_parameters(self.model, policy)):
+            value = policy_param.detach()
+            if hasattr(policy_param, "full_tensor") and not hasattr(reference_param, "full_tensor"):
+                value = policy_param.full_tensor()  # sharded policy, whole reference: gather the policy's shard
+            pairs.append((name, reference_param, value))
+        return pairs
 
     @torch.no_grad()
     def sync(self, policy: torch.nn.Module, alpha: float) -> None:
         """TR-DPO (Gorbatovski et al. 2024, Sec. 3): `ref <- alpha * policy + (1 - alpha) * ref`, per parameter.
 
         alpha = 1 is the hard update (the reference becomes a copy of the policy); below 1 the soft update.
-        Under FSDP2 both are sharded alike, so each rank updates its own shard of each DTensor in place. The
-        reference is resharded first: after a no-grad forward FSDP2 leaves the root group (embeddings, final
-        norm, LM head) gathered, and an update to that temporary (compute-dtype) copy would never reach the
-        sharded weights; the next reshard (any state dict) would drop it.
+        Under FSDP2 both are sharded alike, so each rank updates its own shard of each DTensor in place.
         """
-        from torch.distributed.fsdp import FSDPModule
-
-        for module in self.scorer.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
-        for reference_param, policy_param in paired_parameters(self.model, policy):
-            value = policy_param  # sharded like the reference under FSDP2 (DTensors), or both plain tensors
-            if hasattr(policy_param, "full_tensor") and not hasattr(reference_param, "full_tensor"):
-                value = policy_param.full_tensor()  # sharded policy, whole reference: gather the policy's shard
+        for _, reference_param, value in self._paired_with(policy):
             if alpha == 1.0:
                 reference_param.copy_(value)
             else:
                 reference_param.lerp_(value.to(reference_param.dtype), alpha)
+
+
+@dataclass(frozen=True)
+class BemaSchedule:
+    """BEMA's schedules (arXiv 2508.00180; TRL's `BEMACallback` names in brackets): move every `update_every`
+    steps [update_freq], EMA weight beta_t = (lag + multiplier t)^-ema_power [ema_power, kappa], bias correction
+    alpha_t = (lag + multiplier t)^-bias_power [bias_power, eta]."""
+
+    update_every: int = 400
+    ema_power: float = 0.5
+    bias_power: float = 0.2
+    lag: float = 10.0
+    multiplier: float = 1.0
+
+    def factors(self, step: int) -> tuple[float, float]:
+        """(beta_t, alpha_t) at optimizer step `step`."""
+        base = self.lag + self.multiplier * step
+        return base ** -self.ema_power, base ** -self.bias_power
+
+
+@dataclass
+class BemaState:
+    """BEMA's running tensors, one per reference parameter (sharded like it under FSDP2): the starting weights
+    theta_0 and the EMA. Saved in checkpoints beside the reference's weights, under `PREFIX` names."""
+
+    theta0: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    PREFIX = "bema."
+
+    @classmethod
+    def start(cls, params: dict[str, torch.Tensor]) -> BemaState:
+        return cls({n: p.detach().clone() for n, p in params.items()}, {n: p.detach().clone() for n, p in params.items()})
+
+    def flat(self) -> dict[str, torch.Tensor]:
+        return {f"{self.PREFIX}{kind}.{name}": tensor.detach().cpu().clone()
+                for kind, tensors in (("theta0", self.theta0), ("ema", self.ema)) for name, tensor in tensors.items()}
+
+    @classmethod
+    def from_flat(cls, state: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> BemaState:
+        """The state `flat` wrote, on the device and in the dtype of the parameters in `like`."""
+        def read(kind: str) -> dict[str, torch.Tensor]:
+            return {n: state[f"{cls.PREFIX}{kind}.{n}"].to(device=p.device, dtype=p.dtype) for n, p in like.items()}
+
+        return cls(read("theta0"), read("ema"))
 
 
 class AdapterReference(Reference):
@@ -173,15 +258,19 @@ def paired_parameters(reference: torch.nn.Module, policy: torch.nn.Module,
 
 
 def reference_strategy(*, loss_names: list[str], needs_reference: bool, lora: bool, ref_model: str | None,
-                       precompute_ref: bool, ref_sync_every: int | None) -> str:
+                       precompute_ref: bool, ref_sync_every: int | None, ref_update: str = "start") -> str:
     """Which reference to build: "none", "copy" (frozen copy of the starting policy), "model" (`--ref-model`) or
     "adapter" (LoRA policy with the adapter disabled). Incompatible options raise a one-line `DPOError`.
 
     With LoRA, `--ref-model` is honoured (the user asked for that model), at the cost of a second model.
     """
+    if ref_update == "round":
+        raise DPOError("--ref-update round is dpo online's (the policy at the start of each round); dpo train takes "
+                       "start or bema")
     if not needs_reference:
         given = [flag for flag, on in (("--ref-model", ref_model), ("--precompute-ref", precompute_ref),
-                                       ("--ref-sync-every", ref_sync_every)) if on]
+                                       ("--ref-sync-every", ref_sync_every),
+                                       ("--ref-update bema", ref_update == "bema")) if on]
         if given:
             raise DPOError(f"{', '.join(given)}: loss {','.join(loss_names)} is reference-free and uses no reference; "
                            "drop the flag or pick a loss that needs one")
@@ -192,6 +281,12 @@ def reference_strategy(*, loss_names: list[str], needs_reference: bool, lora: bo
     if ref_sync_every and lora:
         raise DPOError("--ref-sync-every updates a full reference copy from the policy; with LoRA the policy is an "
                        "adapter on a frozen base, so use full fine-tuning (--lora-r 0) for TR-DPO")
+    if ref_update == "bema":
+        given = [flag for flag, on in (("--ref-sync-every", ref_sync_every), ("--precompute-ref", precompute_ref),
+                                       ("--ref-model", ref_model), ("LoRA", lora)) if on]
+        if given:
+            raise DPOError(f"--ref-update bema moves a full copy of the starting policy towards the policy's average; "
+                           f"it cannot be combined with {', '.join(given)}")
     if ref_model:
         return "model"
     return "adapter" if lora else "copy"
@@ -218,7 +313,7 @@ class PrecomputedReference(Reference):
 def reference_cache_key(model: torch.nn.Module, pairs: Sequence[Any], settings: dict[str, Any]) -> str:
     """Hex key of everything the reference log-probs depend on: the reference's weights (every parameter and
     buffer, by bytes), the token ids of every pair (so data, tokenizer and truncation settings are all
-    covered), and `settings` (dtype, attention kernel, LD-DPO alpha, ...)."""
+    covered) and the arrays of its prompt's images, and `settings` (dtype, attention kernel, LD-DPO alpha, ...)."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(json.dumps([CACHE_VERSION, settings], sort_keys=True, default=str).encode())
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
@@ -228,6 +323,8 @@ def reference_cache_key(model: torch.nn.Module, pairs: Sequence[Any], settings: 
     for pair in pairs:
         for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
             digest.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
+        for name, array in sorted(getattr(pair, "image_inputs", {}).items()):
+            digest.update(f"{name}:{array.dtype}:{array.shape}".encode() + np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
 
 

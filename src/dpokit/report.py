@@ -20,6 +20,7 @@ from typing import Any, Protocol, TextIO
 
 from .errors import DPOError
 
+HELD_OUT = ("rewards/accuracies", "rewards/margins", "loss", "logps/chosen", "logps/rejected")  # summaries, cards
 PLOTTED = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "lr", "grad_norm")
 
 
@@ -63,6 +64,11 @@ class Reporter:
         for sink in self.sinks:
             sink.log(row)
 
+    def log_eval(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
+        """Append held-out metrics as one row, each named `eval/<metric>` (nothing without held-out pairs)."""
+        if metrics:
+            self.log({"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in metrics.items()}})
+
     def progress(self, step: int, metrics: dict[str, float]) -> None:
         """Advance the bar to `step`; without a terminal, print a plain line now and then instead."""
         shown = {"loss": metrics.get("loss"), "acc": metrics.get("rewards/accuracies"),
@@ -97,6 +103,8 @@ class NullReporter:
 
     def log(self, row: dict[str, Any]) -> None: ...
 
+    def log_eval(self, step: int, epoch: float, metrics: dict[str, float]) -> None: ...
+
     def progress(self, step: int, metrics: dict[str, float]) -> None: ...
 
     def print(self, message: str) -> None: ...
@@ -113,7 +121,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 def summary_lines(before: dict[str, float], after: dict[str, float], movement: dict[str, float]) -> list[str]:
     """The end-of-run table: held-out metrics before and after, and how far each parameter group moved."""
     lines = ["", f"{'held-out metric':<24}{'before':>12}{'after':>12}"]
-    for name in ("rewards/accuracies", "rewards/margins", "loss", "logps/chosen", "logps/rejected"):
+    for name in HELD_OUT:
         if name in after:
             lines.append(f"{name:<24}{before.get(name, math.nan):>12.4f}{after[name]:>12.4f}")
     if movement:

@@ -16,19 +16,14 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any
 
 from .errors import DPOError
+from .report import Sink as Tracker
 
 # tracker name -> (module to import, pip extra that installs it)
 EXTRAS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
 NAMES = ("none", *EXTRAS)
-
-
-class Tracker(Protocol):
-    def log(self, row: Mapping[str, Any]) -> None: ...
-
-    def close(self) -> None: ...
 
 
 def parse_report_to(report_to: str) -> list[str]:

@@ -96,7 +96,8 @@ def save(directory: Path, key: str, data: CachedData) -> Path:
 
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     """`write(partial)` to a temporary sibling of `path`, then rename it to `path`: a concurrent or interrupted
-    run never reads half a file. The sibling keeps `path`'s suffix (np.savez would add one otherwise)."""
+    run never reads half a file, and a crash after it never finds the name pointing at unwritten bytes. The
+    sibling keeps `path`'s suffix (np.savez would add one otherwise)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
     try:
@@ -104,6 +105,8 @@ def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     except BaseException:
         partial.unlink(missing_ok=True)  # a failed write (disk full) leaves no partial file behind
         raise
+    with partial.open("rb") as handle:  # on disk before the rename, so a crash never leaves a name on empty bytes
+        os.fsync(handle.fileno())
     os.replace(partial, path)
 
 
