@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
             if "data" in vars(args):
                 raise DPOError("--data is not used by online: the prompts are --prompts, and each round trains "
                                "on its own pairs")
-            online(from_namespace(args, defaults={**ONLINE_DEFAULTS, "data": args.prompts}), _online_options(args))
+            cfg = from_namespace(args, defaults={**ONLINE_DEFAULTS, "data": args.prompts})
+            online(cfg, _online_options(args, ref_update=cfg.ref_update))
         elif args.command == "generate":
             from .generate import generate_file
 
