@@ -277,3 +277,37 @@ def test_lora_on_the_language_model_only(llava):
         assert adapted and all(".language_model." in n for n in adapted), targets
         assert any("q_proj" in n for n in adapted)
         wrapped.unload()
+
+
+# ---- through the loop -----------------------------------------------------------------------------------------
+
+
+def test_dpo_train_on_pairs_with_images(llava_dir, image_data, tmp_path, capsys):
+    """`dpo train --model <tiny llava> --data pairs_with_images.jsonl`: two steps, then a saved model and processor
+    that load back; the vision tower is where it started (frozen by default)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from dpokit.cli import main
+
+    out = tmp_path / "run"
+    main(["train", "--model", str(llava_dir), "--data", str(image_data), "--output", str(out), "--max-steps", "2",
+          "--batch-size", "2", "--eval-fraction", "0.25", "--lr", "1e-2", "--device", "cpu", "--no-progress"])
+    printed = "".join(capsys.readouterr())
+    assert "5 images, encoded with the model's processor" in printed
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2]
+    AutoProcessor.from_pretrained(out / "model")
+    trained = dict(AutoModelForImageTextToText.from_pretrained(out / "model").named_parameters())
+    moved = {name for name, before in AutoModelForImageTextToText.from_pretrained(llava_dir).named_parameters()
+             if not torch.equal(before, trained[name])}
+    assert not any("vision_tower" in name for name in moved)
+    assert any("projector" in name for name in moved) and any("language_model" in name for name in moved)
+
+
+def test_precomputed_reference_key_covers_the_images(llava, image_data, processor):
+    from dpokit.reference import reference_cache_key
+
+    first = tokenized(image_data, processor)[0]
+    other = type(first)(first.prompt_ids, first.chosen_ids, first.rejected_ids,
+                        image_inputs=tokenized(image_data, processor)[2].image_inputs)
+    assert reference_cache_key(llava, [first], {}) != reference_cache_key(llava, [other], {})
