@@ -8,7 +8,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= dev,lora,tensorboard,wandb,bench,quantization
+EXTRAS ?= dev,lora,tensorboard,wandb,bench,quantization,vision
 STAMP   = $(VENV)/.installed-$(TORCH_VERSION)
 
 .PHONY: demo test typecheck setup bench clean
