@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import logging
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 from . import lean_layers
 from .accelerator import choose_attention
 from .data import synthetic
-from .errors import DPOError, import_extra
+from .errors import DPOError, TrainingFailure, import_extra
 
 SYNTHETIC_VOCAB = synthetic.VOCAB  # presets are sized for the built-in task
 
@@ -307,8 +308,34 @@ def save_policy(policy: torch.nn.Module, output: Path, *, merge_lora: bool = Fal
     `state_dict` replaces the policy's own weights when they are sharded (FSDP2: the gathered full state).
     `dtype`: write a full model's floating-point weights in this dtype (FSDP2 trains float32 master weights under
     `--dtype bfloat16`; the saved model is then bf16, as a one-device bf16 run saves it).
+
+    A failed write (disk full, no permission) removes the half-written folder and raises one `TrainingFailure`
+    saying what to do: the checkpoints are untouched, so with them the same command plus --resume saves again.
     """
     quiet_progress_bars_without_terminal()
+    try:
+        return _write_policy(policy, output, merge_lora=merge_lora, base_model=base_model, state_dict=state_dict,
+                             dtype=dtype)
+    except OSError as err:
+        for folder in (output / "model", output / "adapter"):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise _save_failure(output, err) from None
+
+
+def _save_failure(output: Path, err: OSError) -> TrainingFailure:
+    checkpoints = output / "checkpoints"
+    newest = max((p for p in checkpoints.glob("step-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]),
+                 default=None)
+    then = (f"the checkpoints are intact (newest {newest}): free disk space, then run the same command with "
+            "--resume to save the model from it" if newest is not None else
+            "no checkpoint was saved (--save-every): free disk space and train again")
+    return TrainingFailure(f"could not save the trained model to {output / 'model'}: {err.strerror or err} "
+                           f"(the half-written folder was removed); {then}")
+
+
+def _write_policy(policy: torch.nn.Module, output: Path, *, merge_lora: bool, base_model: str | None,
+                  state_dict: dict[str, torch.Tensor] | None, dtype: torch.dtype | None) -> Path:
+    """`save_policy`'s writing, which may fail half-way."""
     model_dir = output / "model"
     if not is_lora(policy):
         if dtype is not None:

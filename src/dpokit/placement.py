@@ -8,6 +8,7 @@ shards from rank 0.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,7 +164,8 @@ def precompute_reference_once(cfg: Config, reference: Reference, weights: torch.
                                     batch_size=cfg.eval_batch_size or cfg.batch_size, device=dist.device,
                                     cache_file=cache_file, progress=cfg.progress and dist.is_main, rank=dist.rank,
                                     world_size=dist.world_size,
-                                    reduce_sum=lambda t: distributed.reduce_sums(t, dist))
+                                    reduce_sum=lambda t: distributed.reduce_sums(t, dist),
+                                    warn=functools.partial(print, flush=True) if dist.is_main else None)
 
 
 def run_layout(cfg: Config) -> str:

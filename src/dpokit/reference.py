@@ -332,7 +332,8 @@ def reference_cache_key(model: torch.nn.Module, pairs: Sequence[Any], settings: 
 def precompute_reference(reference: Reference, pairs: Sequence[Any], *, layout: str, pad_id: int,
                          batch_size: int, device: torch.device | str, cache_file: Path | None = None,
                          progress: bool = False, rank: int = 0, world_size: int = 1,
-                         reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> PrecomputedReference:
+                         reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                         warn: Callable[[str], None] | None = None) -> PrecomputedReference:
     """Run `reference` once over `pairs` (batched, same layout as training, no grad) and keep the per-pair
     log-probs; `pair_ids` of later batches index `pairs`. With `cache_file`, a file written by an earlier run
     (same key, see `reference_cache_key`) is read instead, and a fresh result is written there atomically.
@@ -340,10 +341,16 @@ def precompute_reference(reference: Reference, pairs: Sequence[Any], *, layout: 
     Under torchrun, each of the `world_size` processes scores its `even_shares` of the batches (all run the same
     number of forwards, as a sharded reference needs), `reduce_sum` (an all-reduce) assembles the table on all of them, and rank 0 writes the cache. The cache
     is used only when every process can read it, so that all of them take the same path.
+
+    A cache file that is there but truncated, foreign or for other pairs is recomputed and replaced, and `warn`
+    (rank 0's printer; None on the other ranks) says so in one line.
     """
     from safetensors.torch import save_file
 
-    cached = _read_table(cache_file, len(pairs))
+    cached, damage = _read_table(cache_file, len(pairs))
+    if damage and warn is not None:
+        warn(f"warning: the reference cache {cache_file} {damage}; computing the reference log-probs again and "
+             "replacing it")
     missing = torch.tensor([float(cached is None)], device=device)
     if not (reduce_sum(missing) if reduce_sum else missing).item():
         assert cached is not None
@@ -367,14 +374,18 @@ def precompute_reference(reference: Reference, pairs: Sequence[Any], *, layout: 
     return PrecomputedReference(result)
 
 
-def _read_table(cache_file: Path | None, num_pairs: int) -> dict[str, torch.Tensor] | None:
-    """The cached table, or None when there is none, it cannot be read, or it does not fit `num_pairs`."""
+def _read_table(cache_file: Path | None, num_pairs: int) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+    """The cached table (None when there is none or it cannot be used) and, for a file that is there but cannot
+    be used, why: unreadable (truncated, or not a safetensors file), or not a table of `num_pairs` pairs."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if cache_file is None or not cache_file.is_file():
-        return None
+        return None, None
     try:
         table = load_file(cache_file)
-        return table if all(table[name].shape == (num_pairs,) for name in _FIELDS) else None
-    except (OSError, KeyError, RuntimeError):
-        return None  # unreadable or stale: recompute and overwrite
+    except (OSError, RuntimeError, SafetensorError) as err:
+        return None, f"is unreadable ({str(err).splitlines()[0][:120] or type(err).__name__})"
+    if not all(name in table and table[name].shape == (num_pairs,) for name in _FIELDS):
+        return None, f"is not a table of these {num_pairs} pairs (written by another tool or version)"
+    return table, None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,12 @@ def check_fresh_output(output: Path, resume: str | None, overwrite: bool) -> Non
     that run's outputs (`RUN_OUTPUTS`) first. A `resume` with a checkpoint to continue passes (the settings are
     then `resume_differences`' business); `--resume` where only a finished run's model/ is would start a fresh
     run over it, so it stops too. Call it on one process only (rank 0), before anything is written.
+
+    First of all it stops a run that could not write into `output` (a read-only disk or folder), so that the
+    user learns it in one line before the model loads and the data is prepared, not at the first save.
     """
     output = Path(output)
+    check_writable(output)
     steps = sorted((int(m.group(1)) for p in _children(output / "checkpoints")
                     if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name))), reverse=True)
     has_model = any(_children(output / "model"))
@@ -75,6 +80,23 @@ def check_fresh_output(output: Path, resume: str | None, overwrite: bool) -> Non
                        "without --save-every); pass --overwrite-output to replace that run, or choose another --output")
     raise DPOError(f"{output} holds another run ({' and '.join(found)}); pass --resume to continue it, or "
                    "--overwrite-output to replace it (or choose another --output)")
+
+
+def check_writable(output: Path) -> None:
+    """A one-line `DPOError` unless a file can be created in `output`, or (when it does not exist yet) in the
+    nearest folder above it, where it would be made. A real probe (a temporary file, removed at once): the
+    permission bits alone would let root through on a read-only mount."""
+    place = output
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise DPOError(f"--output {output}: {place} is a file, not a folder; choose another --output")
+    try:
+        with tempfile.TemporaryFile(dir=place, prefix=".dpokit-write-probe-"):
+            pass
+    except OSError as err:
+        raise DPOError(f"--output {output}: cannot write into {place} ({err.strerror or err}); choose another "
+                       "--output, or make that folder writable") from None
 
 
 def resume_differences(saved: dict[str, Any], new: dict[str, Any], *, saved_world_size: int = 1,
