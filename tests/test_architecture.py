@@ -37,7 +37,7 @@ ROOMS: dict[str, set[str]] = {
     "report": {"errors"},
     "trackers": {"report", "errors"},
     "run_folder": {"config", "data", "errors"},
-    "model_card": {"report", "errors"},
+    "model_card": {"data", "report", "errors"},
     "generate": {"distributed", "models", "data", "errors"},
     "evaluation": {"distributed", "generate", "models", "logprobs", "batching", "data", "losses", "reference", "config", "errors"},
     "metrics": {"distributed", "logprobs", "losses"},

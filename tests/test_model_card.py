@@ -7,7 +7,7 @@ import shlex
 import yaml
 
 from dpokit.config import Config
-from dpokit.model_card import CardInfo, render_card, write_card
+from dpokit.model_card import CardInfo, hub_datasets, render_card, write_card
 
 
 def parse_card(text: str) -> tuple[dict, str]:
@@ -69,3 +69,10 @@ def test_card_command_rebuilds_the_config():
                  loss_weights="1,0.5")
     command = shlex.join(["dpo", "train", *cfg.to_args()])
     assert Config.from_args(shlex.split(command)[2:]) == cfg
+
+
+def test_each_hub_source_of_a_data_mixture_is_named_on_its_own(tmp_path):
+    local = tmp_path / "mine.jsonl"
+    local.write_text("", encoding="utf-8")
+    assert hub_datasets([f"Anthropic/hh-rlhf:0.7,{local}:0.3,HuggingFaceH4/ultrafeedback_binarized"]) == \
+        ["Anthropic/hh-rlhf", "HuggingFaceH4/ultrafeedback_binarized"]

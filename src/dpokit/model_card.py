@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from .data import mixture
 from .report import HELD_OUT as METRICS, summary_table
 
 
@@ -40,11 +41,14 @@ class CardInfo:
     tags: Sequence[str] = ()            # extra Hub tags, e.g. "lora"
     rows: Sequence[Mapping[str, Any]] = ()  # metrics.jsonl rows, for the run summary table
     quantization: str | None = None     # how the base was stored while the adapter trained (`Quantization.describe`)
+    python_losses: Sequence[str] = ()   # losses registered from Python code: no `dpo train` command can name them
 
 
 def hub_datasets(data: Sequence[str]) -> list[str]:
-    """The data arguments that name Hub datasets: not the built-in task and not a local file or folder."""
-    return [d for d in data if d != "synthetic" and not Path(d).exists()]
+    """The data sources that name Hub datasets (each source of a `--data a:0.7,b:0.3` mixture on its own): not
+    the built-in task and not a local file or folder."""
+    sources = [source.path for d in data if d != "synthetic" for source in mixture.parse(d)]
+    return [path for path in sources if not Path(path).exists()]
 
 
 def front_matter(info: CardInfo) -> dict[str, Any]:
