@@ -49,7 +49,7 @@ import torch
 
 from . import distributed, evaluation, generate, loop, models, report
 from .config import Config
-from .data.formats import PAIRING, Text
+from .data.formats import PAIRING, Text, rank_pairs
 from .errors import DPOError
 from .run_folder import RESUME_MAY_CHANGE
 
@@ -352,21 +352,6 @@ def _raises(judge: Judge, prompts: list[Text], completions: list[str], where: li
 
 def _first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else "(no message)"
-
-
-def rank_pairs(scores: Sequence[float], mode: str) -> tuple[list[tuple[int, int]], int]:
-    """(chosen, rejected) indices among one prompt's samples, paired as `data.formats` pairs ranked responses
-    (best first, equal scores in sample order): best-worst, adjacent ranks or all; and how many of those
-    candidate pairs were dropped because their scores tie."""
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    if mode == "best-worst":
-        candidates = [(order[0], order[-1])]
-    elif mode == "adjacent":
-        candidates = list(zip(order, order[1:]))
-    else:
-        candidates = [(a, b) for k, a in enumerate(order) for b in order[k + 1:]]
-    kept = [(a, b) for a, b in candidates if scores[a] > scores[b]]
-    return kept, len(candidates) - len(kept)
 
 
 def build_pairs(prompts: list[Text], texts: list[str], scores: list[float], k: int, mode: str,

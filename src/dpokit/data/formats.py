@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -266,17 +266,11 @@ def _ranked(record: dict[str, Any], mode: str) -> list[PreferencePair]:
         scores = [-_number(record, "ranking", r) for r in _list_of(record, "ranking", len(responses))]
     else:
         raise _BadRecord("field 'scores' (or 'ranking') is missing")
-    order = sorted(range(len(responses)), key=lambda i: -scores[i])  # best first
-    if mode == "best-worst":
-        candidates = [(order[0], order[-1])]
-    elif mode == "adjacent":
-        candidates = list(zip(order, order[1:]))
-    else:
-        candidates = [(a, b) for k, a in enumerate(order) for b in order[k + 1:]]
+    kept, _ = rank_pairs(scores, mode)
     with_scores = "scores" in record  # ranks are not scores: no score_* extras from a ranking
     made = [PreferencePair(prompt, responses[a], responses[b],
                            {"score_chosen": scores[a], "score_rejected": scores[b]} if with_scores else {})
-            for a, b in candidates if scores[a] > scores[b]]
+            for a, b in kept]
     if not made:
         raise _BadRecord("field 'scores': all responses score the same, so no pair can be formed")
     return made
@@ -447,3 +441,18 @@ def _parse_columns(columns: str | None) -> dict[str, str]:
 
 
 # ---- sources ------------------------------------------------------------------------------------------------
+
+
+def rank_pairs(scores: Sequence[float], mode: str) -> tuple[list[tuple[int, int]], int]:
+    """(chosen, rejected) indices among one prompt's samples, paired as ranked data is
+    (best first, equal scores in sample order): best-worst, adjacent ranks or all; and how many of those
+    candidate pairs were dropped because their scores tie."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    if mode == "best-worst":
+        candidates = [(order[0], order[-1])]
+    elif mode == "adjacent":
+        candidates = list(zip(order, order[1:]))
+    else:
+        candidates = [(a, b) for k, a in enumerate(order) for b in order[k + 1:]]
+    kept = [(a, b) for a, b in candidates if scores[a] > scores[b]]
+    return kept, len(candidates) - len(kept)
