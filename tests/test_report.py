@@ -94,7 +94,8 @@ def run_progress(stream, steps=120):
 
 @pytest.mark.parametrize("terminal, no_color", [(False, None), (True, "1")])
 def test_progress_without_terminal_or_with_no_color_is_plain_lines(tmp_path, monkeypatch, terminal, no_color):
-    """Log files and CI get a line at step 1 and every 50 steps: no bar, no carriage returns, no escapes."""
+    """Log files and CI get a line at step 1, every 50 steps and the last: no bar, no carriage returns, no
+    escapes."""
     if no_color:
         monkeypatch.setenv("NO_COLOR", no_color)
     else:
@@ -104,7 +105,8 @@ def test_progress_without_terminal_or_with_no_color_is_plain_lines(tmp_path, mon
     text = run_progress(stream)
     assert text.splitlines() == ["step 1: loss 0.500 acc 0.750 margin 0.100",
                                  "step 50: loss 0.500 acc 0.750 margin 0.100",
-                                 "step 100: loss 0.500 acc 0.750 margin 0.100"]
+                                 "step 100: loss 0.500 acc 0.750 margin 0.100",
+                                 "step 120: loss 0.500 acc 0.750 margin 0.100"]
     assert "\r" not in text and "\x1b" not in text
 
 

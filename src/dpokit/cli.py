@@ -1,6 +1,7 @@
 """The `dpo` command: parse, run, and turn user errors into one line and an exit status.
 
-Exit status: 0 ok, 2 usage or input error, 1 training failure.
+Exit status: 0 ok, 2 usage or input error, 1 training failure, 128 + the signal's number when stopped by a
+signal (130 for Ctrl-C, SIGINT; 143 for SIGTERM), after saving a checkpoint where a training run had begun.
 """
 
 from __future__ import annotations
@@ -246,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
                 max_completion_length=args.max_completion_length, truncation_mode=args.truncation_mode,
                 examples=args.examples)))
     except DPOError as err:
-        print(f"dpo {args.command}: error: {err}", file=sys.stderr)
+        # A status above 128 is a signal (`checkpoint.Interrupted`): a stop the user asked for, not an error.
+        print(f"dpo {args.command}: {'' if err.exit_code > 128 else 'error: '}{err}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
     except KeyboardInterrupt:
         print(f"dpo {args.command}: interrupted", file=sys.stderr)

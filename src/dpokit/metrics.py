@@ -2,6 +2,12 @@
 
 `MetricMeter.add` takes each micro-batch's per-pair losses, the policy's log-probs and the losses' outputs;
 `reduce` does one all-reduce and one host sync per log step and returns means weighted by pairs.
+
+Each kind of run reports in its own terms. SFT alone (every loss without rewards, `LossOutput.has_rewards`) logs
+what TRL's SFTTrainer logs, `loss` and `nll_loss` (and `logps/chosen`), with no `rewards/*`, `logps/rejected` or
+length gap: those would be 0 or a copy of the chosen side. Unpaired losses (KTO) add TRL's KTOTrainer counts and
+per-kind means: a loss metric `count/<kind>` is logged as the number of examples of that kind since the last
+row, and `<name>/<kind>_sum` as `<name>/<kind>`, the mean over those examples.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from .losses import LossOutput
 # for the health alarm on length hacking (`health.preferred_length_gap` is the same formula).
 SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
           "logps/chosen", "logps/rejected", "lengths/preferred_gap")
+PAIRED_ONLY = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/rejected",
+               "lengths/preferred_gap")  # left out of the rows of a run whose losses have no rewards (SFT)
 
 
 class MetricMeter:
@@ -33,9 +41,11 @@ class MetricMeter:
         self.steps = 0
         self.bad_steps = 0
         self.grad_norm_sum: torch.Tensor | float = 0.0
+        self.has_rewards = False  # some loss gave implicit rewards since the last log step
 
     def add(self, per_pair: torch.Tensor, policy: PairLogps, outputs: list[LossOutput], tokens: int) -> None:
-        first = outputs[0]
+        first = next((out for out in outputs if out.has_rewards), outputs[0])  # sft beside DPO: DPO's rewards
+        self.has_rewards = self.has_rewards or first.has_rewards
         chosen, rejected = first.chosen_rewards, first.rejected_rewards
         preferred_gap = (chosen - rejected).sign() * (policy.chosen_lengths - policy.rejected_lengths)
         values = torch.stack([per_pair.detach().sum(), chosen.sum(), rejected.sum(),
@@ -65,6 +75,9 @@ class MetricMeter:
         packed = distributed.reduce_sums(packed, dist).tolist()            # the one host sync
         pairs, tokens, bad = packed[len(names)], packed[len(names) + 1], packed[len(names) + 2]
         out = {name: value / max(pairs, 1) for name, value in zip(names, packed)}
+        if not self.has_rewards:
+            out = {name: value for name, value in out.items() if name not in PAIRED_ONLY}
+        per_kind_means(out, pairs)
         out["pairs"], out["tokens"] = pairs, tokens
         if self.steps:
             out["grad_norm"] = packed[-1] / (self.steps * dist.world_size)
@@ -87,3 +100,15 @@ class MetricMeter:
         self.pairs, self.tokens = state["pairs"], state["tokens"]
         self.steps, self.bad_steps = state["steps"], state["bad_steps"]
         self.grad_norm_sum = move(state["grad_norm_sum"])
+
+
+def per_kind_means(out: dict[str, float], pairs: float) -> None:
+    """In place: `count/<kind>` (a mean over all examples, as summed) becomes the number of such examples, and
+    `<name>/<kind>_sum` becomes `<name>/<kind>`, the mean over them (left out when there were none)."""
+    for name in [n for n in out if n.startswith("count/")]:
+        out[name] = round(out[name] * pairs)
+    for name in [n for n in out if n.endswith("_sum")]:
+        base, kind = name.removesuffix("_sum").rsplit("/", 1)
+        total, count = out.pop(name) * pairs, out.get(f"count/{kind}", 0)
+        if count:
+            out[f"{base}/{kind}"] = total / count

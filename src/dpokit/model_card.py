@@ -2,7 +2,8 @@
 
 A card is YAML front matter (the metadata the Hub indexes: `base_model`, `library_name`, `tags`, `datasets`)
 followed by markdown for people: how the model was trained (loss and parameters), on what data (files, pair,
-truncation and skip counts), how it scored, and the `dpo train` command line that reproduces it.
+truncation and skip counts), how it scored, and the `dpo train` command line that reproduces it. SFT and
+unpaired (KTO) runs are described in their own terms: records or labelled examples, not preference pairs.
 See https://huggingface.co/docs/hub/model-cards.
 """
 
@@ -69,10 +70,12 @@ def render_card(info: CardInfo) -> str:
             else f"`{info.base_model}`" if Path(info.base_model).exists()
             else f"[{info.base_model}](https://huggingface.co/{info.base_model})")
     params = ", ".join(f"{k}={v}" for k, v in info.loss_params.items())
+    kind = _data_kind(info)
+    unit = "pairs" if kind == "preference pairs" else "examples"
     lines = [
         "---", yaml.safe_dump(front_matter(info), sort_keys=False).rstrip(), "---", "",
         f"# {info.name}", "",
-        f"Fine-tuned from {base} on preference pairs with [dpokit](https://pypi.org/project/dpokit/) "
+        f"Fine-tuned from {base} on {kind} with [dpokit](https://pypi.org/project/dpokit/) "
         f"{_version()}.", "",
         "## Training", "",
         f"- loss: {' + '.join(f'`{name}`' for name in info.losses)}" + (f" ({params})" if params else ""),
@@ -80,14 +83,35 @@ def render_card(info: CardInfo) -> str:
         *([f"- base weights: {info.quantization}"] if info.quantization else []), "",
         "## Data", "",
         *[f"- `{d}`" for d in info.data], "",
-        "| count | pairs |", "|---|---|",
-        *[f"| {name.replace('_', ' ')} | {value} |" for name, value in info.counts.items()], "",
+        f"| count | {unit} |", "|---|---|",
+        *[f"| {name.replace('_', ' ').replace('pairs', unit)} | {value} |" for name, value in info.counts.items()],
+        "",
     ]
     lines += _results(info)
     if info.rows:
         lines += ["## Run summary", "", summary_table([("this run", info.rows)]).rstrip(), ""]
-    lines += ["## Reproduce", "", "```bash", info.command, "```", ""]
+    lines += ["## Reproduce", "", *_reproduce(info), ""]
     return "\n".join(lines)
+
+
+def _data_kind(info: CardInfo) -> str:
+    """What the run trained on, by its losses: SFT records, unpaired labelled examples (KTO) or pairs."""
+    if all(name == "sft" for name in info.losses):
+        return "SFT records (prompt and completion)"
+    if "kto" in info.losses:
+        return "desirable / undesirable examples (unpaired)"
+    return "preference pairs"
+
+
+def _reproduce(info: CardInfo) -> list[str]:
+    """The command in a bash block; with a loss registered from Python, what that command needs first."""
+    block = ["```bash", info.command, "```"]
+    if not info.python_losses:
+        return block
+    names = ", ".join(f"`{name}`" for name in info.python_losses)
+    return [f"The loss {names} was registered from Python code (`dpokit.losses.register`), so `dpo train` "
+            "alone cannot name it: import the module that registers it, then call `dpokit.train` with these "
+            "settings (as flags:)", "", *block]
 
 
 def write_card(model_dir: str | Path, info: CardInfo) -> Path:
@@ -109,10 +133,12 @@ def _results(info: CardInfo) -> list[str]:
         return []
     lines = ["## Results", "", "| metric | held-out, before | held-out, after | train, last log step |",
              "|---|---|---|---|"]
+    sft = all(name == "sft" for name in info.losses)
     for name in METRICS:
         cells = [_number(source.get(name)) for source in (info.eval_before, info.eval_after, info.final_train)]
         if any(cell != "-" for cell in cells):
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            shown = "loss (NLL per token)" if sft and name == "loss" else name
+            lines.append(f"| {shown} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 

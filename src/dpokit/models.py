@@ -14,6 +14,8 @@ import logging
 import shutil
 import sys
 import tempfile
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,7 +256,8 @@ def apply_lora(model: torch.nn.Module, *, r: int, alpha: float, dropout: float, 
     config = peft.LoraConfig(r=r, lora_alpha=alpha,  # type: ignore[arg-type]  # annotated int; scaling = alpha / r
                         lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     try:
-        return peft.get_peft_model(model, config)
+        with _peft_wraps_quietly():
+            return peft.get_peft_model(model, config)
     except ValueError as err:
         raise DPOError(f"--lora-target-modules {target_modules}: {_first_line(err)}") from None
 
@@ -274,9 +277,19 @@ def load_lora_adapter(model: torch.nn.Module, path: str, *, r: int = 0) -> torch
     if r and getattr(config, "r", r) != r:
         raise DPOError(f"--lora-r {r} disagrees with the adapter in {path} (r={config.r}); drop --lora-r")
     try:
-        return peft.PeftModel.from_pretrained(model, path, is_trainable=True)
+        with _peft_wraps_quietly():
+            return peft.PeftModel.from_pretrained(model, path, is_trainable=True)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise DPOError(f"--lora-adapter {path}: could not load the adapter ({_first_line(err)})") from None
+
+
+@contextlib.contextmanager
+def _peft_wraps_quietly() -> Iterator[None]:
+    """PEFT's `PeftModel` reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a
+    FutureWarning on every LoRA run; that one warning is PEFT's to fix, not the user's, so it is silenced here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def is_lora(model: torch.nn.Module) -> bool:
@@ -373,7 +386,8 @@ def _merge_dequantized(policy: torch.nn.Module, adapter_dir: Path) -> torch.nn.M
 
     base = policy.unload()
     base.dequantize()
-    return peft.PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    with _peft_wraps_quietly():
+        return peft.PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

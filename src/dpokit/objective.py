@@ -67,6 +67,11 @@ class Objective:
         return all(spec.paired for spec in self.specs)
 
     @property
+    def python_losses(self) -> list[str]:
+        """The selected losses registered from Python code outside dpokit: no `dpo train` command can name them."""
+        return [spec.name for spec in self.specs if not spec.function.__module__.startswith("dpokit.")]
+
+    @property
     def fused(self) -> bool:
         """Every loss scores each pair on its own, so the LM head and the loss can run fused in training."""
         return all(spec.pairwise for spec in self.specs)

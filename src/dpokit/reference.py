@@ -343,7 +343,8 @@ def precompute_reference(reference: Reference, pairs: Sequence[Any], *, layout: 
     is used only when every process can read it, so that all of them take the same path.
 
     A cache file that is there but truncated, foreign or for other pairs is recomputed and replaced, and `warn`
-    (rank 0's printer; None on the other ranks) says so in one line.
+    (rank 0's printer; None on the other ranks) says so in one line; it also says when the cache was used, and
+    where a fresh result was cached. The bar is drawn on a terminal only (tqdm's own check): a log gets no frames.
     """
     from safetensors.torch import save_file
 
@@ -354,12 +355,15 @@ def precompute_reference(reference: Reference, pairs: Sequence[Any], *, layout: 
     missing = torch.tensor([float(cached is None)], device=device)
     if not (reduce_sum(missing) if reduce_sum else missing).item():
         assert cached is not None
+        if warn is not None:
+            warn(f"reference log-probs: reused {cache_file} (computed by an earlier run with the same reference, "
+                 "pairs and settings; --no-cache recomputes them)")
         return PrecomputedReference(cached)
     from tqdm.auto import tqdm
 
     table = torch.zeros(len(_FIELDS), len(pairs), device=device)
     for ids in tqdm(even_shares(len(pairs), batch_size, rank, world_size), desc="reference log-probs",
-                    unit="batch", disable=not progress):
+                    unit="batch", disable=None if progress else True):
         scored = ids or [0]  # a spare round: score pair 0 and drop it
         batch = make_batch([pairs[i] for i in scored], layout=layout, pad_id=pad_id, pair_ids=scored).to(device)
         logps = reference.logps(batch)
@@ -371,6 +375,8 @@ def precompute_reference(reference: Reference, pairs: Sequence[Any], *, layout: 
     result = {name: table[i].cpu() for i, name in enumerate(_FIELDS)}
     if cache_file is not None and rank == 0:
         write_atomically(cache_file, lambda partial: save_file(result, partial))
+        if warn is not None:
+            warn(f"reference log-probs: cached in {cache_file} for later runs with the same reference and pairs")
     return PrecomputedReference(result)
 
 

@@ -20,8 +20,12 @@ from typing import Any, Protocol, TextIO
 
 from .errors import DPOError
 
-HELD_OUT = ("rewards/accuracies", "rewards/margins", "loss", "logps/chosen", "logps/rejected")  # summaries, cards
-PLOTTED = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "lr", "grad_norm")
+HELD_OUT = ("rewards/accuracies", "rewards/margins", "loss", "logps/chosen", "logps/rejected",  # summaries, cards
+            "rewards/desirable", "rewards/undesirable", "mean_token_accuracy")
+PLOTTED = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "lr", "grad_norm",
+           "rewards/desirable", "rewards/undesirable", "mean_token_accuracy")
+MARKED_UP_TO = 50  # curves of at most this many points show each point (a 1-step run is one visible dot)
+SHORT_RUN = 10     # runs of at most this many steps get a tick at every step
 
 
 class Sink(Protocol):
@@ -36,16 +40,22 @@ class Reporter:
     """Writes `metrics.jsonl` under `out_dir`, forwards each row to `sinks`, drives the progress bar on stderr.
 
     The bar is drawn only on an interactive terminal without NO_COLOR (and TERM != dumb); otherwise (log files,
-    CI) a plain line is printed at step 1 and every 50 steps, so logs hold no carriage-return spam.
+    CI) a plain line is printed at step 1, every 50 steps and the last step, so logs hold no carriage returns.
+
+    `append` (a resumed run) continues `metrics.jsonl`, and `elapsed_s` goes on from its last row's, plus
+    `since_last_row_s` (the time the run had spent after that row before its checkpoint), so it adds up.
     """
 
     def __init__(self, out_dir: str | Path, *, total_steps: int, progress: bool = True,
-                 stream: TextIO | None = None, append: bool = False, sinks: Sequence[Sink] = ()) -> None:
-        self._start = time.perf_counter()
+                 stream: TextIO | None = None, append: bool = False, sinks: Sequence[Sink] = (),
+                 since_last_row_s: float = 0.0) -> None:
         self.sinks = list(sinks)
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        before = last_elapsed(self.metrics_path) + since_last_row_s if append else 0.0
+        self._start = time.perf_counter() - before
+        self.total_steps = total_steps
         self._file = self.metrics_path.open("a" if append else "w", encoding="utf-8")
         self.stream = stream or sys.stderr
         interactive = progress and self.stream.isatty() and not os.environ.get("NO_COLOR") \
@@ -70,14 +80,15 @@ class Reporter:
             self.log({"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in metrics.items()}})
 
     def progress(self, step: int, metrics: dict[str, float]) -> None:
-        """Advance the bar to `step`; without a terminal, print a plain line now and then instead."""
+        """Advance the bar to `step`; without a terminal, print a plain line now and then instead. A run shows
+        what its losses measure: reward accuracy and margin, or for SFT the token accuracy (when logged)."""
         shown = {"loss": metrics.get("loss"), "acc": metrics.get("rewards/accuracies"),
-                 "margin": metrics.get("rewards/margins")}
+                 "margin": metrics.get("rewards/margins"), "token acc": metrics.get("mean_token_accuracy")}
         text = {k: f"{v:.3f}" for k, v in shown.items() if v is not None}
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix(text, refresh=False)
-        elif step == 1 or step % 50 == 0:
+        elif step in (1, self.total_steps) or step % 50 == 0:
             self.print(f"step {step}: " + " ".join(f"{k} {v}" for k, v in text.items()))
 
     def print(self, message: str) -> None:
@@ -110,6 +121,14 @@ class NullReporter:
     def print(self, message: str) -> None: ...
 
     def close(self) -> None: ...
+
+
+def last_elapsed(path: Path) -> float:
+    """The last `elapsed_s` in a metrics.jsonl file (0 when there is none)."""
+    if not path.is_file():
+        return 0.0
+    elapsed = [row["elapsed_s"] for row in read_metrics(path) if isinstance(row.get("elapsed_s"), (int, float))]
+    return float(elapsed[-1]) if elapsed else 0.0
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -151,7 +170,7 @@ def run_labels(paths: Sequence[str | Path]) -> list[str]:
 def summarize_run(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
     """Steps, final and best held-out metrics, mean training pairs/s and wall time of one run's rows.
 
-    `elapsed_s` restarts at 0 when a run is resumed, so wall time adds up the segments.
+    A run resumed by an older dpokit restarted `elapsed_s` at 0, so wall time adds up the segments.
     """
     evals = [r for r in rows if isinstance(r.get("eval/loss"), (int, float))]
     train = [r for r in rows if isinstance(r.get("pairs_per_s"), (int, float))]
@@ -188,7 +207,7 @@ def summary_table(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]]) -> st
 def write_report(runs: Sequence[str | Path], png: str | Path, markdown: str | Path | None = None) -> str:
     """`dpo report`: curves of every run to `png`, the summary table to `markdown` (if given); returns the table."""
     loaded = list(zip(run_labels(runs), [load_run(run) for run in runs]))
-    plot_curves(loaded, png)
+    plot_curves(loaded, png, losses=[run_loss(run) for run in runs])
     table = summary_table(loaded)
     if markdown is not None:
         Path(markdown).write_text(f"# Run report\n\n![training curves]({Path(png).name})\n\n{table}",
@@ -196,40 +215,89 @@ def write_report(runs: Sequence[str | Path], png: str | Path, markdown: str | Pa
     return table
 
 
+def run_loss(path: str | Path) -> str | None:
+    """The `--loss` of the run in folder `path`, from its config.yaml (None for a bare metrics.jsonl)."""
+    path = Path(path)
+    config = (path.parent if path.name == "metrics.jsonl" else path) / "config.yaml"
+    if not config.is_file():
+        return None
+    import yaml
+
+    loss = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("loss")
+    return str(loss) if loss else None
+
+
 def plot_curves(runs: Sequence[tuple[str, Iterable[Mapping[str, Any]]]], path: str | Path,
-                metrics: Sequence[str] = PLOTTED) -> Path:
-    """Plot `metrics` over steps, one panel each, every run on the same axes (train solid, eval dashed)."""
+                metrics: Sequence[str] = PLOTTED, losses: Sequence[str | None] = ()) -> Path:
+    """Plot `metrics` over steps, one panel each, every run on the same axes (train solid, eval dashed).
+
+    A metric that no run logged gets no panel (an SFT run has no rewards to draw). Different losses are on
+    different scales (IPO's squared loss starts at (1/(2 beta))^2 = 25 for beta 0.1, DPO's at log 2), so
+    `loss` gets one panel per loss (`losses[i]` is run i's `--loss`; None: unknown), where one axis would
+    flatten the others; the reward and log-prob panels stay shared, as their units are the same across losses.
+    Curves of up to MARKED_UP_TO points mark each point; steps are whole numbers.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    columns = min(4, len(metrics))
-    rows_of_axes = -(-len(metrics) // columns)
+    runs = [(label, list(rows)) for label, rows in runs]
+    panels = curve_panels([rows for _, rows in runs], metrics, losses)
+    columns = max(1, min(4, len(panels)))
+    rows_of_axes = max(1, -(-len(panels) // columns))
     fig, axes = plt.subplots(rows_of_axes, columns, figsize=(4.2 * columns, 3.2 * rows_of_axes), squeeze=False)
     flat = list(axes.flat)
-    for ax in flat[len(metrics):]:
+    for ax in flat[len(panels):]:
         ax.set_visible(False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (label, rows) in enumerate(runs):
-        rows = list(rows)
-        for ax, name in zip(flat, metrics):
+    steps = [int(r["step"]) for _, rows in runs for r in rows if _number(r.get("step"))] or [0]
+    first, last = min(steps), max(steps)  # one step axis for every panel
+    for ax, (title, name, drawn) in zip(flat, panels):
+        for i in drawn:
+            label, rows = runs[i]
             for prefix, style in (("", "-"), ("eval/", "--")):
-                points = [(r["step"], r[prefix + name]) for r in rows
-                          if isinstance(r.get(prefix + name), (int, float))]
+                points = [(r["step"], r[prefix + name]) for r in rows if _number(r.get(prefix + name))]
                 if points:
                     xs, ys = zip(*points)
-                    ax.plot(xs, ys, style, color=colors[i % len(colors)], marker="o" if prefix else None,
+                    marked = prefix or len(points) <= MARKED_UP_TO
+                    ax.plot(xs, ys, style, color=colors[i % len(colors)], marker="o" if marked else None,
                             markersize=3, label=f"{label} {'eval' if prefix else 'train'}".strip())
-    for ax, name in zip(flat, metrics):
-        ax.set_title(name)
+        ax.set_title(title)
         ax.set_xlabel("step")
+        ax.ticklabel_format(axis="y", useOffset=False)  # 0.69312, not "+6.9e-1" above the axis
+        if last - first <= SHORT_RUN:  # every step a tick, with room around a single one
+            ax.set_xticks(range(first, last + 1))
+            ax.set_xlim(first - 0.5, last + 0.5)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    if flat[0].lines:
-        flat[0].legend(fontsize=7)
+        if ax.lines and (ax is flat[0] or name == "loss"):  # each loss panel names the runs it holds
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def curve_panels(runs: Sequence[Sequence[Mapping[str, Any]]], metrics: Sequence[str],
+                 losses: Sequence[str | None] = ()) -> list[tuple[str, str, list[int]]]:
+    """(title, metric, indices of the runs drawn) of each panel `plot_curves` draws, in the order of `metrics`."""
+    kinds = list(losses) + [None] * (len(runs) - len(losses))
+    panels = []
+    for name in metrics:
+        drawn = [i for i, rows in enumerate(runs)
+                 if any(_number(r.get(name)) or _number(r.get("eval/" + name)) for r in rows)]
+        if name == "loss" and len({kinds[i] for i in drawn}) > 1:
+            panels += [(f"loss ({kind or 'loss not recorded'})", name, [i for i in drawn if kinds[i] == kind])
+                       for kind in dict.fromkeys(kinds[i] for i in drawn)]
+        elif drawn:
+            panels.append((name, name, drawn))
+    return panels
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -72,7 +72,8 @@ class DataReport:
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        out = [f"{self.source}: {self.pairs} pairs from {self.records} records ({self.format} format)"]
+        noun = "examples" if self.format in ("unpaired", "sft") else "pairs"  # neither holds preference pairs
+        out = [f"{self.source}: {self.pairs} {noun} from {self.records} records ({self.format} format)"]
         if self.skipped_invalid:
             out.append(f"  skipped {self.skipped_invalid} invalid records (--skip-invalid)")
         if self.identical_pairs:

@@ -4,6 +4,10 @@ Reports the pair count and detected format (of each source of a mixture, and the
 length percentiles of prompt / chosen / rejected (in tokens with a tokenizer, in characters without), how many
 pairs the length limits would truncate or drop, duplicate pairs, pairs whose chosen equals rejected, and
 examples rendered with the prompt/completion boundary marked.
+
+Data that is not pairs is described as what it is: unpaired (KTO) examples by their desirable / undesirable
+counts, with one completion and its label each (the mismatched completion that `to_unpaired` pairs an example
+with, for KTO's KL estimate, is another example's: not shown); SFT records by prompt and completion.
 """
 
 from __future__ import annotations
@@ -34,16 +38,18 @@ def inspect(path: str, *, tokenizer: Any = None, format: str | None = None, colu
         lines = [line for report in reports for line in report.lines()] + notes
     else:
         loaded, report = formats.load_pairs(path, **options)
-        lines = report.lines()
-    lines.append(f"  duplicate pairs (same prompt, chosen and rejected as an earlier pair): {_duplicates(loaded)}")
+        reports, lines = [report], report.lines()
+    kind = _kind(loaded, reports)
+    sides = SIDES[kind]
+    lines += _kind_lines(loaded, kind)
     if tokenizer is None:
-        lengths = [[_chars(getattr(p, side)) for p in loaded] for side in ("prompt", "chosen", "rejected")]
-        lines += _percentile_table(lengths, unit="characters; pass --model PATH to count tokens and truncation")
-        lines += _examples_text(loaded, examples)
+        lengths = [[_chars(getattr(p, side)) for p in loaded] for side in sides]
+        lines += _percentile_table(lengths, sides, unit="characters; pass --model PATH to count tokens and truncation")
+        lines += _examples_text(loaded, examples, kind)
         return lines
     tokenized, untruncated = tokenization.tokenize_pairs(loaded, tokenizer, max_length=10**9)
-    lengths = [[len(getattr(p, f"{side}_ids")) for p in tokenized] for side in ("prompt", "chosen", "rejected")]
-    lines += _percentile_table(lengths, unit="tokens")
+    lengths = [[len(getattr(p, f"{side}_ids")) for p in tokenized] for side in sides]
+    lines += _percentile_table(lengths, sides, unit="tokens")
     limits = tokenization.TruncationReport(  # boundary counts come from tokenizing; truncation counts below
         pairs_in=len(loaded), dropped=untruncated.dropped, boundary_mismatches=untruncated.boundary_mismatches,
         template_mismatches=untruncated.template_mismatches, doubled_bos=untruncated.doubled_bos,
@@ -57,35 +63,70 @@ def inspect(path: str, *, tokenizer: Any = None, format: str | None = None, colu
     lines += [f"  {line}" for line in limits.lines()] or ["  nothing truncated or dropped"]
     for k, pair in enumerate(tokenized[:examples]):  # tools and tool calls show as the template renders them
         prompt = tokenizer.decode(pair.prompt_ids)
-        lines.append(f"example {k + 1} ({BOUNDARY} marks where the prompt ends; tokens {len(pair.prompt_ids)} | "
-                     f"{len(pair.chosen_ids)} | {len(pair.rejected_ids)}):")
-        lines.append(f"  chosen:   {_show(prompt + BOUNDARY + tokenizer.decode(pair.chosen_ids))}")
-        lines.append(f"  rejected: {_show(prompt + BOUNDARY + tokenizer.decode(pair.rejected_ids))}")
+        counts = " | ".join(str(len(getattr(pair, f"{side}_ids"))) for side in sides)
+        lines.append(f"example {k + 1} ({BOUNDARY} marks where the prompt ends; tokens {counts}):")
+        lines += [_labelled(name, prompt + BOUNDARY + tokenizer.decode(getattr(pair, f"{side}_ids")))
+                  for name, side in _shown_sides(pair, kind)]
     return lines
 
 
-def _percentile_table(lengths: list[list[int]], *, unit: str) -> list[str]:
+SIDES = {"pairs": ("prompt", "chosen", "rejected"), "unpaired": ("prompt", "chosen"), "sft": ("prompt", "chosen")}
+WIDTH = 10  # the example lines' label column (a longer label is followed by one space)
+
+
+def _kind(loaded: list[formats.PreferencePair], reports: list[formats.DataReport]) -> str:
+    """"unpaired" (every example labelled, KTO), "sft" (every source SFT records) or "pairs"."""
+    if all("label" in p.extras for p in loaded):
+        return "unpaired"
+    return "sft" if all(r.format == "sft" for r in reports) else "pairs"
+
+
+def _kind_lines(loaded: list[formats.PreferencePair], kind: str) -> list[str]:
+    if kind == "unpaired":
+        desirable = sum(p.extras["label"] > 0.5 for p in loaded)
+        duplicates = _duplicates([(p.prompt, p.chosen, p.extras["label"]) for p in loaded])
+        return [f"  {desirable} desirable, {len(loaded) - desirable} undesirable examples (label true / false): "
+                "for an unpaired loss such as --loss kto",
+                f"  duplicate examples (same prompt, completion and label as an earlier one): {duplicates}"]
+    if kind == "sft":
+        duplicates = _duplicates([(p.prompt, p.chosen) for p in loaded])
+        return ["  SFT records (prompt and completion, no rejected side): for `dpo sft` (or --loss sft)",
+                f"  duplicate records (same prompt and completion as an earlier one): {duplicates}"]
+    duplicates = _duplicates([(p.prompt, p.chosen, p.rejected) for p in loaded])
+    return [f"  duplicate pairs (same prompt, chosen and rejected as an earlier pair): {duplicates}"]
+
+
+def _shown_sides(pair: formats.PreferencePair | tokenization.TokenizedPair, kind: str) -> list[tuple[str, str]]:
+    """(label, side) of the texts an example shows: an unpaired example's one completion is named by its label."""
+    if kind == "unpaired":
+        return [("desirable" if pair.extras["label"] > 0.5 else "undesirable", "chosen")]
+    if kind == "sft":
+        return [("completion", "chosen")]
+    return [("chosen", "chosen"), ("rejected", "rejected")]
+
+
+def _percentile_table(lengths: list[list[int]], sides: tuple[str, ...], *, unit: str) -> list[str]:
     lines = [f"lengths ({unit}):", f"  {'':<10}" + "".join(f"{'p' + str(q):>8}" for q in PERCENTILES) + f"{'max':>8}"]
-    for name, values in zip(("prompt", "chosen", "rejected"), lengths):
+    for name, values in zip(("prompt", "completion") if len(sides) == 2 else sides, lengths):
         cells = [int(np.percentile(values, q, method="higher")) for q in PERCENTILES] + [max(values)]
         lines.append(f"  {name:<10}" + "".join(f"{c:>8}" for c in cells))
     return lines
 
 
-def _examples_text(pairs: list[formats.PreferencePair], count: int) -> list[str]:
+def _examples_text(pairs: list[formats.PreferencePair], count: int, kind: str) -> list[str]:
     lines = []
     for k, pair in enumerate(pairs[:count]):
         prompt = _plain(pair.prompt)
         lines.append(f"example {k + 1} ({BOUNDARY} marks where the prompt ends):")
         lines += _tools_line(pair)
-        lines.append(f"  chosen:   {_show(prompt + BOUNDARY + _plain(pair.chosen))}")
-        lines.append(f"  rejected: {_show(prompt + BOUNDARY + _plain(pair.rejected))}")
+        lines += [_labelled(name, prompt + BOUNDARY + _plain(getattr(pair, side)))
+                  for name, side in _shown_sides(pair, kind)]
     return lines
 
 
-def _duplicates(pairs: list[formats.PreferencePair]) -> int:
-    seen = {json.dumps([p.prompt, p.chosen, p.rejected], ensure_ascii=False) for p in pairs}
-    return len(pairs) - len(seen)
+def _duplicates(keys: list[tuple[Any, ...]]) -> int:
+    """How many of `keys` repeat an earlier one."""
+    return len(keys) - len({json.dumps(key, ensure_ascii=False) for key in keys})
 
 
 def _chars(text: formats.Text) -> int:
@@ -111,7 +152,11 @@ def _message(message: dict[str, Any]) -> str:
 
 def _tools_line(pair: formats.PreferencePair) -> list[str]:
     names = [tool.get("function", tool).get("name", "?") for tool in pair.tools or []]
-    return [f"  tools:    {', '.join(names)}"] if names else []
+    return [_labelled("tools", ", ".join(names))] if names else []
+
+
+def _labelled(name: str, text: str) -> str:
+    return f"  {(name + ':').ljust(WIDTH - 1)} {_show(text)}"
 
 
 def _show(text: str, limit: int = 400) -> str:

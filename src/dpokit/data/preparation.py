@@ -150,6 +150,8 @@ def prepare(settings: DataSettings, tokenizer: Any, *, cache: bool = True, cache
         try:
             data_cache.save(directory, key, data_cache.CachedData({"train": train, "eval": held_out},
                                                                   {"notes": notes, "counts": counts}))
+            notes.append(f"cached the tokenized data in {directory / key}.npz: a run with the same data, tokenizer "
+                         "and settings loads it from there (--cache-dir moves the cache, --no-cache skips it)")
         except OSError as err:  # a full or read-only cache disk costs the cache, not the run
             notes.append(f"warning: could not write the data cache {directory / key}.npz "
                          f"({err.strerror or err}); training goes on without it")

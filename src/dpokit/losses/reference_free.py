@@ -140,9 +140,9 @@ def sft(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.
     Preference Optimization", arXiv 2404.19733, L_DPO + alpha L_NLL): `--rpo-alpha A` adds this loss with weight
     A, which is what TRL 1.16 does with loss_type=["sigmoid", "sft"], loss_weights=[1, A]. (The paper normalises
     the NLL per sequence; TRL and we take the mean over every chosen token in the batch.) Rewards are the mean
-    per-token log-probs of each side. Metric: nll_loss.
+    per-token log-probs of each side, logged only beside a preference loss (`has_rewards=False`). Metric: nll_loss.
     """
     nll = batch_nll(policy)
     chosen = per_token(policy.chosen, policy.chosen_lengths).detach()
     rejected = per_token(policy.rejected, policy.rejected_lengths).detach()
-    return LossOutput(nll, chosen, rejected, {"nll_loss": nll[0].detach()})
+    return LossOutput(nll, chosen, rejected, {"nll_loss": nll[0].detach()}, has_rewards=False)

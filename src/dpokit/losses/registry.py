@@ -45,12 +45,16 @@ Check = Callable[[Mapping[str, Any], "frozenset[str] | None"], Iterable[str]]
 
 @dataclass
 class LossOutput:
-    """`losses`, `chosen_rewards`, `rejected_rewards`: `[pairs]`; `metrics`: extra scalars to log by name."""
+    """`losses`, `chosen_rewards`, `rejected_rewards`: `[pairs]`; `metrics`: extra scalars to log by name (the
+    mean over the micro-batch; a `count/<kind>` metric is logged as a count, see `metrics.MetricMeter`).
+    `has_rewards`: False for a loss with no implicit reward and no rejected side (SFT): a run of such losses only
+    logs no `rewards/*` and no `logps/rejected`."""
 
     losses: torch.Tensor
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    has_rewards: bool = True
 
 
 @dataclass(frozen=True)

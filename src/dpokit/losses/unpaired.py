@@ -48,7 +48,9 @@ def kto(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.
     Logged rewards: the reward beta*r goes on the side its label wants above the reference point beta*z0
     (rewards/chosen = beta*r and rewards/rejected = beta*z0 for desirable examples, the other way round for
     undesirable ones), so rewards/accuracies is the share of examples on the right side of z0 and
-    rewards/margins the mean label-signed beta*(r - z0). Metric: kl (z0).
+    rewards/margins the mean label-signed beta*(r - z0). Metrics: kl (z0), and as TRL's KTOTrainer the number of
+    desirable and undesirable examples (count/desirable, count/undesirable) and the mean reward beta*r of each
+    kind (rewards/desirable, rewards/undesirable; see `metrics.per_kind_means`).
     """
     reward, mismatched = log_ratios(policy, reference)                               # [examples]
     z0 = mismatched.detach().mean().clamp(min=0)
@@ -57,5 +59,9 @@ def kto(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.
                          kto_desirable_weight * (1 - torch.sigmoid(beta * (reward - z0))),
                          kto_undesirable_weight * (1 - torch.sigmoid(beta * (z0 - reward))))
     scaled, point = beta * reward.detach(), (beta * z0).expand_as(reward)
+    undesirable = ~desirable
+    kinds = {"count/desirable": desirable.float().mean(), "count/undesirable": undesirable.float().mean(),
+             "rewards/desirable_sum": (scaled * desirable).mean(),
+             "rewards/undesirable_sum": (scaled * undesirable).mean()}
     return LossOutput(losses, torch.where(desirable, scaled, point), torch.where(desirable, point, scaled),
-                      {"kl": z0})
+                      {"kl": z0, **kinds})
