@@ -180,6 +180,25 @@ def test_a_full_disk_during_the_final_save_is_one_line_keeps_the_checkpoints_and
     assert all(torch.equal(saved[name], trained[name]) for name in trained)
 
 
+def test_a_full_disk_after_the_model_is_saved_is_one_line_that_says_the_model_is_there(
+        tiny_model_dir, pairs_jsonl, tmp_path, monkeypatch, capsys, one_thread):
+    from dpokit import model_card
+
+    def write_until_full(model_dir, info):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(model_card, "write_card", write_until_full)
+    output = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["train", "--model", str(tiny_model_dir), "--data", str(pairs_jsonl), "--max-steps", "1",
+                  "--batch-size", "4", "--eval-fraction", "0", "--no-progress", "--no-cache", "--report-to", "none",
+                  "--output", str(output)])
+    assert stopped.value.code == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and f"the model is saved in {output / 'model'}" in errors[0]
+    assert "No space left on device" in errors[0] and any((output / "model").glob("*.safetensors"))
+
+
 KILL_POINTS = (checkpoint.MODEL, checkpoint.OPTIMIZER, checkpoint.TRAINER, checkpoint.METRICS, checkpoint.MARKER,
                "rename", "rotation")
 

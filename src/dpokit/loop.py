@@ -387,11 +387,15 @@ def finish(cfg: Config, files: RunFiles, built: Models, tokenizer: Any, reporter
     movement = parameter_movement(full_state or dict(built.policy.named_parameters()), built.initial)  # before merging
     model_dir = models.save_policy(built.policy, files.root, merge_lora=cfg.merge_lora, base_model=cfg.model,
                                    state_dict=full_state, dtype=models.DTYPES[cfg.dtype] if plan.sharded else None)
-    if tokenizer is not None:
+    try:
         tokenizer.save_pretrained(model_dir)
-    report.write_report([files.root], files.curves, files.summary)
-    health.append_summary(files.summary, outcome.alarms)
-    model_card.write_card(model_dir, card_info(cfg, files, objective.params, counts, outcome))
+        report.write_report([files.root], files.curves, files.summary)
+        health.append_summary(files.summary, outcome.alarms)
+        model_card.write_card(model_dir, card_info(cfg, files, objective.params, counts, outcome))
+    except OSError as err:
+        raise TrainingFailure(f"the model is saved in {model_dir}, but writing its tokenizer, model card or the run's "
+                              f"report failed ({err.strerror or err}); free disk space and run the same command again "
+                              "(with --resume if it saved checkpoints)") from None
     lines = report.summary_lines(outcome.eval_before, outcome.eval_after, movement)
     headline, headline_name = outcome.headline
     if outcome.eval_after:
