@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "accuracy and margins; on prompts (--prompts) with --reward module:function, the mean reward "
                     "of samples, their win rate over the reference's samples, and KL(policy || reference)."))
     _add_data_arguments(commands.add_parser("data", help="look at a data file before training on it"))
+    _add_plan_arguments(commands.add_parser(
+        "plan", help="predict a run's peak memory per process and FLOPs per step, and whether it fits",
+        description="Predict the peak memory per process of `dpo train` with the same flags (its parts: weights, "
+                    "gradients, AdamW states, reference, activations, LM-head chunk, temporaries, framework) and "
+                    "the FLOPs per step, from the model's config (no weights loaded) and the data's token lengths "
+                    "(--data) or the length limits. With --memory, whether it fits and the cheapest flags that "
+                    "make it fit."))
     report = commands.add_parser(
         "report", help="compare runs: curves on shared axes (PNG) and a summary table (markdown)",
         description="Plot the metrics.jsonl of one or several runs on shared axes (train solid, eval dashed) "
@@ -67,6 +74,25 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     add_field_arguments(inspect, ("data_split", "format", "columns", "pairs", "max_pairs", "skip_invalid",
                                   "max_length", "max_prompt_length", "max_completion_length", "truncation_mode"),
                         with_defaults=True)
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser)
+    parser.add_argument("--nproc", type=int, default=1, help="processes (torchrun --nproc-per-node; default: 1)")
+    parser.add_argument("--memory", help="memory per process to fit in, e.g. 80GB, 24GiB, 512MB (binary units)")
+    parser.add_argument("--json", action="store_true", help="print the plan as one JSON object (sizes in bytes)")
+
+
+def _plan(args: argparse.Namespace) -> None:
+    import json
+
+    from .plan import describe, parse_memory, plan_run
+
+    budget = parse_memory(args.memory) if args.memory is not None else None
+    if args.nproc < 1:
+        raise DPOError(f"--nproc must be positive, got {args.nproc}")
+    plan = plan_run(from_namespace(args), nproc=args.nproc, budget=budget)
+    print(json.dumps(plan.to_dict()) if args.json else "\n".join(describe(plan)))
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, *, model_required: bool = True) -> None:
@@ -220,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
                                "on its own pairs")
             cfg = from_namespace(args, defaults={**ONLINE_DEFAULTS, "data": args.prompts})
             online(cfg, _online_options(args, ref_update=cfg.ref_update))
+        elif args.command == "plan":
+            _plan(args)
         elif args.command == "generate":
             from .generate import generate_file
 
