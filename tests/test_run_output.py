@@ -219,7 +219,6 @@ def test_a_resumed_run_adds_up_elapsed_time(synthetic_model, tmp_path, capsys):
     assert len(elapsed) == 4 and elapsed[2] > max(first) and elapsed == sorted(elapsed)
 
 
-@pytest.mark.xfail(strict=True, reason="loop wiring pending: card_info(..., python_losses=objective.python_losses)")
 def test_the_card_of_a_loss_registered_from_python_says_so_instead_of_a_command_the_cli_refuses(
         synthetic_model, tmp_path, monkeypatch):
     monkeypatch.setattr(losses.registry, "_REGISTRY", dict(losses.registry._REGISTRY))

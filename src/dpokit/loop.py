@@ -92,7 +92,7 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
     optimizer, schedule = make_optimizer_and_schedule(policy, cfg, total_steps)
     resumed = restore(cfg, files, built, optimizer, schedule, plan, dist)
     state = resumed.record.state if resumed is not None else checkpoint.TrainerState()
-    reporter = open_reporter(cfg, files, total_steps, tracker_names, resumed is not None, data.notes, dist)
+    reporter = open_reporter(cfg, files, total_steps, tracker_names, resumed, data.notes, dist)
     monitor = health.HealthMonitor.from_config(cfg, data.train)
     if resumed is not None and dist.is_main:
         monitor.replay(report.read_metrics(files.metrics))  # the rows up to the checkpoint: no alarm twice
@@ -290,12 +290,15 @@ def resume_rank(resumed: checkpoint.Loaded | None, dist: distributed.Dist) -> Me
     return meter
 
 
-def open_reporter(cfg: Config, files: RunFiles, total_steps: int, tracker_names: list[str], resumed: bool,
-                  notes: list[str], dist: distributed.Dist) -> report.Reporter | report.NullReporter:
-    """Rank 0 writes the config and the metrics rows and prints; the other ranks report nothing."""
+def open_reporter(cfg: Config, files: RunFiles, total_steps: int, tracker_names: list[str],
+                  resumed: checkpoint.Loaded | None, notes: list[str], dist: distributed.Dist,
+                  ) -> report.Reporter | report.NullReporter:
+    """Rank 0 writes the config and the metrics rows and prints; the other ranks report nothing. A resumed run
+    appends to the rows the checkpoint kept, its elapsed time going on from where it was saved."""
     if not dist.is_main:
         return report.NullReporter()
-    reporter = report.Reporter(files.root, total_steps=total_steps, progress=cfg.progress, append=resumed,
+    reporter = report.Reporter(files.root, total_steps=total_steps, progress=cfg.progress, append=resumed is not None,
+                               since_last_row_s=resumed.record.state.since_log_s if resumed is not None else 0.0,
                                sinks=[trackers.build_tracker(tracker_names, files.root, config=cfg.to_dict())])
     write_config(cfg, files.config)
     for note in notes:
@@ -391,7 +394,7 @@ def finish(cfg: Config, files: RunFiles, built: Models, tokenizer: Any, reporter
         tokenizer.save_pretrained(model_dir)
         report.write_report([files.root], files.curves, files.summary)
         health.append_summary(files.summary, outcome.alarms)
-        model_card.write_card(model_dir, card_info(cfg, files, objective.params, counts, outcome))
+        model_card.write_card(model_dir, card_info(cfg, files, objective, counts, outcome))
     except OSError as err:
         raise TrainingFailure(f"the model is saved in {model_dir}, but writing its tokenizer, model card or the run's "
                               f"report failed ({err.strerror or err}); free disk space and run the same command again "
@@ -453,13 +456,13 @@ def parameter_movement(weights: dict[str, torch.Tensor], initial: dict[str, torc
     return {g: math.sqrt(delta[g]) / max(math.sqrt(base[g]), 1e-12) for g in delta}
 
 
-def card_info(cfg: Config, files: RunFiles, loss_params: dict[str, Any], counts: dict[str, int], outcome: Outcome,
+def card_info(cfg: Config, files: RunFiles, objective: Objective, counts: dict[str, int], outcome: Outcome,
               ) -> model_card.CardInfo:
     """What the model card says about this run; the command omits --resume so that it re-runs from scratch."""
     return model_card.CardInfo(
         name=files.root.resolve().name, base_model=cfg.model, base_is_preset=models.is_preset(cfg.model),
-        losses=cfg.loss_names, loss_params=loss_params, data=[d for d in (cfg.data, cfg.eval_data) if d],
-        counts=counts, command=shlex.join(["dpo", "train", *cfg.replace(resume=None).to_args()]),
+        losses=cfg.loss_names, loss_params=objective.params, python_losses=objective.python_losses,
+        data=[d for d in (cfg.data, cfg.eval_data) if d], counts=counts, command=shlex.join(["dpo", "train", *cfg.replace(resume=None).to_args()]),
         eval_before=outcome.eval_before, eval_after=outcome.eval_after, final_train=outcome.final_train,
         steps=outcome.steps, tags=["lora", "peft"] if cfg.lora_r or cfg.lora_adapter else [],
         quantization=(q.describe() if (q := models.Quantization.from_config(cfg)) else None),
