@@ -462,7 +462,8 @@ def card_info(cfg: Config, files: RunFiles, objective: Objective, counts: dict[s
     return model_card.CardInfo(
         name=files.root.resolve().name, base_model=cfg.model, base_is_preset=models.is_preset(cfg.model),
         losses=cfg.loss_names, loss_params=objective.params, python_losses=objective.python_losses,
-        data=[d for d in (cfg.data, cfg.eval_data) if d], counts=counts, command=shlex.join(["dpo", "train", *cfg.replace(resume=None).to_args()]),
+        data=[d for d in (cfg.data, cfg.eval_data) if d], counts=counts,
+        command=shlex.join(["dpo", "train", *cfg.replace(resume=None).to_args()]),
         eval_before=outcome.eval_before, eval_after=outcome.eval_after, final_train=outcome.final_train,
         steps=outcome.steps, tags=["lora", "peft"] if cfg.lora_r or cfg.lora_adapter else [],
         quantization=(q.describe() if (q := models.Quantization.from_config(cfg)) else None),

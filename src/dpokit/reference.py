@@ -202,7 +202,8 @@ class BemaState:
 
     @classmethod
     def start(cls, params: dict[str, torch.Tensor]) -> BemaState:
-        return cls({n: p.detach().clone() for n, p in params.items()}, {n: p.detach().clone() for n, p in params.items()})
+        copies = [{name: p.detach().clone() for name, p in params.items()} for _ in range(2)]
+        return cls(*copies)
 
     def flat(self) -> dict[str, torch.Tensor]:
         return {f"{self.PREFIX}{kind}.{name}": tensor.detach().cpu().clone()
@@ -339,12 +340,12 @@ def precompute_reference(reference: Reference, pairs: Sequence[Any], *, layout: 
     (same key, see `reference_cache_key`) is read instead, and a fresh result is written there atomically.
 
     Under torchrun, each of the `world_size` processes scores its `even_shares` of the batches (all run the same
-    number of forwards, as a sharded reference needs), `reduce_sum` (an all-reduce) assembles the table on all of them, and rank 0 writes the cache. The cache
-    is used only when every process can read it, so that all of them take the same path.
-
-    A cache file that is there but truncated, foreign or for other pairs is recomputed and replaced, and `warn`
-    (rank 0's printer; None on the other ranks) says so in one line; it also says when the cache was used, and
-    where a fresh result was cached. The bar is drawn on a terminal only (tqdm's own check): a log gets no frames.
+    number of forwards, as a sharded reference needs), `reduce_sum` (an all-reduce) assembles the table on all of
+    them, and rank 0 writes the cache. The cache is used only when every process can read it, so that all of them
+    take the same path. A cache file that is there but truncated, foreign or for other pairs is recomputed and
+    replaced, and `warn` (rank 0's printer; None on the other ranks) says so in one line; it also says when the
+    cache was used, and where a fresh result was cached. The bar is drawn on a terminal only (tqdm's own check): a
+    log gets no frames.
     """
     from safetensors.torch import save_file
 
