@@ -365,10 +365,12 @@ def _write_policy(policy: torch.nn.Module, output: Path, *, merge_lora: bool, ba
         local = Path(base_model)
         policy.peft_config["default"].base_model_name_or_path = (
             str(local.resolve()) if (local / "config.json").is_file() else base_model)
+    # The adapter never trains the embeddings (LoRA targets linears): PEFT need not look the base model up on the
+    # hub to decide whether to save them (it warns twice when offline or for a preset).
     if not merge_lora:
-        policy.save_pretrained(model_dir, safe_serialization=True, state_dict=state_dict)
+        policy.save_pretrained(model_dir, safe_serialization=True, state_dict=state_dict, save_embedding_layers=False)
         return model_dir
-    policy.save_pretrained(output / "adapter", safe_serialization=True)
+    policy.save_pretrained(output / "adapter", safe_serialization=True, save_embedding_layers=False)
     if is_quantized(policy):
         merged = _merge_dequantized(policy, output / "adapter")
         print(f"--merge-lora: merged the adapter into a dequantized {str(merged.dtype).removeprefix('torch.')} copy of the quantized base; "
