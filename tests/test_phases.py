@@ -168,3 +168,16 @@ def test_run_files_name_a_runs_outputs():
     files = RunFiles(Path("runs/x"))
     assert (files.metrics.name, files.config.name, files.checkpoints.name, files.model.name) == \
         ("metrics.jsonl", "config.yaml", "checkpoints", "model")
+
+
+def test_a_rank_without_held_out_pairs_reduces_the_same_keys_and_adds_nothing():
+    """Every rank must all-reduce tensors of one length with the same names: a rank whose spare evaluation round
+    scores a stand-in batch registers that batch's metric names and nothing else."""
+    policy = PairLogps(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([2.0]), torch.tensor([2.0]))
+    out = LossOutput(torch.tensor([0.5]), torch.tensor([0.1]), torch.tensor([0.0]), {"extra/metric": torch.tensor(3.0)})
+    with_pairs, spare = MetricMeter(CPU), MetricMeter(CPU)
+    with_pairs.add(out.losses, policy, [out], tokens=10)
+    spare.add(out.losses, policy, [out], tokens=10, counted=False)
+    single = fake_dist(0, 1)
+    assert spare.reduce(single).keys() == with_pairs.reduce(single).keys()
+    assert spare.pairs == spare.tokens == 0 and not spare.sums.any() and not any(spare.extra.values())

@@ -336,8 +336,7 @@ def evaluate(scoring: Scoring, pairs: Sequence[TokenizedPair], first_id: int, ba
             scored_ids = ids or [0]  # a spare round: score pair 0 and leave it out of the metrics
             batch = scoring.batch([pairs[j] for j in scored_ids], [first_id + j for j in scored_ids])
             scored = scoring.loss(batch)
-            if ids:
-                meter.add(scored.per_pair, scored.policy_logps, scored.outputs, batch.num_tokens)
+            meter.add(scored.per_pair, scored.policy_logps, scored.outputs, batch.num_tokens, counted=bool(ids))
     scoring.model.train()
     metrics = meter.reduce(dist)
     metrics.pop("pairs"), metrics.pop("tokens")

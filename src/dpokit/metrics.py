@@ -43,7 +43,10 @@ class MetricMeter:
         self.grad_norm_sum: torch.Tensor | float = 0.0
         self.has_rewards = False  # some loss gave implicit rewards since the last log step
 
-    def add(self, per_pair: torch.Tensor, policy: PairLogps, outputs: list[LossOutput], tokens: int) -> None:
+    def add(self, per_pair: torch.Tensor, policy: PairLogps, outputs: list[LossOutput], tokens: int,
+            counted: bool = True) -> None:
+        """Add a micro-batch's metrics. `counted=False` (a rank's stand-in batch in a spare round) adds nothing
+        but the metric names, so that every rank reduces the same keys in the same order."""
         first = next((out for out in outputs if out.has_rewards), outputs[0])  # sft beside DPO: DPO's rewards
         self.has_rewards = self.has_rewards or first.has_rewards
         chosen, rejected = first.chosen_rewards, first.rejected_rewards
@@ -52,13 +55,13 @@ class MetricMeter:
                               (chosen > rejected).float().sum(), (chosen - rejected).sum(),
                               policy.chosen.detach().sum(), policy.rejected.detach().sum(),
                               preferred_gap.sum().to(chosen.dtype)])
-        self.sums += values.double()
-        n = per_pair.numel()
+        self.sums += values.double() * counted
+        n = per_pair.numel() * counted
         for out in outputs:
             for name, value in out.metrics.items():  # loss-specific means, weighted by pairs
                 self.extra[name] = self.extra.get(name, 0.0) + value.detach().double() * n
         self.pairs += n
-        self.tokens += tokens
+        self.tokens += tokens * counted
 
     def end_step(self, grad_norm: torch.Tensor, skipped: bool) -> None:
         """Count an optimizer step: its gradient norm (a non-finite norm counts as 0) and whether it was skipped."""
