@@ -57,11 +57,20 @@ CONFIGS: dict[str, tuple[str, str, int, list[str]]] = {
     "simpo-1k": ("qwen", "1k", 1, ["--batch-size", "2", "--loss", "simpo"]),
     "budget-1k": ("qwen", "1k", 1, ["--batch-size", "2", "--micro-batch-tokens", "1536"]),
     "llama-1k": ("llama", "1k", 1, ["--batch-size", "4"]),
-    "llama-1k-bf16": ("llama", "1k", 1, ["--batch-size", "4", "--dtype", "bfloat16"]),
+    "llama-256-bf16": ("llama", "256", 1, ["--batch-size", "2", "--dtype", "bfloat16"]),
     "llama-1k-unshared": ("llama", "1k", 1, ["--batch-size", "2", "--no-prefix-sharing", "--no-packing"]),
     "llama-256-ddp-x2": ("llama", "256", 2, ["--batch-size", "2"]),
     "llama-256-fsdp-x2": ("llama", "256", 2, ["--batch-size", "2", "--fsdp"]),
 }
+NOTES = ("What the measurements taught the model (each a named part of `src/dpokit/plan.py`): the LM head holds two "
+         "chunks of logits at once (the next chunk is allocated before the last is released), with a float32 head "
+         "gradient from the head's pass to the end of the backward pass; a tied embedding's gradient is a second "
+         "vocab x hidden tensor at the end of the backward pass; `--precompute-ref` and reference-free losses free the "
+         "reference copy but keep a float32 copy of the starting weights for the end-of-run report (up to 200M "
+         "parameters), so on CPU they peak as high as a reference copy; with several micro-batches, glibc keeps the "
+         "previous micro-batch's freed activations until the step's `malloc_trim`; FSDP2's root group (embeddings, "
+         "head) is gathered whole for the policy and stays gathered for the reference. Loading a tokenizer and a "
+         "model leaves ~190 MiB resident whatever their size (imports of the modeling code, safetensors).")
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
        "WANDB_MODE": "disabled"}
 
@@ -175,7 +184,7 @@ def table(rows: list[dict[str, object]], floor: int) -> str:
         predicted, measured = float(r["predicted"]), float(r["measured"])   # type: ignore[arg-type]
         above_p, above_m = predicted - float(r["floor"]), measured - floor  # type: ignore[arg-type]
         model, prompt, processes, flags = CONFIGS[str(r["config"])]
-        shown = " ".join(flags) + (f" (torchrun x{processes})" if processes > 1 else "")
+        shown = " ".join(flags) + (f" (torchrun x{processes})" if processes > 1 else "") or "(defaults)"
         prompt_text = f"prompt {LENGTHS[prompt]:,}" if prompt in LENGTHS else "the built-in task"
         lines.append(f"| {r['config']} | {model}, {prompt_text}, `{shown}` | {predicted / 2**30:.2f} | "
                      f"{measured / 2**30:.2f} | {100 * (predicted - measured) / measured:+.1f}% | "
@@ -238,12 +247,17 @@ def main() -> None:
              / (float(r["measured"]) - floor) for r in rows]  # type: ignore[arg-type]
     text = "\n".join([
         "## `dpo plan` against measured peak memory (issue 16)", "",
-        f"Command: `python benchmarks/plan_check.py{'' if len(configs) == len(CONFIGS) else ' --configs ' + ','.join(configs)}`"
+        f"Command: `python benchmarks/plan_check.py{'' if len(configs) == len(CONFIGS) else ' --configs ' + ','.join(configs)}"
+        f"{' --measurements ' + Path(args.measurements).name if args.measurements else ''}`"
         f"  \nMachine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores, {args.threads} threads per config, "
-        f"torch {_version('torch')}, transformers {_version('transformers')}, peft {_version('peft')}; CPU, float32; "
+        f"torch {_version('torch')}, transformers {_version('transformers')}, peft {_version('peft')}; CPU, float32 "
+        f"unless the flags say bfloat16; "
         f"peak RSS of the `dpo train` process (2 steps), the largest worker under torchrun; import floor measured "
-        f"{floor / 2**20:.0f} MiB (the plan's constant: {float(rows[0]['floor']) / 2**20:.0f} MiB).", "",  # type: ignore[arg-type]
-        table(rows, floor), "",
+        f"{floor / 2**20:.0f} MiB (the plan's constant: {float(rows[0]['floor']) / 2**20:.0f} MiB)."  # type: ignore[arg-type]
+        + (" Measured peaks were kept in a `--measurements` file across runs of this script (each config measured "
+           "once; seconds are that run's, on a machine shared with other jobs); the predictions are the current "
+           "plan.py's." if args.measurements else ""), "",
+        table(rows, floor), "", NOTES, "",
         f"Largest error: {100 * max(errors):.1f}% of the peak, {100 * max(above):.1f}% of the peak above the import "
         f"floor; within 15%: {sum(e <= 0.15 for e in errors)} of {len(rows)} (peak), {sum(e <= 0.15 for e in above)} "
         f"of {len(rows)} (above floor).",

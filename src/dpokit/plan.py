@@ -61,6 +61,7 @@ LEAN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 FRAMEWORK_CPU = 224 * MiB        # torch, transformers and dpokit's training modules imported
 PEFT_IMPORT = 168 * MiB          # importing peft (LoRA runs)
 LOADING_CPU = 187 * MiB          # what loading a tokenizer and a model leaves behind, whatever their size
+PRESET_LOADING_CPU = 118 * MiB   # the same for a preset (built in memory, no files read)
 TOKENIZER_BYTES_PER_TOKEN = 230  # a loaded fast tokenizer, per vocabulary entry
 REPORT_CPU = 60 * MiB            # the end of a run: matplotlib imported, the curves drawn, the model card written
 CUDA_CONTEXT = 600 * MiB         # CUDA context and kernels, outside PyTorch's allocator
@@ -214,6 +215,7 @@ class RunSettings:
     reference: str = "copy"              # copy, model (--ref-model), adapter (LoRA's disabled adapter), none
     precompute: bool = False             # --precompute-ref: the reference scores once, then only a table is kept
     ref_sync: bool = False               # TR-DPO: the reference moves with the policy
+    preset: bool = False                 # the model is a preset, built in memory
     ref_shape: ModelShape | None = None  # --ref-model's shape (None: the policy's)
     gradient_checkpointing: bool = False
     lean_layers: bool = True
@@ -327,7 +329,8 @@ _STEP = _HELD + ("accumulated gradients", "micro-batch heap", "activations", "he
 PHASES = {
     "LM head pass": _STEP + ("LM head logits",),
     "backward": _STEP + ("recomputed layer", "layer backward"),
-    "end of backward": _HELD + ("gradients", "micro-batch heap", "added head gradient", "tied gradient"),
+    "end of backward": _HELD + ("gradients", "micro-batch heap", "added head gradient", "tied gradient",
+                                "reduce-scatter"),
     "reference precompute": ("framework", "loading", "data", "weights", "reference copy", "reference pass"),
     "end of run": _HELD[:-1] + ("report",),
     "sharding": ("framework", "loading", "data", "unsharded models"),
@@ -414,7 +417,8 @@ def estimate(shape: ModelShape, run: RunSettings, work: Workload) -> Plan:
         add("weights", frozen * b_w + quantized + adapter * 4,
             f"{params / 1e6:.1f}M parameters x {b_w} B" + (f" ({run.quantized_bits}-bit linears)" if quantized else "")
             + (f" + {adapter / 1e6:.2f}M LoRA parameters x 4 B" if lora else ""))
-    add("loading", 0 if cuda else LOADING_CPU + TOKENIZER_BYTES_PER_TOKEN * shape.vocab,
+    add("loading", 0 if cuda else (PRESET_LOADING_CPU if run.preset else LOADING_CPU)
+        + TOKENIZER_BYTES_PER_TOKEN * shape.vocab,
         f"what loading the model and a {shape.vocab:,}-token tokenizer leaves behind", host=True)
     ref_params = (run.ref_shape.params or 0) if run.ref_shape else params
     ref_bytes = ref_params * (4 if run.sharded and run.reference == "copy" else b_w)
@@ -438,9 +442,10 @@ def estimate(shape: ModelShape, run: RunSettings, work: Workload) -> Plan:
     add("ddp buckets", trainable * b_t if run.nproc > 1 and not run.fsdp else 0, "DDP's all-reduce copy")
     add("AdamW states", 2 * trainable * b_t / n, f"2 x {trainable / 1e6:.1f}M x {b_t} B" + (f" / {n}" if n > 1 else ""))
     # placement.build_models: the starting weights for the end-of-run report are the reference copy's, unless that
-    # copy moves, is sharded or freed (or there is none); then rank 0 copies up to 200M trainable ones (its shards).
+    # copy moves, is sharded or freed (or there is none); then rank 0 copies up to 200M trainable ones, whole
+    # (taken before sharding).
     reference_is_start = run.reference == "copy" and not (run.precompute or run.ref_sync or run.sharded)
-    snapshot = 0 if reference_is_start or trainable > SNAPSHOT_LIMIT else trainable * 4 / n
+    snapshot = 0 if reference_is_start or trainable > SNAPSHOT_LIMIT else trainable * 4
     add("start copy", 0 if cuda else snapshot, "float32 copy of the starting weights for the report", host=True)
 
     # -- per micro-batch --
@@ -473,6 +478,9 @@ def estimate(shape: ModelShape, run: RunSettings, work: Workload) -> Plan:
         "the previous micro-batch's freed activations, kept by the allocator until the optimizer step")
     add("layer backward", LAYER_BACKWARD_WIDTHS * tokens * max(shape.intermediate, shape.attention_width) * b_c
         if shape.known else 0, f"{LAYER_BACKWARD_WIDTHS} x [{tokens:,} x {shape.intermediate}]")
+    # FSDP2 reduce-scatters the root group's gradients (embeddings, head) from whole float32 tensors and a flat copy.
+    add("reduce-scatter", 2 * _root_params(shape) * 4 if run.sharded and head_trainable else 0,
+        "the root group's whole float32 gradients and their reduce-scatter copy")
     add("tied gradient", shape.embedding_params * b_t if shape.tied and head_trainable else 0,
         "the embedding's gradient, summed into the LM head's")
     largest = max(shape.embedding_params, shape.layer_params) if head_trainable else 0
@@ -719,6 +727,7 @@ def _largest_token_budget(shape: ModelShape, run: RunSettings, work_for: Any, bu
 
 def settings_from_config(cfg: Any, *, nproc: int = 1, device: str | None = None) -> RunSettings:
     """The plan's view of a `Config` (validated: the same losses, reference and layout `dpo train` would use)."""
+    from . import models
     from .batching import layout_for
     from .objective import Objective
 
@@ -740,7 +749,7 @@ def settings_from_config(cfg: Any, *, nproc: int = 1, device: str | None = None)
     return RunSettings(
         dtype=cfg.dtype, device=device.split(":")[0], nproc=nproc, fsdp=cfg.fsdp, lora_r=lora_r, lora_targets=targets,
         quantized_bits=bits, reference=objective.strategy, precompute=cfg.precompute_ref,
-        ref_sync=bool(cfg.ref_sync_every),
+        ref_sync=bool(cfg.ref_sync_every), preset=models.is_preset(cfg.model),
         ref_shape=read_shape(cfg.ref_model) if cfg.ref_model else None,
         gradient_checkpointing=cfg.gradient_checkpointing, lean_layers=cfg.lean_layers and not cfg.compile,
         layout=layout_for(prefix_sharing=cfg.prefix_sharing, packing=cfg.packing,
