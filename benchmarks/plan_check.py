@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,8 +72,9 @@ NOTES = ("What the measurements taught the model (each a named part of `src/dpok
          "previous micro-batch's freed activations until the step's `malloc_trim`; FSDP2's root group (embeddings, "
          "head) is gathered whole for the policy and stays gathered for the reference. Loading a tokenizer and a "
          "model leaves ~190 MiB resident whatever their size (imports of the modeling code, safetensors).")
-ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "WANDB_MODE": "disabled"}
+ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+GiB = 2**30
 
 
 def build_assets(root: Path) -> None:
@@ -100,8 +102,8 @@ def build_assets(root: Path) -> None:
         rng = random.Random(0)
         text = lambda n: " ".join(f"w{rng.randrange(3, vocab)}" for _ in range(n))  # noqa: E731
         for label, length in LENGTHS.items():   # BOS and EOS are added by tokenization: 256 + 1 + 255 + 1
-            rows = [{"prompt": text(length - 1), "chosen": " " + text(RESPONSE - 1), "rejected": " " + text(RESPONSE - 1)}
-                    for _ in range(PAIRS)]
+            rows = [{"prompt": text(length - 1), "chosen": " " + text(RESPONSE - 1),
+                     "rejected": " " + text(RESPONSE - 1)} for _ in range(PAIRS)]
             (root / f"{name}-{label}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -176,20 +178,37 @@ def predict(root: Path, config: str) -> dict[str, object]:
             "parts": {name: part.bytes for name, part in plan.parts.items() if part.bytes}}
 
 
-def table(rows: list[dict[str, object]], floor: int) -> str:
+@dataclass
+class Row:
+    """One config: the plan's peak (and its framework constant) and the measured peak, in bytes."""
+
+    config: str
+    predicted: int
+    measured: int
+    plan_floor: int
+    phase: str
+    seconds: float
+
+    def error(self) -> float:
+        return (self.predicted - self.measured) / self.measured
+
+    def error_above(self, floor: int) -> float:
+        """Error of the part above the import floor: the plan's framework constant, the measured floor."""
+        return ((self.predicted - self.plan_floor) - (self.measured - floor)) / (self.measured - floor)
+
+
+def table(rows: list[Row], floor: int) -> str:
     lines = ["| config | flags | predicted GiB | measured GiB | error | predicted above floor | measured above floor | "
              "error above floor | peak phase (plan) | seconds |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for r in rows:
-        predicted, measured = float(r["predicted"]), float(r["measured"])   # type: ignore[arg-type]
-        above_p, above_m = predicted - float(r["floor"]), measured - floor  # type: ignore[arg-type]
-        model, prompt, processes, flags = CONFIGS[str(r["config"])]
+        model, prompt, processes, flags = CONFIGS[r.config]
         shown = " ".join(flags) + (f" (torchrun x{processes})" if processes > 1 else "") or "(defaults)"
         prompt_text = f"prompt {LENGTHS[prompt]:,}" if prompt in LENGTHS else "the built-in task"
-        lines.append(f"| {r['config']} | {model}, {prompt_text}, `{shown}` | {predicted / 2**30:.2f} | "
-                     f"{measured / 2**30:.2f} | {100 * (predicted - measured) / measured:+.1f}% | "
-                     f"{above_p / 2**30:.2f} | {above_m / 2**30:.2f} | {100 * (above_p - above_m) / above_m:+.1f}% | "
-                     f"{r['phase']} | {float(r['seconds']):.0f} |")   # type: ignore[arg-type]
+        lines.append(f"| {r.config} | {model}, {prompt_text}, `{shown}` | {r.predicted / GiB:.2f} | "
+                     f"{r.measured / GiB:.2f} | {100 * r.error():+.1f}% | {(r.predicted - r.plan_floor) / GiB:.2f} | "
+                     f"{(r.measured - floor) / GiB:.2f} | {100 * r.error_above(floor):+.1f}% | {r.phase} | "
+                     f"{r.seconds:.0f} |")
     return "\n".join(lines)
 
 
@@ -236,24 +255,23 @@ def main() -> None:
                 if stored:
                     stored.write_text(json.dumps(known, indent=1))
             measured = known[config]
-            rows.append({"config": config, "predicted": predicted["peak"], "measured": measured["peak"],
-                         "floor": predicted["floor"], "phase": predicted["phase"], "seconds": measured["seconds"]})
-            print(f"{config}: predicted {predicted['peak'] / 2**30:.2f} GiB ({predicted['phase']}), measured "
-                  f"{measured['peak'] / 2**30:.2f} GiB in {measured['seconds']:.0f}s; parts (MiB) "
-                  + json.dumps({k: round(v / 2**20) for k, v in predicted["parts"].items()}),  # type: ignore[union-attr]
-                  file=sys.stderr, flush=True)
-    errors = [abs(float(r["predicted"]) - float(r["measured"])) / float(r["measured"]) for r in rows]  # type: ignore[arg-type]
-    above = [abs((float(r["predicted"]) - float(r["floor"])) - (float(r["measured"]) - floor))   # type: ignore[arg-type]
-             / (float(r["measured"]) - floor) for r in rows]  # type: ignore[arg-type]
+            rows.append(Row(config, predicted["peak"], measured["peak"], predicted["floor"], predicted["phase"],
+                            measured["seconds"]))
+            print(f"{config}: predicted {predicted['peak'] / GiB:.2f} GiB ({predicted['phase']}), measured "
+                  f"{measured['peak'] / GiB:.2f} GiB in {measured['seconds']:.0f}s; parts (MiB) "
+                  + json.dumps({k: round(v / 2**20) for k, v in predicted["parts"].items()}), file=sys.stderr,
+                  flush=True)
+    errors, above = [abs(r.error()) for r in rows], [abs(r.error_above(floor)) for r in rows]
+    subset = "" if len(configs) == len(CONFIGS) else " --configs " + ",".join(configs)
+    cached = " --measurements " + Path(args.measurements).name if args.measurements else ""
     text = "\n".join([
         "## `dpo plan` against measured peak memory (issue 16)", "",
-        f"Command: `python benchmarks/plan_check.py{'' if len(configs) == len(CONFIGS) else ' --configs ' + ','.join(configs)}"
-        f"{' --measurements ' + Path(args.measurements).name if args.measurements else ''}`"
-        f"  \nMachine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores, {args.threads} threads per config, "
-        f"torch {_version('torch')}, transformers {_version('transformers')}, peft {_version('peft')}; CPU, float32 "
-        f"unless the flags say bfloat16; "
-        f"peak RSS of the `dpo train` process (2 steps), the largest worker under torchrun; import floor measured "
-        f"{floor / 2**20:.0f} MiB (the plan's constant: {float(rows[0]['floor']) / 2**20:.0f} MiB)."  # type: ignore[arg-type]
+        f"Command: `python benchmarks/plan_check.py{subset}{cached}`  ",
+        f"Machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores, {args.threads} threads per "
+        f"config, torch {_version('torch')}, transformers {_version('transformers')}, peft {_version('peft')}; CPU, "
+        "float32 unless the flags say bfloat16; peak RSS of the `dpo train` process (2 steps), the largest worker "
+        f"under torchrun; import floor measured {floor / 2**20:.0f} MiB (the plan's constant: "
+        f"{rows[0].plan_floor / 2**20:.0f} MiB)."
         + (" Measured peaks were kept in a `--measurements` file across runs of this script (each config measured "
            "once; seconds are that run's, on a machine shared with other jobs); the predictions are the current "
            "plan.py's." if args.measurements else ""), "",

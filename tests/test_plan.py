@@ -14,8 +14,8 @@ import torch
 
 from dpokit.cli import main
 from dpokit.errors import DPOError
-from dpokit.plan import (Block, DataProfile, ModelShape, RunSettings, Workload, estimate, fit, one_line_summary,
-                         parse_memory, shape_from_config, workload)
+from dpokit.plan import (Block, DataProfile, ModelShape, RunSettings, Workload, estimate, fit, measured_peak_bytes,
+                         one_line_summary, parse_memory, peak_line, shape_from_config, startup_summary, workload)
 
 # vocab 100, hidden 16, 2 layers, 4 heads of 4 / 2 KV heads, MLP 32, untied. Per layer: q 16x16 = 256, k and v
 # 16x8 = 128 each, o 256, gate, up, down 16x32 = 512 each: 2,304 in linears + 2 x 16 norm weights = 2,336.
@@ -271,6 +271,10 @@ def test_one_line_summary(tmp_path):
     assert line.startswith("plan: peak ~") and "\n" not in line and "FLOP per step" in line
     broken = one_line_summary(Config(model=str(tmp_path / "missing"), output=str(tmp_path)))
     assert broken.startswith("plan: no prediction (") and "\n" not in broken
+    line, predicted = startup_summary(Config(output=str(tmp_path)), device="cpu")
+    assert line.startswith("plan: peak ~") and predicted and predicted > 100 * 2**20
+    assert peak_line("cpu", predicted).startswith("peak memory: ") and "; plan " in peak_line("cpu", predicted)
+    assert measured_peak_bytes("cpu") > 50 * 2**20          # this test process's own high-water mark
 
 
 # ---- the benchmarks built on the plan ------------------------------------------------------------------------------

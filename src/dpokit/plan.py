@@ -25,15 +25,16 @@ config: no weights are loaded), the run's flags (`RunSettings`) and the largest 
     micro-batches  with several per step: the head gradient being added, and (CPU) the heap glibc keeps from the
                    previous micro-batch until the optimizer step's malloc_trim
     tied gradient  the embedding's gradient while it is summed into the tied LM head's
+    reduce-scatter FSDP2: the root group's whole float32 gradients and their reduce-scatter copy
     report         the end of the run: plotting imported, the movement report's temporaries (host memory)
     unsharded      FSDP2: rank 0's whole float32 policy and reference, before they are sharded
 
-The peak is the largest of a few phases in which different parts coexist (`PHASES`): the LM head's pass and the
-start of the backward pass (every layer's activations, the held head gradient, the logits or one layer's
-gradients), the end of the backward pass (all gradients, the tied sum), the
-`--precompute-ref` pass (policy and reference copy together), the end of the run. Constants were fitted to peak
-RSS measured on CPU (`benchmarks/plan_check.py`, results in benchmarks/RESULTS.md); on CUDA the same parts predict
-what PyTorch's allocator holds, plus the CUDA context.
+The peak is the largest of the phases in which different parts coexist (`PHASES`): the LM head's pass, the
+backward pass (every layer's activations and the held head gradient, with the logits or one layer's gradients),
+the end of the backward pass (all gradients, the tied sum), the `--precompute-ref` pass (policy and reference
+together), the end of the run, FSDP2's sharding. Constants were fitted to peak RSS measured on CPU
+(`benchmarks/plan_check.py`, results in benchmarks/RESULTS.md); on CUDA the same parts predict what PyTorch's
+allocator holds, plus the CUDA context (not yet checked against a GPU).
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ def shape_from_config(config: Any) -> ModelShape:
     qwen2 = model_type == "qwen2"
     return ModelShape(
         model_type=model_type, vocab=int(get("vocab_size")), hidden=hidden, layers=int(get("num_hidden_layers")),
-        heads=heads, kv_heads=int(get("num_key_value_heads") or heads), head_dim=int(get("head_dim") or hidden // heads),
+        heads=heads, kv_heads=int(get("num_key_value_heads") or heads),
+        head_dim=int(get("head_dim") or hidden // heads),
         intermediate=int(get("intermediate_size") or 4 * hidden), tied=bool(get("tie_word_embeddings", False)),
         qkv_bias=qwen2 or bool(get("attention_bias", False)), o_bias=not qwen2 and bool(get("attention_bias", False)),
         mlp_bias=bool(get("mlp_bias", False)), qk_norm=model_type == "qwen3")
@@ -168,10 +170,18 @@ def read_shape(name_or_path: str) -> ModelShape:
 
     if models.is_preset(name_or_path):
         return shape_from_config(LlamaConfig(**models.PRESETS[name_or_path]))
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     path = Path(name_or_path)
     if path.exists() and not (path / "config.json").is_file():
         raise DPOError(f"{name_or_path}: no config.json here; dpo plan reads only a model's config.json (written by "
                        "save_pretrained; no weights needed)")
+    if not path.exists():
+        try:
+            validate_repo_id(name_or_path)
+        except HFValidationError:
+            raise DPOError(f"{name_or_path}: no such folder; give a folder holding a config.json, a hub name "
+                           f"(org/name) or a preset ({', '.join(models.PRESETS)})") from None
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError) as err:
@@ -765,10 +775,10 @@ def plan_run(cfg: Any, *, nproc: int = 1, budget: int | None = None, device: str
     """The plan of `dpo train` with `cfg` over `nproc` processes; with `budget` (bytes), whether it fits and
     the cheapest change that makes it fit. `shape` and `pairs` (tokenized train pairs) are read when not given:
     the data through the data preparation of `dpo train` when `cfg.data` is set, else the length limits."""
-    run = settings_from_config(cfg, nproc=nproc, device=device)
-    shape = shape or read_shape(cfg.model)
     from . import models
 
+    run = settings_from_config(cfg, nproc=nproc, device=device)
+    shape = shape or read_shape(cfg.model)
     if pairs is None and cfg.data == "synthetic" and not models.is_preset(cfg.model):
         pairs = []   # no --data for a model of one's own: plan for the length limits, not the demo task
     if pairs is None:
@@ -831,7 +841,8 @@ def describe(plan: Plan) -> list[str]:
                                                                        " (DDP)" if run.nproc > 1 else "")
     method = f"LoRA r={run.lora_r}" if run.lora_r else "full fine-tuning"
     lines = [f"model: {shape.describe()}",
-             f"run: {method}, reference {run.reference}{' (precomputed)' if run.precompute else ''}, {run.dtype} on {run.device}, {procs}, layout {run.layout}"
+             f"run: {method}, reference {run.reference}{' (precomputed)' if run.precompute else ''}, {run.dtype} "
+             f"on {run.device}, {procs}, layout {run.layout}"
              f"{', gradient checkpointing' if run.gradient_checkpointing else ''}, LM-head chunk {run.chunk_size}",
              f"data: {work.source}"]
     for side, values in work.percentiles.items():
@@ -844,12 +855,15 @@ def describe(plan: Plan) -> list[str]:
     lines.append(f"predicted peak {where}: {gib(plan.peak)}, in the {plan.peak_phase} phase"
                  + (" (CUDA: allocator + context)" if run.device == "cuda" else " (CPU: resident memory)"))
     in_peak = PHASES[plan.peak_phase]
+    on_host = run.device == "cuda"   # host-memory parts are not on the GPU
     for part in plan.parts.values():
-        if part.bytes and (part.name in in_peak or not part.host or run.device != "cuda"):
+        if part.bytes and not (on_host and part.host):
             mark = " " if part.name in in_peak else "-"
-            host = " (host)" if part.host and run.device == "cuda" else ""
-            lines.append(f"  {mark} {part.name:<22}{gib(part.bytes):>12}  {part.detail}{host}")
+            lines.append(f"  {mark} {part.name:<22}{gib(part.bytes):>12}  {part.detail}")
     lines.append("  (- : not held at the peak)")
+    host = [p for p in plan.parts.values() if on_host and p.host and p.bytes]
+    if host:
+        lines.append("host memory besides: " + ", ".join(f"{p.name} {gib(p.bytes)}" for p in host))
     lines.append("phases: " + ", ".join(f"{name} {gib(size)}" for name, size in plan.phases.items()))
     lines.append(f"FLOPs per step (per process): {flop(sum(plan.flops.values()))} ("
                  + ", ".join(f"{k} {flop(v)}" for k, v in plan.flops.items()) + ")")
@@ -872,28 +886,49 @@ def one_line_summary(cfg: Any, *, pairs: Sequence[Any] | None = None, nproc: int
                      device: str | None = None) -> str:
     """One line for `dpo train` to print at start-up: the predicted peak and its largest parts. Never raises
     (a model the planner cannot size gets a line saying so)."""
+    return startup_summary(cfg, pairs=pairs, nproc=nproc, device=device)[0]
+
+
+def startup_summary(cfg: Any, *, pairs: Sequence[Any] | None = None, nproc: int = 1, device: str | None = None,
+                    ) -> tuple[str, int | None]:
+    """`one_line_summary`'s line and the predicted peak in bytes (None when there is none), for `peak_line` at
+    the end of the run."""
     try:
-        plan = plan_run(cfg, nproc=nproc, device=device, pairs=pairs if pairs is not None else None)
+        plan = plan_run(cfg, nproc=nproc, device=device, pairs=pairs)
     except Exception as err:  # the summary must never stop a run
-        return f"plan: no prediction ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        return f"plan: no prediction ({str(err).splitlines()[0] if str(err) else type(err).__name__})", None
     held = [p for p in plan.parts.values() if p.name in PHASES[plan.peak_phase] and p.bytes
             and not (p.host and plan.settings.device == "cuda")]
     largest = sorted(held, key=lambda p: p.bytes, reverse=True)[:4]
     unknown = " (some parts not predicted: see dpo plan)" if plan.unpredicted else ""
-    return (f"plan: peak ~{gib(plan.peak)} per process ({plan.peak_phase}: "
+    line = (f"plan: peak ~{gib(plan.peak)} per process ({plan.peak_phase}: "
             + ", ".join(f"{p.name} {gib(p.bytes)}" for p in largest)
             + f"); {flop(sum(plan.flops.values()))} per step{unknown}")
+    return line, None if plan.unpredicted else plan.peak
+
+
+def peak_line(device: str = "cpu", predicted: int | None = None) -> str:
+    """The line `dpo train` prints at the end: this process's measured peak, beside the plan's."""
+    measured = measured_peak_bytes(device)
+    kind = "GPU allocator + CUDA context" if device.startswith("cuda") else "resident"
+    versus = f"; plan {gib(predicted)}, {100 * (predicted - measured) / measured:+.0f}%" if predicted else ""
+    return f"peak memory: {gib(measured)} measured ({kind}{versus})"
 
 
 def measured_peak_bytes(device: str = "cpu") -> int:
-    """This process's measured peak: PyTorch's allocator peak on CUDA, peak resident memory elsewhere (Linux
-    reports KiB), to print beside the plan at the end of a run."""
+    """This process's measured peak, as the plan counts it, to print beside the plan at the end of a run: PyTorch's
+    allocator peak plus the CUDA context on CUDA; elsewhere peak resident memory, from /proc/self/status's VmHWM on
+    Linux (ru_maxrss would start from the launching process's high-water mark)."""
     if device.startswith("cuda"):
         import torch
 
         return int(torch.cuda.max_memory_allocated()) + CUDA_CONTEXT
-    import resource
-    import sys
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        import resource
+        import sys
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)   # bytes on macOS, KiB on Linux
