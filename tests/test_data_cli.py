@@ -71,10 +71,11 @@ def test_train_on_hh_data_writes_the_cache_where_asked(tiny_model_dir, tmp_path,
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1  # the second run's hit is tested in test_tokenization
 
 
-def test_inspect_with_a_preset_model_is_one_line(tmp_path, capsys):
+def test_text_a_presets_tokenizer_cannot_encode_is_one_line(tmp_path, capsys):
     path = tmp_path / "pairs.jsonl"
     path.write_text('{"prompt": "Q", "chosen": " a", "rejected": " b"}\n', encoding="utf-8")
     with pytest.raises(SystemExit) as stopped:
         main(["data", "inspect", str(path), "--model", "tiny"])
     assert stopped.value.code == 2
-    assert "a preset's tokenizer knows only the built-in task's symbols" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "could not tokenize the data" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

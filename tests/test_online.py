@@ -56,11 +56,20 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Runs here are compared with each other bit for bit: all on one thread. Restored afterwards, since later
+    test files compare in-process runs with subprocesses running on every thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, tiny_model_dir, prompts_file) -> Path:
     """An uninterrupted 2-round run."""
     out = tmp_path_factory.mktemp("online") / "full"
-    torch.set_num_threads(1)
     online(_config(tiny_model_dir, prompts_file, out), _options())
     return out
 

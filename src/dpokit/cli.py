@@ -266,11 +266,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote {png} and {png.with_suffix('.md')}", file=sys.stderr)
         elif args.command == "data":
             from .data.inspect import inspect
-            from .models import is_preset, load_tokenizer
-
-            if args.model and is_preset(args.model):
-                raise DPOError(f"--model {args.model}: a preset's tokenizer knows only the built-in task's symbols, "
-                               "not text; give a model or tokenizer folder")
+            from .models import load_tokenizer
 
             print("\n".join(inspect(
                 args.file, tokenizer=load_tokenizer(args.model) if args.model else None, format=args.format,

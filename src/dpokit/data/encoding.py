@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..errors import DPOError
+
 TAIL_TOKENS = 6   # the prompt's last tokens re-tokenized with each completion
 TAIL_SEARCH = 16  # how many tokens further back to look for a tail that starts where the tokenizer splits
 
@@ -29,10 +31,14 @@ def encode(tokenizer: Any, texts: list[str], *, special: bool) -> list[list[int]
     if not texts:
         return []
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch_fast"):
-        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=special)]
-    return tokenizer(texts, add_special_tokens=special, return_attention_mask=False,
-                     return_token_type_ids=False)["input_ids"]
+    try:
+        if backend is not None and hasattr(backend, "encode_batch_fast"):
+            return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=special)]
+        return tokenizer(texts, add_special_tokens=special, return_attention_mask=False,
+                         return_token_type_ids=False)["input_ids"]
+    except Exception as err:  # the Rust tokenizer raises a bare Exception for text it cannot encode
+        raise DPOError(f"the tokenizer could not tokenize the data ({str(err).strip() or type(err).__name__}); "
+                       "give --model (or --tokenizer) the model the data is meant for") from None
 
 
 def encode_with_lead(tokenizer: Any, texts: list[str], *, special: bool, lead: Sequence[int]) -> list[list[int]]:
