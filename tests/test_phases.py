@@ -181,3 +181,11 @@ def test_a_rank_without_held_out_pairs_reduces_the_same_keys_and_adds_nothing():
     single = fake_dist(0, 1)
     assert spare.reduce(single).keys() == with_pairs.reduce(single).keys()
     assert spare.pairs == spare.tokens == 0 and not spare.sums.any() and not any(spare.extra.values())
+
+
+def test_an_unknown_device_is_one_line():
+    from dpokit.distributed import resolve_device
+
+    assert resolve_device("cpu") == CPU
+    with pytest.raises(DPOError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as td
 
+from .errors import DPOError
+
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 

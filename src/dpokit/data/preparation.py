@@ -80,11 +80,11 @@ def prepare(settings: DataSettings, tokenizer: Any, *, cache: bool = True, cache
     they are not, as unpaired data is without an unpaired loss: a preference loss learns nothing from it and
     looks like it trains. None does not check (callers that only score the data).
     """
-    data, eval_data, seed, sft = settings.data, settings.eval_data, settings.seed, settings.sft
+    data, eval_data = settings.data, settings.eval_data
     if data == "synthetic":
-        return _synthetic(settings.max_pairs or SYNTHETIC_PAIRS, seed, settings.eval_fraction, settings.unpaired)
-    eval_split = settings.eval_split or "test"
-    sources = [(data, settings.data_split)] + ([(eval_data, eval_split)] if eval_data else [])
+        return _synthetic(settings.max_pairs or SYNTHETIC_PAIRS, settings.seed, settings.eval_fraction,
+                          settings.unpaired)
+    sources = [(data, settings.data_split)] + ([(eval_data, settings.eval_split or "test")] if eval_data else [])
     key_settings = {k: v for k, v in asdict(settings).items() if k not in ("data", "eval_data", "data_split",
                                                                            "eval_split")}
     directory = Path(cache_dir) if cache_dir else data_cache.default_dir()
@@ -109,14 +109,34 @@ def prepare(settings: DataSettings, tokenizer: Any, *, cache: bool = True, cache
                             hit.meta["counts"])
 
     started = time.perf_counter()
-    load = settings.load_options()
-    loaded, notes, skipped, identical = _load_train(settings)
-    if stale:  # there, but truncated or not a cache file: rebuilt below and written over
+    train, held_out, notes, counts = _tokenized_splits(settings, tokenizer, processor, progress)
+    if stale:  # there, but truncated or not a cache file: rebuilt and written over
         notes.insert(0, f"warning: the data cache {directory / key}.npz is unreadable (truncated or not written by "
                         "dpokit); tokenizing again and replacing it")
+    notes.append(f"prepared {len(train)} train / {len(held_out)} eval pairs in {time.perf_counter() - started:.1f}s")
+    if key is not None:
+        try:
+            data_cache.save(directory, key, data_cache.CachedData({"train": train, "eval": held_out},
+                                                                  {"notes": notes, "counts": counts}))
+            notes.append(f"cached the tokenized data in {directory / key}.npz: a run with the same data, tokenizer "
+                         "and settings loads it from there (--cache-dir moves the cache, --no-cache skips it)")
+        except OSError as err:  # a full or read-only cache disk costs the cache, not the run
+            notes.append(f"warning: could not write the data cache {directory / key}.npz "
+                         f"({err.strerror or err}); training goes on without it")
+    return PreparedData(train, held_out, pad_id=multimodal.text_tokenizer(tokenizer).pad_token_id, notes=notes,
+                        counts=counts)
+
+
+def _tokenized_splits(settings: DataSettings, tokenizer: Any, processor: bool, progress: bool,
+                      ) -> tuple[list[TokenizedPair], list[TokenizedPair], list[str], dict[str, int]]:
+    """Load, split (or read `eval_data`), unpair for unpaired losses, and tokenize: train and held-out pairs, the
+    notes for the user and the counts of what was skipped, dropped or truncated."""
+    data, eval_data, seed, sft = settings.data, settings.eval_data, settings.seed, settings.sft
+    load = settings.load_options()
+    loaded, notes, skipped, identical = _load_train(settings)
     if eval_data:
         train_pairs = loaded
-        eval_pairs, eval_report = formats.load_pairs(eval_data, split=eval_split, **load)
+        eval_pairs, eval_report = formats.load_pairs(eval_data, split=settings.eval_split or "test", **load)
         notes += eval_report.lines()
         if eval_report.format == "sft" and sft is False:
             raise DPOError(f"--eval-data {eval_data} holds SFT (prompt/completion or text) records: a preference "
@@ -145,18 +165,7 @@ def prepare(settings: DataSettings, tokenizer: Any, *, cache: bool = True, cache
     if processor:
         counts["images"] = sum(len(p.images) for p in train_pairs + eval_pairs)
         notes.append(f"{counts['images']} images, encoded with the model's processor (not cached)")
-    notes.append(f"prepared {len(train)} train / {len(held_out)} eval pairs in {time.perf_counter() - started:.1f}s")
-    if key is not None:
-        try:
-            data_cache.save(directory, key, data_cache.CachedData({"train": train, "eval": held_out},
-                                                                  {"notes": notes, "counts": counts}))
-            notes.append(f"cached the tokenized data in {directory / key}.npz: a run with the same data, tokenizer "
-                         "and settings loads it from there (--cache-dir moves the cache, --no-cache skips it)")
-        except OSError as err:  # a full or read-only cache disk costs the cache, not the run
-            notes.append(f"warning: could not write the data cache {directory / key}.npz "
-                         f"({err.strerror or err}); training goes on without it")
-    return PreparedData(train, held_out, pad_id=multimodal.text_tokenizer(tokenizer).pad_token_id, notes=notes,
-                        counts=counts)
+    return train, held_out, notes, counts
 
 
 def _load_train(settings: DataSettings) -> tuple[list[PreferencePair], list[str], int, int]:
