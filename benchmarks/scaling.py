@@ -46,8 +46,9 @@ DRY_MODEL = dict(model_type="qwen2", vocab_size=512, hidden_size=64, num_hidden_
                  num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True)
 CONFIGS = ("dpo", "dpo-ckpt", "trl", "trl-no-ckpt")
 RESPONSE = 256
-ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "WANDB_MODE": "disabled"}
+ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+RUN_SETTINGS = ("cap_gib", "time_cap", "steps", "threads", "cuda", "dry_run")   # what the report says of a run
 AS_MARGIN = 2 * 2**30   # address space beyond the cap: a torch process maps ~1 GiB more than it holds
 
 
@@ -97,8 +98,9 @@ def dpo_config(root: Path, data: Path, output: Path, steps: int, checkpointing: 
     from dpokit.config import Config
 
     length = 10**6
-    return Config(model=str(root / "model"), tokenizer=str(root / "tokenizer"), data=str(data), batch_size=pairs_in(data),
-                  max_steps=steps, eval_fraction=0.0, lr=1e-6, cache=False, output=str(output), progress=False,
+    return Config(model=str(root / "model"), tokenizer=str(root / "tokenizer"), data=str(data),
+                  batch_size=pairs_in(data), max_steps=steps, eval_fraction=0.0, lr=1e-6, cache=False,
+                  output=str(output), progress=False,
                   max_length=length, max_prompt_length=length, gradient_checkpointing=checkpointing,
                   dtype="bfloat16" if cuda else "float32", device="cuda" if cuda else "cpu", overwrite_output=True)
 
@@ -260,9 +262,10 @@ def report(rows: list[dict], args: argparse.Namespace, command: str) -> str:
         seconds, flops = r["step_s"], r.get("flops")
         per_tflop = f"{seconds / (flops / 1e12):.1f}" if seconds and flops else "-"
         peak = gib(r["peak"]) if r["status"] != "over the cap" else f"> {args.cap_gib:g}"
+        warm_up_only = "*" if r["steps"] == 1 else ""
         lines.append(f"| {r['sweep']} | {r['prompt']:,} | {r['responses']} | {r['tokens']:,} | {r['config']} | "
                      f"{r['status']} | {peak} | {gib(r['plan']) if r.get('plan') else '-'} | "
-                     f"{f'{seconds:.1f}' if seconds else '-'} | "
+                     f"{f'{seconds:.1f}{warm_up_only}' if seconds else '-'} | "
                      f"{f'{flops / 1e12:.2f}' if flops else '-'} | {per_tflop} |")
     notes = growth_notes(rows, args.cap_gib)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, torch {_version('torch')}, " \
@@ -275,7 +278,8 @@ def report(rows: list[dict], args: argparse.Namespace, command: str) -> str:
         f"Model: {'a tiny Qwen2 (dry run)' if args.dry_run else 'Qwen2.5-0.5B shape, 2 layers'}; "
         "tokens = each prompt and each distinct response once. `dpo plan` is the planner's prediction for the dpo "
         "config; plan TFLOP is its FLOPs model of a dpo step (the cost model time is compared against).", "",
-        *lines, "", *notes, "", f"![scaling]({PNG.name})" if not args.dry_run else ""])
+        *lines, "", "Peak of a run stopped at the time cap: its peak so far (a lower bound). * only the first "
+        "(warm-up) step finished.", "", *notes, "", f"![scaling]({PNG.name})" if not args.dry_run else ""])
 
 
 def growth_notes(rows: list[dict], cap: float) -> list[str]:
@@ -296,30 +300,45 @@ def growth_notes(rows: list[dict], cap: float) -> list[str]:
 
 
 def plot(rows: list[dict], png: Path, cap: float) -> None:
+    """Memory and seconds per step against tokens (log axes): filled markers for finished runs, hollow ones for a
+    run stopped at the time cap (its peak so far: a lower bound), x at the cap for one over it, and `dpo plan`'s
+    prediction dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     fig, (memory, seconds) = plt.subplots(1, 2, figsize=(11, 4.2))
     for config in dict.fromkeys(r["config"] for r in rows):
         mine = sorted((r for r in rows if r["config"] == config and r["sweep"] == "length"), key=lambda r: r["tokens"])
         ok = [r for r in mine if r["status"] == "ok"]
         line, = memory.plot([r["tokens"] for r in ok], [r["peak"] / 2**30 for r in ok], "o-", label=config)
+        color = line.get_color()
+        stopped = [r for r in mine if r["status"] == "over the time cap"]
+        memory.plot([r["tokens"] for r in stopped], [r["peak"] / 2**30 for r in stopped], "o", color=color,
+                    markerfacecolor="none", markersize=8)
         over = [r for r in mine if r["status"] == "over the cap"]
-        memory.plot([r["tokens"] for r in over], [cap] * len(over), "x", color=line.get_color(), markersize=10)
+        memory.plot([r["tokens"] for r in over], [cap] * len(over), "x", color=color, markersize=10)
+        planned = [r for r in mine if r.get("plan")]
+        if planned:
+            memory.plot([r["tokens"] for r in planned], [r["plan"] / 2**30 for r in planned], "--", color=color,
+                        alpha=0.6, label=f"{config}: dpo plan")
         timed = [r for r in mine if r["step_s"]]
-        seconds.plot([r["tokens"] for r in timed], [r["step_s"] for r in timed], "o-", color=line.get_color(),
-                     label=config)
+        seconds.plot([r["tokens"] for r in timed], [r["step_s"] for r in timed], "o-", color=color, label=config)
     memory.axhline(cap, color="grey", linestyle=":", label=f"cap {cap:g} GiB (x: over it)")
+    memory.plot([], [], "o", color="grey", markerfacecolor="none", label="stopped at the time cap (peak so far)")
     for axis, label in ((memory, "peak memory (GiB)"), (seconds, "seconds per step")):
         axis.set_xscale("log")
         axis.set_yscale("log")
-        axis.set_xlabel("tokens per step (prompt + 2 responses)")
+        for ticks in (axis.xaxis, axis.yaxis):
+            ticks.set_major_formatter(ScalarFormatter())
+            ticks.set_minor_formatter(ScalarFormatter())
+        axis.set_xlabel("tokens per step (each prompt and response once)")
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=8)
-    fig.suptitle("dpo vs TRL 1.16: one pair per step, Qwen2.5-0.5B shape (2 layers)")
+    fig.suptitle("dpo vs TRL 1.16 against sequence length, Qwen2.5-0.5B shape (2 layers)")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -350,6 +369,9 @@ def main() -> None:
     parser.add_argument("--results", default=str(RESULTS), help="the RESULTS.md to write the section into")
     parser.add_argument("--png", default=str(PNG), help="where to draw the plot")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("--save-rows", help="also write the measured rows to this JSON file")
+    parser.add_argument("--render", metavar="ROWS.json",
+                        help="the table and plot from rows saved by --save-rows, measuring nothing")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     for hidden in ("--assets", "--data", "--output"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -361,6 +383,11 @@ def main() -> None:
     import torch
 
     args.cuda = torch.cuda.is_available() and not args.dry_run
+    if args.render:   # the run's own settings, so the text describes that run
+        saved = json.loads(Path(args.render).read_text())
+        vars(args).update(saved["settings"])
+        finish(saved["rows"], args, saved["command"])
+        return
     lengths = [16, 48] if args.dry_run else [int(x) for x in args.lengths.split(",")]
     responses = [3] if args.dry_run else [int(x) for x in args.responses.split(",") if x]
     response, group_prompt = (8, 16) if args.dry_run else (RESPONSE, args.group_prompt)
@@ -384,8 +411,15 @@ def main() -> None:
                        "flops": flops if config.startswith("dpo") else None}
                 rows.append(row)
                 print(f"  {json.dumps(row)}", file=sys.stderr, flush=True)
-    command = "python benchmarks/scaling.py " + " ".join(sys.argv[1:])
-    text = report(rows, args, command.strip())
+    command = ("python benchmarks/scaling.py " + " ".join(sys.argv[1:])).strip()
+    if args.save_rows:
+        settings = {name: getattr(args, name) for name in RUN_SETTINGS}
+        Path(args.save_rows).write_text(json.dumps({"command": command, "settings": settings, "rows": rows}, indent=1))
+    finish(rows, args, command)
+
+
+def finish(rows: list[dict], args: argparse.Namespace, command: str) -> None:
+    text = report(rows, args, command)
     print(text)
     if not args.no_write:
         plot(rows, Path(args.png), args.cap_gib)

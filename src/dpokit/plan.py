@@ -68,6 +68,7 @@ REPORT_CPU = 60 * MiB            # the end of a run: matplotlib imported, the cu
 CUDA_CONTEXT = 600 * MiB         # CUDA context and kernels, outside PyTorch's allocator
 DATA_BYTES_PER_TOKEN = 36        # a token id in a Python list: an int object (28 B) and its slot (8 B)
 LAYER_BACKWARD_WIDTHS = 3        # transient [tokens, intermediate] tensors in one layer's backward pass
+MMAP_THRESHOLD = 32 * MiB         # host_memory's glibc mmap threshold: smaller blocks come from the heap
 SNAPSHOT_LIMIT = 200_000_000     # placement.snapshot_parameters copies at most this many trainable parameters
 
 
@@ -226,6 +227,7 @@ class RunSettings:
     precompute: bool = False             # --precompute-ref: the reference scores once, then only a table is kept
     ref_sync: bool = False               # TR-DPO: the reference moves with the policy
     preset: bool = False                 # the model is a preset, built in memory
+    lean_host_memory: bool = True        # CPU: glibc maps blocks from 32 MiB up and trims after each step
     ref_shape: ModelShape | None = None  # --ref-model's shape (None: the policy's)
     gradient_checkpointing: bool = False
     lean_layers: bool = True
@@ -339,7 +341,7 @@ _STEP = _HELD + ("accumulated gradients", "micro-batch heap", "activations", "he
 PHASES = {
     "LM head pass": _STEP + ("LM head logits",),
     "backward": _STEP + ("recomputed layer", "layer backward"),
-    "end of backward": _HELD + ("gradients", "micro-batch heap", "added head gradient", "tied gradient",
+    "end of backward": _HELD + ("gradients", "freed activations", "added head gradient", "tied gradient",
                                 "reduce-scatter"),
     "reference precompute": ("framework", "loading", "data", "weights", "reference copy", "reference pass"),
     "end of run": _HELD[:-1] + ("report",),
@@ -459,15 +461,23 @@ def estimate(shape: ModelShape, run: RunSettings, work: Workload) -> Plan:
     add("start copy", 0 if cuda else snapshot, "float32 copy of the starting weights for the report", host=True)
 
     # -- per micro-batch --
-    per_layer = _layer_activation_bytes(shape, run, tokens, rows, width, work.blocks) if shape.known else 0
+    per_layer, per_layer_heap = _layer_bytes(shape, run, tokens, rows, width, work.blocks) if shape.known else (0, 0)
+    layer_input = tokens * shape.hidden * b_c
     if run.gradient_checkpointing:   # each layer keeps its input; the backward pass recomputes one layer at a time
-        kept = shape.layers * tokens * shape.hidden * b_c
+        kept, kept_heap = shape.layers * layer_input, shape.layers * layer_input * (layer_input < MMAP_THRESHOLD)
         detail = f"{shape.layers} layer inputs (checkpointed)"
     else:
-        kept, detail = shape.layers * per_layer, f"{shape.layers} layers x {per_layer / MiB:,.0f} MiB"
+        kept, kept_heap = shape.layers * per_layer, shape.layers * per_layer_heap
+        detail = f"{shape.layers} layers x {per_layer / MiB:,.0f} MiB"
     add("recomputed layer", per_layer if run.gradient_checkpointing else 0, "one layer's activations, recomputed")
-    outside = 2 * tokens * shape.hidden * b_c + scored * shape.hidden * b_c          # final norm, scored states
-    add("activations", kept + outside if shape.known else 0, f"{tokens:,} tokens: {detail}")
+    outside = [layer_input, layer_input, scored * shape.hidden * b_c]      # final norm in and out, scored states
+    add("activations", kept + sum(outside) if shape.known else 0, f"{tokens:,} tokens: {detail}")
+    # On CPU, activations freed during the backward pass stay resident while they came from glibc's heap (blocks
+    # under the mmap threshold) until the step's malloc_trim (host_memory); without it, all of them may.
+    heap = kept_heap + sum(size for size in outside if size < MMAP_THRESHOLD) if run.lean_host_memory else \
+        kept + sum(outside)
+    add("freed activations", heap if shape.known and not cuda else 0,
+        "freed in the backward pass, kept by glibc's heap until the optimizer step")
     # The head scores `chunk_size` tokens at a time, and the next chunk's logits are allocated before the previous
     # chunk's are released: two chunks are alive at once whenever there are two. A trainable head keeps its
     # float32 weight gradient from the head's pass to the end of the backward pass, and the scored states' one.
@@ -484,8 +494,8 @@ def estimate(shape: ModelShape, run: RunSettings, work: Workload) -> Plan:
     # on CPU glibc keeps what the previous micro-batch freed until the step's malloc_trim (host_memory).
     accumulating = work.micro_batches > 1
     add("added head gradient", held if accumulating else 0, "a later micro-batch's head gradient, being added")
-    add("micro-batch heap", kept + outside if accumulating and not cuda else 0,
-        "the previous micro-batch's freed activations, kept by the allocator until the optimizer step")
+    add("micro-batch heap", heap if accumulating and shape.known and not cuda else 0,
+        "the previous micro-batch's freed activations, kept by glibc's heap until the optimizer step")
     add("layer backward", LAYER_BACKWARD_WIDTHS * tokens * max(shape.intermediate, shape.attention_width) * b_c
         if shape.known else 0, f"{LAYER_BACKWARD_WIDTHS} x [{tokens:,} x {shape.intermediate}]")
     # FSDP2 reduce-scatters the root group's gradients (embeddings, head) from whole float32 tensors and a flat copy.
@@ -520,37 +530,47 @@ def _root_params(shape: ModelShape) -> int:
     return shape.embedding_params * (1 if shape.tied else 2) + shape.hidden
 
 
-def _layer_activation_bytes(shape: ModelShape, run: RunSettings, tokens: int, rows: int, width: int,
-                            blocks: Sequence[Block]) -> int:
-    """Bytes one decoder layer keeps for its backward pass, for `tokens` tokens.
+def _saved_per_token(shape: ModelShape, run: RunSettings) -> list[tuple[str, int]]:
+    """What one decoder layer keeps for its backward pass: (tensor, bytes per token).
 
-    Per token (lean layers): the layer input and the normed input (h each), queries after the rotary embedding,
-    keys and values as attention reads them (repeated to every head under grouped-query attention), attention's
-    output and the concatenated heads (attention width each), the residual after attention and its norm (h each),
-    the MLP's gate, up and their product (intermediate each), attention's logsumexp (one float32 per head).
-    transformers' own layers keep one more [tokens, hidden] per norm and silu(gate). Block attention also keeps
-    each later completion's copy of its prompt's keys and values; dense masks cost [rows, seq, seq] per layer.
+    Lean layers: the layer input and the normed input (h each), queries after the rotary embedding, keys and values
+    as attention reads them (repeated to every head under grouped-query attention), attention's output and the
+    concatenated heads (attention width each), the residual after attention and its norm (h each), the MLP's gate,
+    up and their product (intermediate each), attention's logsumexp (one float32 per head). transformers' own
+    layers keep each norm's normalised input and silu(gate) too; in bf16 its norms (the lean one is float32 only)
+    keep a float32 copy of their input and a bf16 normalised one. LoRA keeps each adapter's r-wide activation.
     """
-    h, a, i = shape.hidden, shape.attention_width, shape.intermediate
-    b = DTYPE_BYTES[run.dtype]
+    h, a, i, b = shape.hidden, shape.attention_width, shape.intermediate, DTYPE_BYTES[run.dtype]
     kv = a if shape.kv_heads < shape.heads and run.layout == "blocks" else shape.kv_width
-    per_token = 4 * h + 3 * a + 2 * kv + 3 * i
-    lean = run.lean_layers and shape.model_type in LEAN_FAMILIES
-    if not lean:
-        per_token += 2 * h + i                                    # each norm's normalised input, silu(gate)
-    if run.dtype != "float32":   # transformers' norm (lean's is float32 only) keeps float32 copies: 6h more
-        per_token += 6 * h
+    saved = [("layer input", h * b), ("normed input", h * b), ("queries", a * b), ("keys", kv * b), ("values", kv * b),
+             ("attention output", a * b), ("heads", a * b), ("residual", h * b), ("normed residual", h * b),
+             ("gate", i * b), ("up", i * b), ("gate x up", i * b), ("logsumexp", shape.heads * 4)]
+    if not (run.lean_layers and shape.model_type in LEAN_FAMILIES):
+        saved += [("normalised input", h * b), ("normalised residual", h * b), ("silu(gate)", i * b)]
+    if run.dtype != "float32":
+        saved += [("float32 input", 4 * h), ("bf16 normalised input", 2 * h), ("float32 residual", 4 * h),
+                  ("bf16 normalised residual", 2 * h)]
     if run.lora_r:
-        per_token += len(shape.linears()) * run.lora_r
-    size = tokens * per_token * b + tokens * shape.heads * 4
+        saved += [(f"LoRA {name}", run.lora_r * b) for name in shape.linears()]
+    return saved
+
+
+def _layer_bytes(shape: ModelShape, run: RunSettings, tokens: int, rows: int, width: int,
+                 blocks: Sequence[Block]) -> tuple[int, int]:
+    """(bytes one decoder layer keeps for `tokens` tokens, the share of them in tensors under the mmap threshold).
+
+    Besides `_saved_per_token`: block attention keeps each later completion's copy of its prompt's keys and
+    values; dense masks cost [rows, seq, seq] floats per layer, eager attention its softmax probabilities."""
+    b = DTYPE_BYTES[run.dtype]
+    sizes = [tokens * per_token for _, per_token in _saved_per_token(shape, run)]
     if run.layout == "blocks":
-        extra = sum(b_.prompt + c for b_ in blocks for c in b_.completions[1:])
-        size += 2 * extra * a * b
+        sizes += [(block.prompt + c) * shape.attention_width * b for block in blocks for c in block.completions[1:]
+                  for _ in ("keys", "values")]
     else:
-        size += rows * width * width * 4                          # the mask as attention reads it (float)
+        sizes.append(rows * width * width * 4)
     if run.attention == "eager":
-        size += rows * shape.heads * width * width * b             # softmax probabilities
-    return size
+        sizes.append(rows * shape.heads * width * width * b)
+    return sum(sizes), sum(size for size in sizes if size < MMAP_THRESHOLD)
 
 
 def step_flops(shape: ModelShape, run: RunSettings, work: Workload) -> dict[str, float]:
@@ -759,7 +779,7 @@ def settings_from_config(cfg: Any, *, nproc: int = 1, device: str | None = None)
     return RunSettings(
         dtype=cfg.dtype, device=device.split(":")[0], nproc=nproc, fsdp=cfg.fsdp, lora_r=lora_r, lora_targets=targets,
         quantized_bits=bits, reference=objective.strategy, precompute=cfg.precompute_ref,
-        ref_sync=bool(cfg.ref_sync_every), preset=models.is_preset(cfg.model),
+        ref_sync=bool(cfg.ref_sync_every), preset=models.is_preset(cfg.model), lean_host_memory=cfg.lean_host_memory,
         ref_shape=read_shape(cfg.ref_model) if cfg.ref_model else None,
         gradient_checkpointing=cfg.gradient_checkpointing, lean_layers=cfg.lean_layers and not cfg.compile,
         layout=layout_for(prefix_sharing=cfg.prefix_sharing, packing=cfg.packing,
