@@ -243,8 +243,8 @@ def plot_curves(runs: Sequence[tuple[str, Iterable[Mapping[str, Any]]]], path: s
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    runs = [(label, list(rows)) for label, rows in runs]
-    panels = curve_panels([rows for _, rows in runs], metrics, losses)
+    listed = [(label, list(rows)) for label, rows in runs]
+    panels = curve_panels([rows for _, rows in listed], metrics, losses)
     columns = max(1, min(4, len(panels)))
     rows_of_axes = max(1, -(-len(panels) // columns))
     fig, axes = plt.subplots(rows_of_axes, columns, figsize=(4.2 * columns, 3.2 * rows_of_axes), squeeze=False)
@@ -252,11 +252,11 @@ def plot_curves(runs: Sequence[tuple[str, Iterable[Mapping[str, Any]]]], path: s
     for ax in flat[len(panels):]:
         ax.set_visible(False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    steps = [int(r["step"]) for _, rows in runs for r in rows if _number(r.get("step"))] or [0]
+    steps = [int(r["step"]) for _, rows in listed for r in rows if _number(r.get("step"))] or [0]
     first, last = min(steps), max(steps)  # one step axis for every panel
     for ax, (title, name, drawn) in zip(flat, panels):
         for i in drawn:
-            label, rows = runs[i]
+            label, rows = listed[i]
             for prefix, style in (("", "-"), ("eval/", "--")):
                 points = [(r["step"], r[prefix + name]) for r in rows if _number(r.get(prefix + name))]
                 if points:
