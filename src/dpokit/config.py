@@ -161,7 +161,8 @@ class Config:
     # --- logging, eval, checkpoints ------------------------------------------------------------------------
     output: str = _opt("runs/dpo", "output folder")
     log_every: int = _opt(1, "log training metrics every N steps")
-    eval_every: int | None = _opt(None, "evaluate every N steps (default: before and after training only)")
+    eval_every: int | None = _opt(None, "evaluate every N steps, besides before and after training (default: ten "
+                                        "times in a run of 20 steps or more, so the curves show held-out progress)")
     eval_batch_size: int | None = _opt(None, "pairs per eval batch (default: --batch-size)")
     save_every: int | None = _opt(None, "save a resumable checkpoint every N steps (and at the end)")
     save_total_limit: int | None = _opt(None, "keep only the newest K checkpoints")

@@ -89,6 +89,7 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
     policy, model, reference = built.policy, built.scorer, built.reference
     pairs_per_step = cfg.batch_size * cfg.grad_accum * dist.world_size
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train) / pairs_per_step))
+    eval_every = cfg.eval_every or (total_steps // 10 if total_steps >= 20 else None)
     optimizer, schedule = make_optimizer_and_schedule(policy, cfg, total_steps)
     resumed = restore(cfg, files, built, optimizer, schedule, plan, dist)
     state = resumed.record.state if resumed is not None else checkpoint.TrainerState()
@@ -153,7 +154,7 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
             reporter.progress(step, row)
             meter = MetricMeter(dist.device)
             last_log_time = time.perf_counter()
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+        if eval_every and step % eval_every == 0 and step < total_steps:
             reporter.log_eval(step, epoch, held_out())
 
         # ---- checkpoint at the step boundary: every --save-every steps, at the end, on a signal, on failure ----
