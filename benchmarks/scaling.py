@@ -254,7 +254,7 @@ def tokens_of(data: Path) -> int:
     return sum(len(t.split()) + 1 for t in texts)
 
 
-def report(rows: list[dict], args: argparse.Namespace, command: str) -> str:
+def report(rows: list[dict], args: argparse.Namespace, command: str, notes: list[str] | None = None) -> str:
     gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
     lines = ["| sweep | prompt | responses | tokens | config | status | peak GiB | `dpo plan` GiB | s / step | "
              "plan TFLOP / step | s / TFLOP |", "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|"]
@@ -267,11 +267,12 @@ def report(rows: list[dict], args: argparse.Namespace, command: str) -> str:
                      f"{r['status']} | {peak} | {gib(r['plan']) if r.get('plan') else '-'} | "
                      f"{f'{seconds:.1f}{warm_up_only}' if seconds else '-'} | "
                      f"{f'{flops / 1e12:.2f}' if flops else '-'} | {per_tflop} |")
-    notes = growth_notes(rows, args.cap_gib)
+    notes = (notes or []) + growth_notes(rows, args.cap_gib)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, torch {_version('torch')}, " \
               f"transformers {_version('transformers')}, trl {_version('trl')}"
     return "\n".join([
-        "## Scaling with sequence length and responses per prompt: dpo vs TRL 1.16 (issue 16)", "",
+        "## Scaling with sequence length" + (" and responses per prompt" if any(r["sweep"] == "responses" for r in rows)
+                                              else "") + ": dpo vs TRL 1.16 (issue 16)", "",
         f"Command: `{command}`  ", f"Machine: {machine}; {'bf16 on CUDA' if args.cuda else 'float32 on CPU'}; "
         f"memory cap {args.cap_gib:g} GiB (resident memory, watchdog + RLIMIT_AS), time cap {args.time_cap:g} s per "
         f"config, {args.steps} steps (the first is warm-up; s / step is the fastest of the others).  ",
@@ -284,7 +285,7 @@ def report(rows: list[dict], args: argparse.Namespace, command: str) -> str:
 
 def growth_notes(rows: list[dict], cap: float) -> list[str]:
     """Memory growth per 1k tokens (from the two longest rows each config finished) and the longest row each
-    config trained under the cap."""
+    config finished within the memory and time caps."""
     notes = []
     for config in dict.fromkeys(r["config"] for r in rows):
         done = sorted((r for r in rows if r["config"] == config and r["sweep"] == "length" and r["status"] == "ok"),
@@ -293,9 +294,11 @@ def growth_notes(rows: list[dict], cap: float) -> list[str]:
             a, b = done[-2], done[-1]
             slope = (b["peak"] - a["peak"]) / (b["tokens"] - a["tokens"]) * 1000
             notes.append(f"- {config}: {slope / 2**20:,.0f} MiB more per extra 1k tokens ({a['tokens']:,} -> "
-                         f"{b['tokens']:,}); longest row trained under the {cap:g} GiB cap: {b['tokens']:,} tokens")
+                         f"{b['tokens']:,}); longest row that finished its steps within both caps: {b['tokens']:,} "
+                         "tokens")
         elif done:
-            notes.append(f"- {config}: longest row trained under the {cap:g} GiB cap: {done[-1]['tokens']:,} tokens")
+            notes.append(f"- {config}: longest row that finished its steps within both caps: {done[-1]['tokens']:,} "
+                         "tokens")
     return notes
 
 
@@ -307,7 +310,7 @@ def plot(rows: list[dict], png: Path, cap: float) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     fig, (memory, seconds) = plt.subplots(1, 2, figsize=(11, 4.2))
     for config in dict.fromkeys(r["config"] for r in rows):
@@ -328,12 +331,15 @@ def plot(rows: list[dict], png: Path, cap: float) -> None:
         seconds.plot([r["tokens"] for r in timed], [r["step_s"] for r in timed], "o-", color=color, label=config)
     memory.axhline(cap, color="grey", linestyle=":", label=f"cap {cap:g} GiB (x: over it)")
     memory.plot([], [], "o", color="grey", markerfacecolor="none", label="stopped at the time cap (peak so far)")
+    lengths = sorted({r["tokens"] for r in rows if r["sweep"] == "length"})
     for axis, label in ((memory, "peak memory (GiB)"), (seconds, "seconds per step")):
         axis.set_xscale("log")
         axis.set_yscale("log")
-        for ticks in (axis.xaxis, axis.yaxis):
-            ticks.set_major_formatter(ScalarFormatter())
-            ticks.set_minor_formatter(ScalarFormatter())
+        axis.set_xticks(lengths, [f"{n:,}" for n in lengths])
+        axis.xaxis.set_minor_formatter(NullFormatter())
+        axis.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+        axis.yaxis.set_major_formatter(ScalarFormatter())
+        axis.yaxis.set_minor_formatter(NullFormatter())
         axis.set_xlabel("tokens per step (each prompt and response once)")
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
@@ -386,7 +392,7 @@ def main() -> None:
     if args.render:   # the run's own settings, so the text describes that run
         saved = json.loads(Path(args.render).read_text())
         vars(args).update(saved["settings"])
-        finish(saved["rows"], args, saved["command"])
+        finish(saved["rows"], args, saved["command"], saved.get("notes"))
         return
     lengths = [16, 48] if args.dry_run else [int(x) for x in args.lengths.split(",")]
     responses = [3] if args.dry_run else [int(x) for x in args.responses.split(",") if x]
@@ -418,8 +424,8 @@ def main() -> None:
     finish(rows, args, command)
 
 
-def finish(rows: list[dict], args: argparse.Namespace, command: str) -> None:
-    text = report(rows, args, command)
+def finish(rows: list[dict], args: argparse.Namespace, command: str, notes: list[str] | None = None) -> None:
+    text = report(rows, args, command, notes)
     print(text)
     if not args.no_write:
         plot(rows, Path(args.png), args.cap_gib)
