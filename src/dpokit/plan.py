@@ -148,7 +148,9 @@ class ModelShape:
 
 def shape_from_config(config: Any) -> ModelShape:
     """A `ModelShape` from a transformers config object (or the dict of a config.json)."""
-    get = config.get if isinstance(config, Mapping) else lambda name, default=None: getattr(config, name, default)
+    def get(name: str, default: Any = None) -> Any:
+        return config.get(name, default) if isinstance(config, Mapping) else getattr(config, name, default)
+
     model_type = str(get("model_type") or "unknown")
     missing = [n for n in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if not get(n)]
     if missing:
@@ -204,7 +206,7 @@ def _count_on_meta(config: Any) -> int | None:
 
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        return sum(p.numel() for p in model.parameters())
+        return int(sum(p.numel() for p in model.parameters()))
     except Exception:  # any architecture's constructor may refuse; the plan then says what it cannot predict
         return None
 
@@ -397,13 +399,12 @@ def estimate(shape: ModelShape, run: RunSettings, work: Workload) -> Plan:
                            f"({', '.join(FAMILIES)})")
     params = params or 0
     cuda = run.device == "cuda"
-    b_w = DTYPE_BYTES[run.dtype]                             # weights as loaded (FSDP2: float32 master shards)
-    b_c = DTYPE_BYTES[run.dtype]                             # compute: activations, gathered weights
+    b = DTYPE_BYTES[run.dtype]      # weights as loaded, activations, gathered weights (FSDP2's shards: float32)
     n = run.nproc if run.sharded else 1
     lora = run.lora_r > 0
     adapter = shape.lora_params(run.lora_r, run.lora_targets) if lora else 0
     trainable = adapter if lora else params
-    b_t = 4 if lora or run.sharded else b_w                  # trainable weights, their gradients and AdamW states
+    b_t = 4 if lora or run.sharded else b                    # trainable weights, their gradients and AdamW states
     tokens, rows, width = layout_tokens(work.blocks, run)
     scored = sum(sum(b.completions) for b in work.blocks)
     parts: list[Part] = []
@@ -419,24 +420,24 @@ def estimate(shape: ModelShape, run: RunSettings, work: Workload) -> Plan:
             "torch, transformers and dpokit imported" + (", and peft" if lora else "") + " (measured)")
     add("data", DATA_BYTES_PER_TOKEN * work.data_tokens, f"{work.data_pairs:,} tokenized pairs, "
         f"{work.data_tokens:,} token ids", host=True)
-    frozen = params - (shape.layers * sum(i * o for i, o in shape.linears().values()) if run.quantized_bits else 0)
-    quantized = (params - frozen) * run.quantized_bits / 8 * 1.07       # + block scales
+    in_bits = shape.matmul_params if run.quantized_bits else 0          # QLoRA: the layers' linears, + block scales
+    frozen, quantized = params - in_bits, in_bits * run.quantized_bits / 8 * 1.07
     if run.sharded:
-        gathered = (_root_params(shape) + 2 * shape.layer_params) * b_c
+        gathered = (_root_params(shape) + 2 * shape.layer_params) * b
         add("weights", params * 4 / n + gathered + adapter * 4,
             f"float32 shards of {params / 1e6:.1f}M parameters / {n} + the embeddings, head and two layers gathered")
     else:
-        add("weights", frozen * b_w + quantized + adapter * 4,
-            f"{params / 1e6:.1f}M parameters x {b_w} B" + (f" ({run.quantized_bits}-bit linears)" if quantized else "")
+        add("weights", frozen * b + quantized + adapter * 4,
+            f"{params / 1e6:.1f}M parameters x {b} B" + (f" ({run.quantized_bits}-bit linears)" if quantized else "")
             + (f" + {adapter / 1e6:.2f}M LoRA parameters x 4 B" if lora else ""))
     add("loading", 0 if cuda else (PRESET_LOADING_CPU if run.preset else LOADING_CPU)
         + TOKENIZER_BYTES_PER_TOKEN * shape.vocab,
         f"what loading the model and a {shape.vocab:,}-token tokenizer leaves behind", host=True)
     ref_params = (run.ref_shape.params or 0) if run.ref_shape else params
-    ref_bytes = ref_params * (4 if run.sharded and run.reference == "copy" else b_w)
+    ref_bytes = ref_params * (4 if run.sharded and run.reference == "copy" else b)
     ref_held = run.reference in ("copy", "model") and not run.precompute
     if ref_held and run.sharded:
-        add("reference", ref_bytes / n + _root_params(run.ref_shape or shape) * b_c,
+        add("reference", ref_bytes / n + _root_params(run.ref_shape or shape) * b,
             f"frozen {'copy' if run.reference == 'copy' else '--ref-model'}, sharded / {n}, its root group gathered")
     elif ref_held:
         add("reference", ref_bytes, f"frozen {'copy of the policy' if run.reference == 'copy' else '--ref-model'}")
@@ -462,7 +463,7 @@ def estimate(shape: ModelShape, run: RunSettings, work: Workload) -> Plan:
 
     # -- per micro-batch --
     per_layer, per_layer_heap = _layer_bytes(shape, run, tokens, rows, width, work.blocks) if shape.known else (0, 0)
-    layer_input = tokens * shape.hidden * b_c
+    layer_input = tokens * shape.hidden * b
     if run.gradient_checkpointing:   # each layer keeps its input; the backward pass recomputes one layer at a time
         kept, kept_heap = shape.layers * layer_input, shape.layers * layer_input * (layer_input < MMAP_THRESHOLD)
         detail = f"{shape.layers} layer inputs (checkpointed)"
@@ -470,7 +471,7 @@ def estimate(shape: ModelShape, run: RunSettings, work: Workload) -> Plan:
         kept, kept_heap = shape.layers * per_layer, shape.layers * per_layer_heap
         detail = f"{shape.layers} layers x {per_layer / MiB:,.0f} MiB"
     add("recomputed layer", per_layer if run.gradient_checkpointing else 0, "one layer's activations, recomputed")
-    outside = [layer_input, layer_input, scored * shape.hidden * b_c]      # final norm in and out, scored states
+    outside = [layer_input, layer_input, scored * shape.hidden * b]      # final norm in and out, scored states
     add("activations", kept + sum(outside) if shape.known else 0, f"{tokens:,} tokens: {detail}")
     # On CPU, activations freed during the backward pass stay resident while they came from glibc's heap (blocks
     # under the mmap threshold) until the step's malloc_trim (host_memory); without it, all of them may.
@@ -484,11 +485,11 @@ def estimate(shape: ModelShape, run: RunSettings, work: Workload) -> Plan:
     # (In bf16 the head's output is bf16 and the softmax float32: 4 B per logit kept, 2 more for the newest chunk.)
     chunk = min(run.chunk_size, max(scored, 1)) * shape.vocab
     alive = min(2, math.ceil(scored / run.chunk_size))
-    add("LM head logits", alive * chunk * 4 + (chunk * 2 if b_c == 2 else 0),
+    add("LM head logits", alive * chunk * 4 + (chunk * 2 if b == 2 else 0),
         f"{alive} x {min(run.chunk_size, scored)} x {shape.vocab:,} float32 logits")
     head_trainable = not lora
     held = shape.vocab * shape.hidden * 4 if head_trainable else 0
-    add("head gradient", held + scored * shape.hidden * b_c,
+    add("head gradient", held + scored * shape.hidden * b,
         ("float32 LM-head weight gradient + " if held else "") + f"gradient of {scored:,} scored states")
     # Gradient accumulation: later micro-batches' head and embedding gradients are summed into the kept ones, and
     # on CPU glibc keeps what the previous micro-batch freed until the step's malloc_trim (host_memory).
@@ -496,7 +497,7 @@ def estimate(shape: ModelShape, run: RunSettings, work: Workload) -> Plan:
     add("added head gradient", held if accumulating else 0, "a later micro-batch's head gradient, being added")
     add("micro-batch heap", heap if accumulating and shape.known and not cuda else 0,
         "the previous micro-batch's freed activations, kept by glibc's heap until the optimizer step")
-    add("layer backward", LAYER_BACKWARD_WIDTHS * tokens * max(shape.intermediate, shape.attention_width) * b_c
+    add("layer backward", LAYER_BACKWARD_WIDTHS * tokens * max(shape.intermediate, shape.attention_width) * b
         if shape.known else 0, f"{LAYER_BACKWARD_WIDTHS} x [{tokens:,} x {shape.intermediate}]")
     # FSDP2 reduce-scatters the root group's gradients (embeddings, head) from whole float32 tensors and a flat copy.
     add("reduce-scatter", 2 * _root_params(shape) * 4 if run.sharded and head_trainable else 0,
@@ -512,7 +513,7 @@ def estimate(shape: ModelShape, run: RunSettings, work: Workload) -> Plan:
     copied = precompute and run.reference in ("copy", "model")
     add("reference copy", ref_bytes if copied else 0, "held during the pass only")
     pass_tokens = tokens * run.eval_batch_size // max(1, sum(b.pairs for b in work.blocks))
-    add("reference pass", (pass_tokens * (3 * shape.intermediate + 4 * shape.attention_width) * b_c
+    add("reference pass", (pass_tokens * (3 * shape.intermediate + 4 * shape.attention_width) * b
                            + run.chunk_size * shape.vocab * 4) if precompute else 0, "one batch, no gradients")
 
     by_name = {p.name: p for p in parts}
@@ -665,7 +666,8 @@ def workload(data: DataProfile, run: RunSettings) -> Workload:
     micro_batches = run.grad_accum
     scale = per_step / data.pairs
     if run.micro_batch_tokens:
-        kept, tokens = [], 0
+        kept: list[Block] = []
+        tokens = 0
         for block in sorted(blocks, key=lambda b: b.size, reverse=True):
             if not kept or tokens + block.size <= run.micro_batch_tokens:
                 kept.append(block)
