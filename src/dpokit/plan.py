@@ -247,20 +247,21 @@ class RunSettings:
     def sharded(self) -> bool:
         return self.fsdp and self.nproc > 1
 
-    def flags(self) -> str:
-        """The settings as `dpo train` flags (non-defaults only), to show a suggested change."""
+    def flags(self, base: RunSettings | None = None) -> str:
+        """The memory levers set here and not in `base` (the run planned), as `dpo train` flags."""
+        base = base or RunSettings(dtype="float32")
         out = []
-        if self.lora_r:
+        if self.lora_r and not base.lora_r:
             out.append(f"--lora-r {self.lora_r}")
-        if self.precompute:
+        if self.precompute and not base.precompute:
             out.append("--precompute-ref")
-        if self.gradient_checkpointing:
+        if self.gradient_checkpointing and not base.gradient_checkpointing:
             out.append("--gradient-checkpointing")
-        if self.micro_batch_tokens:
+        if self.micro_batch_tokens != base.micro_batch_tokens:
             out.append(f"--micro-batch-tokens {self.micro_batch_tokens}")
-        if self.fsdp:
+        if self.fsdp and not base.fsdp:
             out.append(f"--fsdp (torchrun --nproc-per-node {self.nproc})")
-        if self.dtype != "float32":
+        if self.dtype != base.dtype:
             out.append(f"--dtype {self.dtype}")
         return " ".join(out)
 
@@ -383,7 +384,7 @@ class Plan:
             "parts": {name: part.bytes for name, part in self.parts.items()},
             "phases": self.phases, "flops_per_step": sum(self.flops.values()), "flops": self.flops,
             "unpredicted": self.unpredicted, "memory_bytes": self.budget, "fits": self.fits,
-            "fix": None if self.fix is None else self.fix.flags(), "fix_peak_bytes": self.fix_peak,
+            "fix": None if self.fix is None else self.fix.flags(self.settings), "fix_peak_bytes": self.fix_peak,
         }
 
 
@@ -897,7 +898,7 @@ def describe(plan: Plan) -> list[str]:
             lines.append(f"fits in {gib(plan.budget)} ({gib(plan.budget - plan.peak)} to spare)")
         elif plan.fix is not None and plan.fix_peak is not None:
             lines.append(f"does not fit in {gib(plan.budget)} (needs {gib(plan.peak)}); the cheapest change that "
-                         f"fits: {plan.fix.flags()} -> {gib(plan.fix_peak)}")
+                         f"fits: {plan.fix.flags(run)} -> {gib(plan.fix_peak)}")
         else:
             lines.append(f"does not fit in {gib(plan.budget)} (needs {gib(plan.peak)}), with any of "
                          "--micro-batch-tokens, --precompute-ref, --gradient-checkpointing, --fsdp, bf16 or LoRA")
