@@ -188,6 +188,9 @@ def test_fit_picks_the_cheapest_change():
     assert settings.micro_batch_tokens and peak <= plan.peak * 0.6
     assert (settings.precompute, settings.dtype, settings.lora_r) == (False, "float32", 0)
     assert fit(shape, run, work_for, 2**20) is None
+    bf16 = replace(run, dtype="bfloat16")
+    settings, _ = fit(shape, bf16, work_for, int(estimate(shape, bf16, work_for(bf16)).peak * 0.6))
+    assert "--dtype" not in settings.flags(bf16) and settings.flags(bf16)   # only what the run does not already do
 
 
 def run_cli(args, capsys):
