@@ -394,7 +394,7 @@ def main() -> None:
         vars(args).update(saved["settings"])
         finish(saved["rows"], args, saved["command"], saved.get("notes"))
         return
-    lengths = [16, 48] if args.dry_run else [int(x) for x in args.lengths.split(",")]
+    lengths = [16] if args.dry_run else [int(x) for x in args.lengths.split(",")]
     responses = [3] if args.dry_run else [int(x) for x in args.responses.split(",") if x]
     response, group_prompt = (8, 16) if args.dry_run else (RESPONSE, args.group_prompt)
     if args.dry_run:

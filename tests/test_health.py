@@ -151,15 +151,15 @@ def test_length_hacking_toward_shorter_completions():
 # ---- exploding KL -------------------------------------------------------------------------------------------------
 
 
-def test_kl_explosion_fires_past_three_nats_per_token():
-    # |rewards| 3.2 and 3.0 with beta 0.1: (32 + 30) / 2 = 31 nats per sequence of 10 tokens = 3.1 > 3
-    rows = [healthy(1), healthy(2), healthy(3, **{"rewards/chosen": 3.2, "rewards/rejected": -3.0,
-                                                  "rewards/margins": 6.2})]
+def test_kl_explosion_fires_past_one_nat_per_token():
+    # |rewards| 1.2 and 1.0 with beta 0.1: (12 + 10) / 2 = 11 nats per sequence of 10 tokens = 1.1 > 1
+    rows = [healthy(1), healthy(2), healthy(3, **{"rewards/chosen": 1.2, "rewards/rejected": -1.0,
+                                                  "rewards/margins": 2.2})]
     assert run(monitor(), rows) == [("kl_explosion", 3)]
 
 
 def test_no_kl_alarm_below_the_limit_or_without_a_reference():
-    below = healthy(3, **{"rewards/chosen": 2.9, "rewards/rejected": -2.9, "rewards/margins": 5.8})  # 29 nats: 2.9
+    below = healthy(3, **{"rewards/chosen": 0.9, "rewards/rejected": -0.9, "rewards/margins": 1.8})  # 9 nats: 0.9
     assert run(monitor(), [healthy(1), healthy(2), below]) == []
     far = healthy(3, **{"rewards/chosen": 5.0, "rewards/rejected": -5.0})
     assert run(monitor(beta=None, reference_is_start=False), [healthy(1), healthy(2), far]) == []
@@ -298,3 +298,11 @@ def test_dpo_train_reports_no_learning_in_metrics_and_summary(model_dir, tmp_pat
     flagged = [row["step"] for row in read_metrics(output / "metrics.jsonl") if "health/no_learning" in row]
     assert flagged == [10]
     assert "**no_learning**" in (output / "summary.md").read_text(encoding="utf-8")
+
+
+def test_no_kl_alarm_for_a_random_init_preset():
+    far = healthy(3, **{"rewards/chosen": 5.0, "rewards/rejected": -5.0, "rewards/margins": 10.0})
+    assert run(monitor(), [healthy(1), healthy(2), far]) == [("kl_explosion", 3)]
+    preset = monitor()
+    preset.pretrained = False
+    assert run(preset, [healthy(1), healthy(2), far]) == []

@@ -64,10 +64,7 @@ class Limits:
     mismatch: float = 0.05          # nats per token between policy and reference at step 1
     displacement: float = 0.1       # nats per chosen token of fall in the chosen log-probs
     length_drift: float = 0.5       # share of the data's mean |length gap|
-    # nats per completion token of mean |log-ratio|: DPO pushes the rejected side's likelihood down by design,
-    # and the built-in demo (a random-init model learning its task) reaches ~2.5 by its end; 3 (a likelihood
-    # ratio of e^3 ~ 20 on every token, on average) is a policy that has left its reference behind.
-    kl: float = 3.0
+    kl: float = 1.0                 # nats per completion token of mean |log-ratio|
     grad_spike: float = 10.0        # times the median gradient norm so far
     grad_history: int = 5           # rows of gradient norms needed before a spike can be called
 
@@ -137,6 +134,7 @@ class HealthMonitor:
     beta: float | None = None
     reference_is_start: bool = False
     reference_moves: bool = False
+    pretrained: bool = True         # a preset is random-init: no learned distribution to stay near (no KL alarm)
     limits: Limits = field(default_factory=Limits)
     alarms: list[Alarm] = field(default_factory=list)
 
@@ -149,15 +147,17 @@ class HealthMonitor:
         self._length_gaps: deque[float] = deque(maxlen=self.limits.window)
 
     @classmethod
-    def from_config(cls, cfg: Config, pairs: Sequence[TokenizedPair]) -> Monitor:
-        """The monitor for this run (a `NullMonitor` with --no-health-checks), from its settings and train pairs."""
+    def from_config(cls, cfg: Config, pairs: Sequence[TokenizedPair], *, pretrained: bool = True) -> Monitor:
+        """The monitor for this run (a `NullMonitor` with --no-health-checks), from its settings and train pairs.
+        `pretrained`: the policy starts from learned weights (not a random-init preset)."""
         if not cfg.health_checks:
             return NullMonitor()
         first = losses.get(cfg.loss_names[0])
         log_ratio_rewards = first.needs_reference and first.paired
         return cls(DataStats.of_pairs(pairs), beta=cfg.beta if log_ratio_rewards else None,
                    reference_is_start=log_ratio_rewards and cfg.ref_model is None and cfg.lora_adapter is None,
-                   reference_moves=cfg.ref_sync_every is not None)
+                   reference_moves=cfg.ref_sync_every is not None or cfg.ref_update == "bema",
+                   pretrained=pretrained)
 
     def replay(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Catch up on a resumed run's earlier rows (read back from metrics.jsonl), keeping the alarms they raised
@@ -268,7 +268,7 @@ class HealthMonitor:
         return None
 
     def _kl(self, row: Mapping[str, Any]) -> str | None:
-        if not self.beta or "rewards/chosen" not in row:
+        if not self.beta or not self.pretrained or "rewards/chosen" not in row:
             return None
         per_token = _mean_abs_log_ratio(row, self.beta) / self.data.completion_length
         if per_token <= self.limits.kl:

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import (accelerator, checkpoint, distributed, health, host_memory, model_card, models, report, run_folder,
-               trackers)
+from . import (accelerator, checkpoint, distributed, health, host_memory, model_card, models, plan, report,
+               run_folder, trackers)
 from .batching import Batch, make_batch
 from .config import Config
 from .data import preparation as pipeline
@@ -83,18 +83,22 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
 
     # ---- set-up, phase by phase --------------------------------------------------------------------------------
     objective = Objective.from_config(cfg)
-    plan = Placement.from_config(cfg, dist)
+    placement = Placement.from_config(cfg, dist)
     tokenizer, data = prepare_data(cfg, objective)
-    built = build_models(cfg, objective.strategy, plan, dist, data.train + data.eval, data.pad_id)
+    plan_line, predicted_peak = plan.startup_summary(cfg, pairs=data.train, nproc=dist.world_size,
+                                                     device=dist.device.type)  # before the slow model load
+    if dist.is_main:
+        print(plan_line, flush=True)
+    built = build_models(cfg, objective.strategy, placement, dist, data.train + data.eval, data.pad_id)
     policy, model, reference = built.policy, built.scorer, built.reference
     pairs_per_step = cfg.batch_size * cfg.grad_accum * dist.world_size
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train) / pairs_per_step))
     eval_every = cfg.eval_every or (total_steps // 10 if total_steps >= 20 else None)
     optimizer, schedule = make_optimizer_and_schedule(policy, cfg, total_steps)
-    resumed = restore(cfg, files, built, optimizer, schedule, plan, dist)
+    resumed = restore(cfg, files, built, optimizer, schedule, placement, dist)
     state = resumed.record.state if resumed is not None else checkpoint.TrainerState()
     reporter = open_reporter(cfg, files, total_steps, tracker_names, resumed, data.notes, dist)
-    monitor = health.HealthMonitor.from_config(cfg, data.train)
+    monitor = health.HealthMonitor.from_config(cfg, data.train, pretrained=not models.is_preset(cfg.model))
     if resumed is not None and dist.is_main:
         monitor.replay(report.read_metrics(files.metrics))  # the rows up to the checkpoint: no alarm twice
     scoring = Scoring(objective, model, reference, layout=run_layout(cfg), pad_id=data.pad_id,
@@ -171,8 +175,9 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
     eval_after = held_out()
     reporter.log_eval(state.step, round(state.step * pairs_per_step / len(data.train), 4), eval_after)
     final_train = {k: v for k, v in row.items() if k not in ("step", "epoch")}
-    outcome = Outcome(state.step, state.eval_before, eval_after, final_train, objective.headline, monitor.alarms)
-    model_dir = finish(cfg, files, built, tokenizer, reporter, objective, data.counts, outcome, plan, dist)
+    outcome = Outcome(state.step, state.eval_before, eval_after, final_train, objective.headline, monitor.alarms,
+                      plan.peak_line(dist.device.type, predicted_peak))
+    model_dir = finish(cfg, files, built, tokenizer, reporter, objective, data.counts, outcome, placement, dist)
     distributed.cleanup(dist)
     return Summary(files.root, model_dir, state.step, state.eval_before, eval_after, final_train,
                    time.perf_counter() - start_time, data.counts)
@@ -376,6 +381,7 @@ class Outcome:
     final_train: dict[str, float]
     headline: tuple[str, str]
     alarms: list[health.Alarm]
+    peak_memory: str                    # this process's measured peak, beside `dpo plan`'s prediction
 
 
 def finish(cfg: Config, files: RunFiles, built: Models, tokenizer: Any, reporter: report.Reporter | report.NullReporter,
@@ -403,6 +409,7 @@ def finish(cfg: Config, files: RunFiles, built: Models, tokenizer: Any, reporter
     headline, headline_name = outcome.headline
     if outcome.eval_after:
         lines.insert(0, f"{headline_name} after training: {outcome.eval_after[headline]:.3f}")
+    lines.append(outcome.peak_memory)
     lines.append(f"\nsaved model to {model_dir}, metrics to {files.metrics}, curves to {files.curves}, "
                  f"run summary to {files.summary}")
     print("\n".join(lines), flush=True)
