@@ -132,6 +132,8 @@ def load_model(name_or_path: str, *, dtype: str = "float32", seed: int = 0,
     else:
         from transformers import AutoConfig
 
+        from safetensors import SafetensorError
+
         quiet_progress_bars_without_terminal()
 
         source = _check_model_path(name_or_path)
@@ -146,6 +148,9 @@ def load_model(name_or_path: str, *, dtype: str = "float32", seed: int = 0,
                     name_or_path, dtype=DTYPES[dtype], attn_implementation=attn_implementation, **source)
         except (OSError, ValueError, KeyError) as err:
             raise DPOError(f"{name_or_path}: could not load a causal LM ({_first_line(err)})") from None
+        except SafetensorError as err:  # a weights file cut short (a copy or download that did not finish)
+            raise DPOError(f"{name_or_path}: a weights file is damaged or truncated ({_first_line(err)}); copy or "
+                           "download the model again") from None
     if quantization is None:  # a quantized model's unquantized weights are already in `dtype`
         model.to(DTYPES[dtype])
     disable_dropout(model)

@@ -108,6 +108,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any] | Malformed]]:
                 yield where, Malformed(f"malformed JSON ({err.msg} at column {err.colno})")
             except ValueError as err:  # e.g. an integer longer than Python's int-digits limit
                 yield where, Malformed(f"unreadable JSON ({err})")
+            except RecursionError:  # arrays or objects nested thousands deep
+                yield where, Malformed("JSON nested too deeply to read")
             else:
                 yield where, record if isinstance(record, dict) else Malformed(
                     f"expected a JSON object, got {type(record).__name__}")
@@ -122,6 +124,8 @@ def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any] | Malformed]]:
         raise DPOError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
     except ValueError as err:  # e.g. an integer longer than Python's int-digits limit
         raise DPOError(f"{path}: unreadable JSON ({err})") from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise DPOError(f"{path}: JSON nested too deeply to read") from None
     if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
         lists = [v for v in data.values() if isinstance(v, list)]
         data = lists[0] if len(lists) == 1 else [data]
