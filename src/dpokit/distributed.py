@@ -81,7 +81,11 @@ def resolve_device(device: str) -> torch.device:
 
 
 def cleanup(dist: Dist) -> None:
+    """Destroy the process group `init` created, once every rank is done with it: a rank tearing gloo down while
+    another is still in its last collective can abort the other at exit ("terminate called without an active
+    exception"), which torchrun counts as a failed worker."""
     if dist.owns_group and td.is_initialized():
+        td.barrier()
         td.destroy_process_group()
 
 
