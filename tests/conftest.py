@@ -123,3 +123,16 @@ def pairs_jsonl(tmp_path_factory) -> Path:
                      "chosen": f" {i} plus {i} is {2 * i}.", "rejected": f" I do not know, maybe {i + 3}?"})
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     return path
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """`dpo ARGS` through `dpokit.cli.main`, as a user runs it: (exit status, stdout, stderr)."""
+    from dpokit.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err

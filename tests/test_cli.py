@@ -10,21 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpokit.cli import main
+from conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TRL_METRICS = ("step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                "rewards/margins", "logps/chosen", "logps/rejected", "lr", "grad_norm", "pairs_per_s", "tokens_per_s")
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_synthetic_task_learns_the_rule(tmp_path):

@@ -13,20 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from dpokit.cli import main
+from conftest import run_cli
 from dpokit.errors import DPOError
 
 DPO = Path(sys.executable).parent / "dpo"
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_error_line(err: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpokit.cli import main
+from conftest import run_cli
 from dpokit.errors import DPOError
 from dpokit.plan import (Block, DataProfile, ModelShape, RunSettings, Workload, estimate, fit, measured_peak_bytes,
                          one_line_summary, parse_memory, peak_line, shape_from_config, startup_summary, workload)
@@ -191,16 +191,6 @@ def test_fit_picks_the_cheapest_change():
     bf16 = replace(run, dtype="bfloat16")
     settings, _ = fit(shape, bf16, work_for, int(estimate(shape, bf16, work_for(bf16)).peak * 0.6))
     assert "--dtype" not in settings.flags(bf16) and settings.flags(bf16)   # only what the run does not already do
-
-
-def run_cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_plan_command_with_data(tiny_model_dir, pairs_jsonl, capsys):
