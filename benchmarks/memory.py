@@ -42,6 +42,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_md import replace_section  # noqa: E402
+
 CONFIGS = ("full+copy", "full+precomputed", "lora", "simpo", "qlora")
 QLORA_CONFIGS = ("lora", "qlora")
 MODEL = dict(vocab_size=32000, hidden_size=768, num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=12,
@@ -230,18 +233,6 @@ def qlora_section(rows: list[dict]) -> str:
     ])
 
 
-def write_results(text: str, markers: tuple[str, str] = (START, END)) -> None:
-    """Replace this benchmark's section of RESULTS.md (between its markers), keeping every other section."""
-    start, end = markers
-    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-    section = f"{start}\n{text}\n{end}"
-    if start in old and end in old:
-        new = old[:old.index(start)] + section + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(new, encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--one", choices=CONFIGS, help="run one config in this process and print a JSON line")
@@ -261,7 +252,7 @@ def main() -> None:
         text = qlora_section(run_all(args.jobs, QLORA_CONFIGS))
         print(text)
         if not args.no_write:
-            write_results(text, QLORA_MARKERS)
+            replace_section(RESULTS, QLORA_MARKERS, text)
         return
     rows = run_all(args.jobs)
     lora = next(r for r in rows if r["config"] == "lora")
@@ -287,7 +278,7 @@ def main() -> None:
     ])
     print(text)
     if not args.no_write:
-        write_results(text)
+        replace_section(RESULTS, (START, END), text)
 
 
 def _version(package: str) -> str:

@@ -32,6 +32,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_md import replace_section  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("RESULTS.md")
 START, END = "<!-- plan_check:start -->", "<!-- plan_check:end -->"
@@ -212,17 +215,6 @@ def table(rows: list[Row], floor: int) -> str:
     return "\n".join(lines)
 
 
-def write_results(text: str) -> None:
-    """Replace this benchmark's block of RESULTS.md (between its markers), keeping every other section."""
-    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-    block = f"{START}\n{text}\n{END}"
-    if START in old and END in old:
-        new = old[:old.index(START)] + block + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    RESULTS.write_text(new, encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated configs (default: all)")
@@ -282,7 +274,7 @@ def main() -> None:
     ])
     print(text)
     if not args.no_write:
-        write_results(text)
+        replace_section(RESULTS, (START, END), text)
 
 
 def _version(package: str) -> str:

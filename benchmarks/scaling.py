@@ -36,6 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_md import replace_section  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("RESULTS.md")
 PNG = Path(__file__).with_name("scaling.png")
@@ -350,16 +353,6 @@ def plot(rows: list[dict], png: Path, cap: float) -> None:
     plt.close(fig)
 
 
-def write_section(text: str, results: Path) -> None:
-    old = results.read_text(encoding="utf-8") if results.exists() else "# Benchmark results\n"
-    block = f"{START}\n{text}\n{END}"
-    if START in old and END in old:
-        new = old[:old.index(START)] + block + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    results.write_text(new, encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", default="256,1024,4096,16384", help="prompt lengths (tokens)")
@@ -429,7 +422,7 @@ def finish(rows: list[dict], args: argparse.Namespace, command: str, notes: list
     print(text)
     if not args.no_write:
         plot(rows, Path(args.png), args.cap_gib)
-        write_section(text, Path(args.results))
+        replace_section(Path(args.results), (START, END), text)
 
 
 def _version(package: str) -> str:

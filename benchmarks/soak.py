@@ -31,6 +31,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_md import replace_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' tiny model and tokenizer builders
 
@@ -163,17 +166,6 @@ def table(r: dict) -> str:
     ])
 
 
-def write_results(text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (between its markers), keeping every other section."""
-    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-    section = f"{START}\n{text}\n{END}"
-    if START in old and END in old:
-        new = old[:old.index(START)] + section + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(new, encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000, help="optimizer steps (a multiple of 4 reads best)")
@@ -191,7 +183,7 @@ def main() -> None:
     print(text)
     if not args.no_write:
         machine = f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} at the end"
-        write_results(f"## Soak\n\n`python benchmarks/soak.py --steps {args.steps}` ({machine}; "
+        replace_section(RESULTS, (START, END), f"## Soak\n\n`python benchmarks/soak.py --steps {args.steps}` ({machine}; "
                       f"`dpo train` on a hidden-32 Llama, batch 4, eval every {EVAL_EVERY}, checkpoint every "
                       f"{SAVE_EVERY}, --save-total-limit {KEEP}, a row every step):\n\n{text}")
         print(f"\nwrote {RESULTS}", file=sys.stderr)
