@@ -5,6 +5,12 @@
 A prompt is text, or a list of chat messages rendered with the model's chat template and its generation prompt
 (exactly as training renders prompts); a chat reply stops at the template's end of turn as well as at EOS.
 
+With a vision-language model, a prompt record may carry images (`images` / `image`, as training data does; paths
+relative to the prompts file): the processor renders the prompt (its chat template, content as parts with a
+`{"type": "image"}` placeholder per image) and expands each image's tokens; the first step's input embeddings
+get the image features written at those tokens (`vision.input_embeddings`, the code training scores with), and
+decoding then runs on the KV cache as for text.
+
 Reproducible: each sampled sequence draws its noise from its own generator, seeded from (seed, prompt index,
 sample index), so a rerun with the same seed gives the same samples whatever else runs in the process, and a
 different --batch-size gives the same samples too (up to float rounding of batched matmuls). A token is drawn
@@ -17,17 +23,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from . import distributed, models
+from . import distributed, models, vision
+from .batching import ImageBatch
 from .errors import DPOError
-from .data import tokenization
+from .data import images as image_column, multimodal, tokenization
 from .data.formats import Text
 from .data.sources import read_records
+
+ImageArrays = dict[str, Any]  # a prompt's image processor arrays (`pixel_values`, ...), as `TokenizedPair.image_inputs`
 
 
 @dataclass(frozen=True)
@@ -39,27 +49,31 @@ class Sample:
     sample_index: int
     prompt_ids: list[int]
     completion_ids: list[int]
+    image_inputs: ImageArrays = field(default_factory=dict)  # the prompt's images, to score the sample with them
 
 
 def sample(model: torch.nn.Module, prompt_ids: Sequence[list[int]], *, eos_id: int | Sequence[int] | None, pad_id: int,
            num_samples: int = 1, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-           seed: int = 0, batch_size: int = 32) -> list[Sample]:
+           seed: int = 0, batch_size: int = 32, images: Sequence[ImageArrays] | None = None) -> list[Sample]:
     """`num_samples` completions of every prompt, in order (prompt 0's samples first), `batch_size` rows at a time.
 
-    `temperature` 0 is greedy decoding. `eos_id`: the token, or tokens, that end a completion. The model is put
-    in eval mode and left there.
+    `temperature` 0 is greedy decoding. `eos_id`: the token, or tokens, that end a completion. `images`: each
+    prompt's image arrays (empty for a prompt without), for a vision-language model. The model is put in eval
+    mode and left there.
     """
     if any(not ids for ids in prompt_ids):
         raise DPOError("generate: a prompt tokenized to nothing (give the tokenizer a BOS token, or a non-empty prompt)")
     model.eval()
+    arrays = list(images) if images is not None else [{} for _ in prompt_ids]
     jobs = [(i, k) for i in range(len(prompt_ids)) for k in range(num_samples)]
     samples = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
         completions = _sample_rows(
             model, [prompt_ids[i] for i, _ in chunk], [_row_seed(seed, i, k) for i, k in chunk],
-            eos_id=eos_id, pad_id=pad_id, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-        samples += [Sample(i, k, list(prompt_ids[i]), c) for (i, k), c in zip(chunk, completions)]
+            eos_id=eos_id, pad_id=pad_id, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            images=[arrays[i] for i, _ in chunk])
+        samples += [Sample(i, k, list(prompt_ids[i]), c, arrays[i]) for (i, k), c in zip(chunk, completions)]
     return samples
 
 
@@ -92,7 +106,8 @@ def choose_tokens(logits: torch.Tensor, temperature: float, top_p: float,
 
 @torch.no_grad()
 def _sample_rows(model: torch.nn.Module, prompts: list[list[int]], seeds: list[int], *, eos_id: int | Sequence[int] | None,
-                 pad_id: int, max_new_tokens: int, temperature: float, top_p: float) -> list[list[int]]:
+                 pad_id: int, max_new_tokens: int, temperature: float, top_p: float, images: list[ImageArrays],
+                 ) -> list[list[int]]:
     device = next(model.parameters()).device
     rows, width = len(prompts), max(len(p) for p in prompts)
     input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
@@ -108,9 +123,12 @@ def _sample_rows(model: torch.nn.Module, prompts: list[list[int]], seeds: list[i
     stop_tensor = torch.tensor(stops, dtype=torch.long, device=device)
     new_tokens = []
     cache = None
+    tokens_in: dict[str, torch.Tensor] = {"input_ids": input_ids}
+    if any(images):  # the prompts' image tokens hold their features from the first step on (then in the cache)
+        tokens_in = {"inputs_embeds": vision.input_embeddings(model, input_ids, _image_batch(images, prompts, width)
+                                                              .to(device))}
     for _ in range(max_new_tokens):
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                    past_key_values=cache, use_cache=True)
+        out = model(**tokens_in, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         next_ids = choose_tokens(out.logits[:, -1].float(), temperature, top_p, generators)   # [rows]
         next_ids = next_ids.masked_fill(finished, pad_id)
@@ -118,11 +136,22 @@ def _sample_rows(model: torch.nn.Module, prompts: list[list[int]], seeds: list[i
         finished |= torch.isin(next_ids, stop_tensor)
         if finished.all():
             break
-        input_ids = next_ids[:, None]
+        tokens_in = {"input_ids": next_ids[:, None]}
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position_ids = position_ids[:, -1:] + 1
     tokens = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
     return [_cut_after_stop(row, stops) for row in tokens]
+
+
+def _image_batch(images: list[ImageArrays], prompts: list[list[int]], width: int) -> ImageBatch:
+    """The left-padded rows' images as training batches them: row r's prompt ends at the row's end, and each row
+    with images is a prompt block of its own (numbered in row order, as its arrays are concatenated) whose
+    completion is still to come."""
+    rows = [r for r, arrays in enumerate(images) if arrays]
+    inputs = {name: torch.from_numpy(np.concatenate([images[r][name] for r in rows])) for name in images[rows[0]]}
+    shown_at = [(r * width + width - len(prompts[r]), len(prompts[r]), number, len(prompts[r]))
+                for number, r in enumerate(rows)]
+    return ImageBatch(inputs, torch.tensor(shown_at, dtype=torch.long).view(-1, 4))
 
 
 def _stop_ids(eos_id: int | Sequence[int] | None) -> list[int]:
@@ -152,6 +181,35 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Text]) -> list[list[int]]:
         raise DPOError(f"generate: could not tokenize a prompt ({str(err).strip() or type(err).__name__})") from None
 
 
+def encode_image_prompts(processor: Any, prompts: Sequence[Text], images: Sequence[Sequence[image_column.ImageSource]],
+                         ) -> tuple[list[list[int]], list[ImageArrays]]:
+    """Prompt ids and image arrays through a vision-language model's processor, as training encodes a prompt
+    (`data.multimodal`): messages through its chat template with the generation prompt (content as parts),
+    plain text with its image token once per image and the tokenizer's BOS; the image tokens expanded."""
+    bos = multimodal.text_tokenizer(processor).bos_token_id
+    all_ids, all_arrays = [], []
+    for index, (prompt, sources) in enumerate(zip(prompts, images)):
+        try:
+            opened = [image_column.open_image(source, f"prompt {index}, image {i}") for i, source in enumerate(sources)]
+        except image_column.BadImage as bad:
+            raise DPOError(f"generate: {bad}") from None
+        if isinstance(prompt, str):
+            if prompt.count(processor.image_token) != len(opened):
+                raise DPOError(f"generate: prompt {index} holds {prompt.count(processor.image_token)} image "
+                               f"placeholders ({processor.image_token}) for {len(opened)} images; put one where each "
+                               "image goes")
+            text = prompt
+        else:
+            text = processor.apply_chat_template(image_column.as_parts(prompt), add_generation_prompt=True,
+                                                 tokenize=False)
+        encoded = processor(text=[text], images=[opened] if opened else None, add_special_tokens=isinstance(prompt, str),
+                            return_tensors="np")
+        ids = encoded["input_ids"][0].tolist()
+        all_ids.append(ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids)
+        all_arrays.append({k: v for k, v in encoded.items() if k not in multimodal.ARRAY_KEYS_SKIPPED} if opened else {})
+    return all_ids, all_arrays
+
+
 def stop_ids(tokenizer: Any, prompts: Sequence[Text]) -> list[int]:
     """EOS, and for chat prompts the template's end of turn: where a completion ends."""
     stops = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
@@ -173,51 +231,101 @@ def completion_text(tokenizer: Any, prompt_ids: list[int], completion_ids: list[
     return tokenizer.decode(completion_ids, skip_special_tokens=True)
 
 
-def sample_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Text], **options: Any,
+def sample_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Text],
+                 images: Sequence[Sequence[image_column.ImageSource]] | None = None, **options: Any,
                  ) -> list[tuple[Sample, str]]:
-    """`sample` on text or message-list prompts; each sample with its completion text. `options` as `sample`'s
-    keywords."""
-    ids = encode_prompts(tokenizer, prompts)
-    samples = sample(model, ids, eos_id=stop_ids(tokenizer, prompts), pad_id=tokenizer.pad_token_id, **options)
+    """`sample` on text or message-list prompts, with each prompt's images (`images`, for a vision-language
+    model's processor); each sample with its completion text. `options` as `sample`'s keywords."""
+    arrays = None
+    if multimodal.is_processor(tokenizer):
+        ids, arrays = encode_image_prompts(tokenizer, prompts, images or [()] * len(prompts))
+        tokenizer = multimodal.text_tokenizer(tokenizer)
+    elif images and any(images):
+        raise DPOError("generate: the prompts have images but the model's tokenizer has no image processor (a "
+                       "text-only model); use a vision-language model, or drop the image column")
+    else:
+        ids = encode_prompts(tokenizer, prompts)
+    samples = sample(model, ids, eos_id=stop_ids(tokenizer, prompts), pad_id=tokenizer.pad_token_id, images=arrays,
+                     **options)
     return [(s, completion_text(tokenizer, s.prompt_ids, s.completion_ids)) for s in samples]
 
 
 def read_prompts(path: str, field: str = "prompt") -> list[Text]:
-    """The `field` of every record of a JSONL/JSON/Parquet file: a string, or a list of chat messages."""
-    prompts: list[Text] = []
-    for where, record in read_records(path):
-        value = record.get(field)
-        is_messages = isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value)
-        if not isinstance(value, str) and not is_messages:
-            raise DPOError(f"{where}: field '{field}' must be a string or a non-empty list of "
-                           f"{{\"role\": str, \"content\": str}} messages, got {json.dumps(value)[:80]}")
-        prompts.append(value)
-    if not prompts:
-        raise DPOError(f"{path}: no prompts found")
+    """The `field` of every record of a JSONL/JSON/Parquet file: a string, or a list of chat messages. Records
+    with images are refused here (nothing dropped silently): `read_image_prompts` reads them."""
+    prompts, images = read_image_prompts(path, field)
+    if any(images):
+        raise DPOError(f"{path}: prompt {next(i for i, found in enumerate(images) if found)} has images, which "
+                       "this command does not take; give text prompts")
     return prompts
 
 
-def write_samples(path: str | Path, prompts: Sequence[Text], texts: Sequence[tuple[Sample, str]]) -> Path:
-    """One JSON line per sample: prompt, completion, prompt_index, sample_index, completion_tokens."""
+def read_image_prompts(path: str, field: str = "prompt",
+                       ) -> tuple[list[Text], list[tuple[image_column.ImageSource, ...]]]:
+    """The `field` of every record (a string, or chat messages whose contents may be parts with `{"type":
+    "image"}` placeholders) and the record's images (`images` / `image`: paths relative to the file, checked
+    to open; one per placeholder of a message-list prompt)."""
+    base = Path(path) if Path(path).is_dir() else Path(path).parent
+    prompts: list[Text] = []
+    images = []
+    for where, record in read_records(path):
+        value = record.get(field)
+        is_messages = isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and _is_content(m.get("content")) for m in value)
+        if not isinstance(value, str) and not is_messages:
+            raise DPOError(f"{where}: field '{field}' must be a string or a non-empty list of "
+                           f"{{\"role\": str, \"content\": str}} messages, got {json.dumps(value)[:80]}")
+        try:
+            sources = image_column.column_sources(record, base)
+        except image_column.BadImage as bad:
+            raise DPOError(f"{where}: {bad}") from None
+        if isinstance(value, list) and image_column.placeholder_count(value) != len(sources):
+            raise DPOError(f"{where}: the prompt has {image_column.placeholder_count(value)} image placeholders "
+                           f"({{\"type\": \"image\"}}) for {len(sources)} images; give one image per placeholder")
+        prompts.append(value)
+        images.append(sources)
+    if not prompts:
+        raise DPOError(f"{path}: no prompts found")
+    return prompts, images
+
+
+def _is_content(content: Any) -> bool:
+    """A message content: text, or parts (`{"type": "text", "text": ...}` and `{"type": "image"}`)."""
+    return isinstance(content, str) or isinstance(content, list) and all(
+        image_column.is_image_part(part) or isinstance(part, dict) and part.get("type") == "text"
+        and isinstance(part.get("text"), str) for part in content)
+
+
+def write_samples(path: str | Path, prompts: Sequence[Text], texts: Sequence[tuple[Sample, str]],
+                  images: Sequence[Sequence[image_column.ImageSource]] | None = None) -> Path:
+    """One JSON line per sample: prompt, completion, prompt_index, sample_index, completion_tokens; for a prompt
+    with images, `images` (absolute paths), or `images_as_bytes` (their count) when some came as bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as handle:
         for s, text in texts:
-            handle.write(json.dumps({"prompt": prompts[s.prompt_index], "completion": text,
-                                     "prompt_index": s.prompt_index, "sample_index": s.sample_index,
-                                     "completion_tokens": len(s.completion_ids)}) + "\n")
+            record = {"prompt": prompts[s.prompt_index], "completion": text, "prompt_index": s.prompt_index,
+                      "sample_index": s.sample_index, "completion_tokens": len(s.completion_ids)}
+            record |= _image_fields(images[s.prompt_index] if images else ())
+            handle.write(json.dumps(record) + "\n")
     return path
+
+
+def _image_fields(sources: Sequence[image_column.ImageSource]) -> dict[str, Any]:
+    if not sources:
+        return {}
+    if all(isinstance(source, str) for source in sources):
+        return {"images": list(sources)}
+    return {"images_as_bytes": len(sources)}  # JSON holds no bytes: the prompt_index finds them in the prompts file
 
 
 def generate_file(*, model: str, prompts: str, out: str, field: str = "prompt", device: str = "auto",
                   dtype: str = "float32", batch_size: int = 32, **sampling: Any) -> Path:
     """`dpo generate`: sample completions of every prompt in a file from a saved model, write them as JSONL."""
-    texts_in = read_prompts(prompts, field)
+    texts_in, images = read_image_prompts(prompts, field)
     tokenizer = models.load_tokenizer(model)
     policy = models.load_model(model, dtype=dtype).to(distributed.resolve_device(device))
-    texts = sample_texts(policy, tokenizer, texts_in, batch_size=batch_size, **sampling)
-    path = write_samples(out, texts_in, texts)
+    texts = sample_texts(policy, tokenizer, texts_in, images, batch_size=batch_size, **sampling)
+    path = write_samples(out, texts_in, texts, images)
     print(f"wrote {len(texts)} samples of {len(texts_in)} prompts to {path}", flush=True)
     return path

