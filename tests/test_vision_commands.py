@@ -60,19 +60,22 @@ def read_jsonl(path: Path) -> list[dict]:
 # ---- dpo generate -----------------------------------------------------------------------------------------------
 
 
-def own_generate(model, processor, record: dict, base: Path, max_new_tokens: int, stops: list[int]) -> list[int]:
-    """transformers' `generate` (greedy) on one prompt with its images, rendered independently of dpokit."""
-    names = record.get("images") or [record["image"]] if ("images" in record or "image" in record) else []
+def own_inputs(processor, record: dict, base: Path):
+    """The processor's tensors for one prompt record with its images, rendered independently of dpokit."""
+    names = record.get("images") or ([record["image"]] if "image" in record else [])
     images = [PIL.open(base / name).convert("RGB") for name in names]
     prompt = record["prompt"]
     if isinstance(prompt, str):
-        inputs = processor(text=[prompt], images=[images], return_tensors="pt")
-    else:
-        parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
-                 for m in prompt]
-        text = processor.apply_chat_template(parts, add_generation_prompt=True, tokenize=False)
-        inputs = processor(text=[text], images=[images] if images else None, add_special_tokens=False,
-                           return_tensors="pt")
+        return processor(text=[prompt], images=[images], return_tensors="pt")
+    parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
+             for m in prompt]
+    text = processor.apply_chat_template(parts, add_generation_prompt=True, tokenize=False)
+    return processor(text=[text], images=[images] if images else None, add_special_tokens=False, return_tensors="pt")
+
+
+def own_generate(model, processor, record: dict, base: Path, max_new_tokens: int, stops: list[int]) -> list[int]:
+    """transformers' `generate` (greedy) on one prompt record with its images: the new tokens."""
+    inputs = own_inputs(processor, record, base)
     out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=0)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
@@ -122,3 +125,74 @@ def test_bad_image_prompts_are_one_line(llava_dir, folder, tmp_path, capsys, rec
     code, _, err = run_cli(["generate", "--model", str(llava_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
                             "--out", str(tmp_path / "out.jsonl"), "--device", "cpu"], capsys)
     assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# ---- dpo eval ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory) -> Path:
+    """Another random LLaVA (seed 1) with the same processor: a policy that differs from the reference."""
+    path = tmp_path_factory.mktemp("tiny-llava-policy")
+    build_tiny_llava(path, seed=1)
+    return path
+
+
+def own_logps(model, ids: list[int], prompt_length: int, pixel_values) -> float:
+    """Summed log-probs of `ids[prompt_length:]` from the model's own forward with the prompt's images."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids]), pixel_values=pixel_values).logits[0, :-1].double()
+    per_token = logits.log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    return per_token[prompt_length - 1:].sum().item()
+
+
+def test_eval_preference_metrics_on_image_pairs(llava_dir, policy_dir, folder, tmp_path, capsys):
+    from dpokit.data import formats, multimodal
+    from transformers import AutoProcessor
+
+    out = tmp_path / "eval.json"
+    code, _, err = run_cli(["eval", "--model", str(policy_dir), "--ref-model", str(llava_dir), "--data",
+                            str(folder / "pairs.jsonl"), "--beta", "0.5", "--out", str(out), "--device", "cpu"], capsys)
+    assert code == 0, err
+    metrics = json.loads(out.read_text())
+    processor = AutoProcessor.from_pretrained(llava_dir)
+    pairs, _ = formats.load_pairs(str(folder / "pairs.jsonl"))
+    tokenized, _ = multimodal.tokenize_pairs(pairs, processor, max_length=1024)
+    policy, reference = load_llava(policy_dir), load_llava(llava_dir)
+    margins = []
+    for pair in tokenized:
+        pixels = torch.from_numpy(pair.image_inputs["pixel_values"])
+        rewards = [0.5 * (own_logps(policy, pair.prompt_ids + c, len(pair.prompt_ids), pixels)
+                          - own_logps(reference, pair.prompt_ids + c, len(pair.prompt_ids), pixels))
+                   for c in (pair.chosen_ids, pair.rejected_ids)]
+        margins.append(rewards[0] - rewards[1])
+    assert metrics["eval/pairs"] == 8
+    assert metrics["eval/rewards/margins"] == pytest.approx(sum(margins) / 8, abs=1e-4)
+    assert metrics["eval/rewards/accuracies"] == pytest.approx(sum(m > 0 for m in margins) / 8)
+
+
+def test_eval_samples_on_image_prompts(llava_dir, policy_dir, folder, tmp_path, capsys):
+    """Greedy samples of the policy: each one's log-ratio is the two models' own forward with the images, and a
+    reward function taking `images` gets the prompt's."""
+    from transformers import AutoProcessor
+
+    (tmp_path / "reward.py").write_text(
+        "def count_images(prompts, completions, images):\n    return [float(len(i)) for i in images]\n")
+    samples = tmp_path / "samples.jsonl"
+    code, _, err = run_cli(["eval", "--model", str(policy_dir), "--ref-model", str(llava_dir), "--prompts",
+                            str(folder / "prompts.jsonl"), "--reward", f"{tmp_path / 'reward.py'}:count_images",
+                            "--temperature", "0", "--max-new-tokens", "5", "--samples-out", str(samples),
+                            "--device", "cpu"], capsys)
+    assert code == 0, err
+    processor = AutoProcessor.from_pretrained(llava_dir)
+    stops = [processor.tokenizer.eos_token_id, processor.tokenizer.convert_tokens_to_ids("<|end|>")]
+    policy, reference = load_llava(policy_dir), load_llava(llava_dir)
+    records = read_jsonl(samples)
+    assert [r["reward"] for r in records] == [1.0, 2.0, 1.0, 0.0]
+    for record, prompt in zip(records, read_jsonl(folder / "prompts.jsonl"), strict=True):
+        completion = own_generate(policy, processor, prompt, folder, 5, stops)
+        inputs = own_inputs(processor, prompt, folder)
+        ids, pixels = inputs["input_ids"][0].tolist(), inputs.get("pixel_values")
+        expected = (own_logps(policy, ids + completion, len(ids), pixels)
+                    - own_logps(reference, ids + completion, len(ids), pixels))
+        assert record["log_ratio"] == pytest.approx(expected, abs=1e-4)

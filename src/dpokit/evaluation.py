@@ -11,6 +11,11 @@ Two kinds of evidence, from two kinds of input:
   policy samples y ~ pi(.|x) of log pi(y|x) - log pi_ref(y|x). That estimate is unbiased only for samples drawn
   at temperature 1 without top-p; it is the x-axis of the DPO paper's reward-KL frontier (Sec. 6.1, Fig. 2).
 
+Prompts may carry images (a vision-language model's `--prompts` records with `images` / `image`, as `dpo
+generate` takes them): both models sample and score each completion with its prompt's images, and a reward
+function that takes an `images` keyword gets each completion's prompt images (their sources: absolute paths or
+encoded bytes), as TRL passes dataset columns to reward functions.
+
 Policy and reference samples use the same seeds (common random numbers): when the two models are the same,
 their samples are identical, the win rate is exactly 0.5 and the KL estimate exactly 0.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import sys
@@ -54,7 +60,8 @@ def dataset_logps(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, bat
 def completion_logps(model: torch.nn.Module, samples: Sequence[generate.Sample], *, batch_size: int = 32,
                      ) -> torch.Tensor:
     """log pi(y|x) of each sampled completion `[samples]`: scored as a pair whose two sides are the completion."""
-    pairs = [TokenizedPair(s.prompt_ids, s.completion_ids, s.completion_ids) for s in samples]
+    pairs = [TokenizedPair(s.prompt_ids, s.completion_ids, s.completion_ids, image_inputs=s.image_inputs)
+             for s in samples]
     return dataset_logps(model, pairs, batch_size=batch_size).chosen
 
 
@@ -75,9 +82,12 @@ def preference_metrics(policy: torch.nn.Module, reference: torch.nn.Module, pair
 
 
 def score_samples(reward: RewardFunction, prompts: Sequence[Text], texts: Sequence[tuple[generate.Sample, str]],
-                  ) -> torch.Tensor:
-    """The user's reward of each sample `[samples]`, checked: one finite number per sample."""
-    values = reward([prompts[s.prompt_index] for s, _ in texts], [text for _, text in texts])
+                  images: Sequence[Sequence[Any]] | None = None) -> torch.Tensor:
+    """The user's reward of each sample `[samples]`, checked: one finite number per sample. With `images` (each
+    prompt's), a reward function that takes an `images` keyword gets each sample's prompt images."""
+    extra = ({"images": [list(images[s.prompt_index]) for s, _ in texts]}
+             if images is not None and any(images) and _takes_images(reward) else {})
+    values = reward([prompts[s.prompt_index] for s, _ in texts], [text for _, text in texts], **extra)
     try:
         scores = torch.tensor([float(v) for v in values], dtype=torch.float64)
     except (TypeError, ValueError):
@@ -90,16 +100,17 @@ def score_samples(reward: RewardFunction, prompts: Sequence[Text], texts: Sequen
 
 
 def sample_metrics(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, prompts: Sequence[Text],
-                   reward: RewardFunction, *, batch_size: int = 32, **sampling: Any,
-                   ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+                   reward: RewardFunction, *, batch_size: int = 32, images: Sequence[Sequence[Any]] | None = None,
+                   **sampling: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Mean reward, win rate and KL(policy || reference) from samples; also one record per policy sample.
 
+    `images`: each prompt's image sources (`generate.read_image_prompts`), for a vision-language model.
     `sampling`: `sample`'s options (num_samples, max_new_tokens, temperature, top_p, seed).
     """
-    policy_texts = generate.sample_texts(policy, tokenizer, prompts, batch_size=batch_size, **sampling)
-    reference_texts = generate.sample_texts(reference, tokenizer, prompts, batch_size=batch_size, **sampling)
-    policy_rewards = score_samples(reward, prompts, policy_texts)                    # [samples]
-    reference_rewards = score_samples(reward, prompts, reference_texts)             # [samples], same (x, k) order
+    policy_texts = generate.sample_texts(policy, tokenizer, prompts, images, batch_size=batch_size, **sampling)
+    reference_texts = generate.sample_texts(reference, tokenizer, prompts, images, batch_size=batch_size, **sampling)
+    policy_rewards = score_samples(reward, prompts, policy_texts, images)            # [samples]
+    reference_rewards = score_samples(reward, prompts, reference_texts, images)     # [samples], same (x, k) order
     samples = [s for s, _ in policy_texts]
     log_ratios = (completion_logps(policy, samples, batch_size=batch_size).double()
                   - completion_logps(reference, samples, batch_size=batch_size).double())   # [samples]
@@ -118,6 +129,14 @@ def sample_metrics(policy: torch.nn.Module, reference: torch.nn.Module, tokenize
                 "log_ratio": float(lr)}
                for (s, text), r, rr, lr in zip(policy_texts, policy_rewards, reference_rewards, log_ratios)]
     return metrics, records
+
+
+def _takes_images(reward: RewardFunction) -> bool:
+    try:
+        parameters = inspect.signature(reward).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable without a signature
+        return False
+    return any(p.name == "images" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _stderr(values: torch.Tensor) -> float:
@@ -209,8 +228,9 @@ def evaluate_models(*, model: str, ref_model: str, data: str | None = None, prom
     if prompts is not None and reward_fn is not None:
         if sampling.get("temperature", 1.0) != 1.0 or sampling.get("top_p", 1.0) != 1.0:
             print("note: the KL estimate is unbiased only for --temperature 1 --top-p 1", file=sys.stderr)
-        found, records = sample_metrics(policy, reference, loaded_tokenizer, generate.read_prompts(prompts), reward_fn,
-                                        batch_size=batch_size, **sampling)
+        texts, images = generate.read_image_prompts(prompts)
+        found, records = sample_metrics(policy, reference, loaded_tokenizer, texts, reward_fn, batch_size=batch_size,
+                                        images=images, **sampling)
         metrics |= {f"samples/{k}": v for k, v in found.items()}
         if samples_out:
             Path(samples_out).parent.mkdir(parents=True, exist_ok=True)
