@@ -5,6 +5,10 @@ Each reader yields `(where, record)`, with `where` naming the place for error me
 "file:record N" (JSON) or "file:row N" (CSV, Parquet, datasets). A file that cannot be read is one `DPOError`;
 a record that cannot be read (a malformed JSONL line, a JSON value that is not an object) is one too, or, with
 `read_records_or_malformed`, a `Malformed` record for the caller to count and skip (`--skip-invalid`).
+
+A JSONL or CSV line longer than `MAX_LINE_BYTES` is refused without being read into memory (a JSONL line is
+then skippable like any malformed one); a Parquet column that should hold text but has another type is refused
+before any row is read, naming the column and its type.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TextIO
 
 from ..errors import DPOError, import_extra
 
 FILE_TYPES = (".jsonl", ".json", ".parquet", ".csv")
+MAX_LINE_BYTES = 64 << 20  # one record's line; a longer one is not a preference record (a file not split in lines)
+TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion", "text")  # text, or message lists, in every format
 
 
 @dataclass(frozen=True)
@@ -93,8 +99,11 @@ def _read_dataset(path: str, split: str, *, load_from_disk: bool) -> Iterator[tu
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any] | Malformed]]:
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, raw in enumerate(_capped_lines(handle), start=1):
             where = f"{path}:{number}"
+            if raw is None:
+                yield where, Malformed(f"line longer than {MAX_LINE_BYTES >> 20} MiB, the most one record may take")
+                continue
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")  # a line break inside the text would move the column
             except UnicodeDecodeError:
@@ -139,7 +148,7 @@ def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any] | Malformed]]:
 def _read_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
         with path.open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
+            reader = csv.DictReader(_text_lines(handle, path))
             for record in reader:
                 yield f"{path}:{reader.line_num}", {k: v for k, v in record.items() if k is not None}
     except UnicodeDecodeError:
@@ -148,12 +157,65 @@ def _read_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise DPOError(f"{path}: malformed CSV ({err})") from None
 
 
-def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any] | Malformed]]:
     pq = import_extra("pyarrow.parquet", "parquet", f"{path}: reading Parquet")
 
     try:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises several unrelated types for unreadable files
         raise DPOError(f"{path}: not a readable Parquet file ({err})") from None
-    for number, record in enumerate(table.to_pylist(), start=1):
-        yield f"{path}:row {number}", record
+    for name in TEXT_COLUMNS:
+        if name in table.column_names and not _holds_text(table.schema.field(name).type):
+            raise DPOError(f"{path}: column '{name}' is {table.schema.field(name).type}, but it must hold text: "
+                           "write it as a string column (or a list of {role, content} messages)")
+    number = 0
+    for batch in table.to_batches():  # one batch of Python rows at a time, not the whole table
+        try:
+            rows: list[dict[str, Any] | Malformed] = batch.to_pylist()
+        except UnicodeDecodeError:  # a string column holding bytes that are not UTF-8: find the rows that do
+            rows = [_row_or_malformed(batch, i) for i in range(batch.num_rows)]
+        for record in rows:
+            number += 1
+            yield f"{path}:row {number}", record
+
+
+def _holds_text(kind: Any) -> bool:
+    """Whether an Arrow type reads as text or a list (of messages, checked per record), or is all nulls."""
+    types = import_extra("pyarrow.types", "parquet", "reading Parquet")
+    if types.is_dictionary(kind):  # a categorical column (pandas `category`)
+        kind = kind.value_type
+    return bool(types.is_string(kind) or types.is_large_string(kind) or types.is_list(kind)
+                or types.is_large_list(kind) or types.is_null(kind)
+                or getattr(types, "is_string_view", lambda _: False)(kind))
+
+
+def _row_or_malformed(batch: Any, i: int) -> dict[str, Any] | Malformed:
+    record = {}
+    for name, column in zip(batch.schema.names, batch.columns):
+        try:
+            record[name] = column[i].as_py()
+        except UnicodeDecodeError:
+            return Malformed(f"column '{name}' is not UTF-8 text")
+    return record
+
+
+def _capped_lines(handle: BinaryIO) -> Iterator[bytes | None]:
+    """The lines of a binary file, None in place of one longer than `MAX_LINE_BYTES`: the rest of that one is
+    read past in 1 MiB pieces (only when the caller goes on), never held whole."""
+    while line := handle.readline(MAX_LINE_BYTES + 1):
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            yield None
+            while (rest := handle.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+        else:
+            yield line
+
+
+def _text_lines(handle: TextIO, path: Path) -> Iterator[str]:
+    """The lines of a text file for `csv`, refusing one longer than `MAX_LINE_BYTES` characters unread (a CSV
+    line cannot be skipped alone: a quoted field may run on over it)."""
+    while line := handle.readline(MAX_LINE_BYTES + 1):
+        if len(line) > MAX_LINE_BYTES and not line.endswith("\n"):
+            raise DPOError(f"{path}: a line longer than {MAX_LINE_BYTES >> 20} MiB, the most one record may take "
+                           "(is this a CSV file?)")
+        yield line
