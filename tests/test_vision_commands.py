@@ -196,3 +196,110 @@ def test_eval_samples_on_image_prompts(llava_dir, policy_dir, folder, tmp_path, 
         expected = (own_logps(policy, ids + completion, len(ids), pixels)
                     - own_logps(reference, ids + completion, len(ids), pixels))
         assert record["log_ratio"] == pytest.approx(expected, abs=1e-4)
+
+
+# ---- training with images ---------------------------------------------------------------------------------------
+
+TIMING = {"pairs_per_s", "tokens_per_s", "elapsed_s"}
+
+
+def train_args(llava_dir: Path, folder: Path, output: Path, *extra: str) -> list[str]:
+    return ["train", "--model", str(llava_dir), "--data", str(folder / "pairs.jsonl"), "--output", str(output),
+            "--max-steps", "2", "--batch-size", "4", "--eval-fraction", "0", "--lr", "1e-2", "--device", "cpu",
+            "--no-progress", "--report-to", "none", *extra]
+
+
+def metric_rows(output: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in read_jsonl(output / "metrics.jsonl")]
+
+
+def weights(output: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(output / "model" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def trained(llava_dir, folder, tmp_path_factory) -> Path:
+    """`dpo train` on the image pairs, 2 steps of 4 pairs, in this process."""
+    output = tmp_path_factory.mktemp("trained")
+    code = run_cli(train_args(llava_dir, folder, output), _NoCapture())[0]
+    assert code == 0
+    return output
+
+
+class _NoCapture:
+    """`run_cli`'s capsys for a module fixture (which cannot take capsys): output stays where it goes."""
+
+    def readouterr(self) -> tuple[str, str]:
+        return "", ""
+
+
+def test_precomputed_reference_with_images_equals_the_live_one(llava_dir, folder, trained, tmp_path, capsys):
+    code, _, err = run_cli(train_args(llava_dir, folder, tmp_path, "--precompute-ref"), capsys)
+    assert code == 0, err
+    live, precomputed = metric_rows(trained), metric_rows(tmp_path)
+    assert [row["step"] for row in precomputed] == [1, 2]
+    for one, other in zip(live, precomputed):
+        assert other == pytest.approx(one, abs=1e-5)
+    for name, tensor in weights(trained).items():
+        torch.testing.assert_close(weights(tmp_path)[name], tensor, atol=1e-5, rtol=0, msg=name)
+
+
+def test_reference_free_loss_with_images_is_simpos_formula(llava_dir, folder, tmp_path, capsys):
+    """One step over all 8 pairs: the logged loss is SimPO's (Meng et al. 2024, arXiv 2405.14734, Eq. 6) from
+    the model's own forward with each prompt's images, length-normalised over the completion tokens."""
+    from dpokit.data import formats, multimodal
+    from transformers import AutoProcessor
+
+    code, _, err = run_cli(train_args(llava_dir, folder, tmp_path, "--loss", "simpo", "--beta", "2",
+                                      "--simpo-gamma", "0.5", "--batch-size", "8", "--max-steps", "1"), capsys)
+    assert code == 0, err
+    pairs, _ = formats.load_pairs(str(folder / "pairs.jsonl"))
+    tokenized, _ = multimodal.tokenize_pairs(pairs, AutoProcessor.from_pretrained(llava_dir), max_length=1024)
+    model = load_llava(llava_dir)
+    losses = []
+    for pair in tokenized:
+        pixels = torch.from_numpy(pair.image_inputs["pixel_values"])
+        mean = [own_logps(model, pair.prompt_ids + c, len(pair.prompt_ids), pixels) / len(c)
+                for c in (pair.chosen_ids, pair.rejected_ids)]
+        losses.append(-torch.nn.functional.logsigmoid(torch.tensor(2 * (mean[0] - mean[1]) - 0.5)).item())
+    assert metric_rows(tmp_path)[0]["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
+
+
+def run_dpo(args: list[str], *, torchrun: bool = False) -> None:
+    """`python -m dpokit ARGS` (or under `torchrun --nproc-per-node 2`) in a fresh process, one thread each."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if torchrun else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, *launcher, "-m", "dpokit", *args], capture_output=True, text=True, env=env,
+                         timeout=240)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+
+
+def test_stopped_at_step_2_and_resumed_with_images_is_the_same_run(llava_dir, folder, tmp_path):
+    """4 steps straight (saving at 2) against a run resumed from that checkpoint: the same weights, bit for bit,
+    and the same rows (both in fresh processes with the same thread count)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_dpo(train_args(llava_dir, folder, straight, "--max-steps", "4", "--batch-size", "2", "--save-every", "2"))
+    run_dpo(train_args(llava_dir, folder, resumed, "--max-steps", "4", "--batch-size", "2", "--save-every", "2",
+                       "--resume", str(straight / "checkpoints" / "step-2")))
+    expected, got = weights(straight), weights(resumed)
+    assert expected.keys() == got.keys()
+    assert [name for name in expected if not torch.equal(expected[name], got[name])] == []
+    assert metric_rows(resumed) == metric_rows(straight)
+
+
+def test_two_ddp_processes_with_images_match_one(llava_dir, folder, trained, tmp_path):
+    """`torchrun --nproc-per-node 2` (gloo on CPU) x batch 2 against one process x batch 4."""
+    run_dpo(train_args(llava_dir, folder, tmp_path, "--batch-size", "2"), torchrun=True)
+    single, multi = metric_rows(trained), metric_rows(tmp_path)
+    assert [row["step"] for row in multi] == [1, 2]
+    for one, two in zip(single, multi):
+        assert two == pytest.approx(one, abs=1e-5)
+    from safetensors.torch import load_file
+
+    before = load_file(llava_dir / "model.safetensors")
+    assert before.keys() == weights(trained).keys()
+    for name, tensor in weights(trained).items():
+        torch.testing.assert_close(weights(tmp_path)[name], tensor, atol=2e-5, rtol=0, msg=name)
+    assert max((weights(trained)[name] - before[name]).abs().max() for name in before) > 1e-3  # training moved them
