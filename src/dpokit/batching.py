@@ -60,8 +60,9 @@ class ImageBatch:
     """The images of a batch, each distinct prompt's once however many rows show it."""
 
     inputs: dict[str, torch.Tensor]  # the image processor's arrays of the distinct prompts, concatenated in order
-    shown_at: torch.Tensor           # [prompt segments, 3] flat start (in rows*seq), length and prompt number of
-                                     # every prompt segment with images, in flat order
+    shown_at: torch.Tensor           # [prompt segments, 4] flat start (in rows*seq), length, prompt number and
+                                     # block length (the prompt and its completions after it) of every prompt
+                                     # segment with images, in flat order
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ImageBatch:
         return ImageBatch({k: v.to(device, non_blocking=non_blocking) for k, v in self.inputs.items()}, self.shown_at)
@@ -187,14 +188,14 @@ class _RowBuilder:
         # flat index of its block's last prompt token (which predicts a completion's first token).
         ids: list[list[int]] = []
         start, length, first_position, part, block_no, sequence, prompt_end = ([] for _ in range(7))
-        shown_at: list[tuple[int, int, int]] = []  # (flat start, length, image number) of prompts with images
+        shown_at: list[tuple[int, int, int, int]] = []  # (flat start, length, image number, block length)
         for r, row in enumerate(self.rows):
             offset = r * width
             for b, block in enumerate(row):
                 segments = [block.prompt, *block.completions]
                 end_of_prompt = offset + len(block.prompt) - 1
                 if block.image >= 0:
-                    shown_at.append((offset, len(block.prompt), block.image))
+                    shown_at.append((offset, len(block.prompt), block.image, block.size))
                 for k, segment in enumerate(segments):
                     ids.append(segment)
                     start.append(offset)
@@ -296,12 +297,12 @@ class _DistinctImages:
             self.inputs.append(image_inputs)
         return self.numbers[key]
 
-    def batch(self, shown_at: list[tuple[int, int, int]]) -> ImageBatch | None:
+    def batch(self, shown_at: list[tuple[int, int, int, int]]) -> ImageBatch | None:
         if not self.inputs:
             return None
         inputs = {name: torch.from_numpy(np.concatenate([arrays[name] for arrays in self.inputs]))
                   for name in self.inputs[0]}
-        return ImageBatch(inputs, torch.tensor(sorted(shown_at), dtype=torch.long).view(-1, 3))
+        return ImageBatch(inputs, torch.tensor(sorted(shown_at), dtype=torch.long).view(-1, 4))
 
 
 def _first_fit_decreasing(blocks: list[_Block], capacity: int) -> list[list[_Block]]:

@@ -69,6 +69,8 @@ class SequenceScorer(torch.nn.Module):
         # The tokens as the decoder takes them: ids, or embeddings with the image features written in.
         tokens = ({"input_ids": input_ids} if images is None
                   else {"inputs_embeds": vision.input_embeddings(self.model, input_ids, images)})
+        if images is not None:  # a model with multimodal RoPE (Qwen2-VL) takes 3-axis positions
+            position_ids = vision.decoder_position_ids(self.model, input_ids, position_ids, images)
         if isinstance(attention_mask, BlockLayout):
             hidden = decoder_hidden_states(decoder, input_ids, position_ids, attention_mask,
                                            inputs_embeds=tokens.get("inputs_embeds"))

@@ -5,7 +5,8 @@ image tokens the model fills with vision features (LLaVA: one `<image>` per patc
 the image's resolution gives). As in `tokenization`, the prompt and each prompt + completion are tokenized with
 the images and cut at their common token prefix; every image token must then lie in the prompt (images belong
 to it), and a prompt with images is never truncated (cutting image tokens would leave features with no place).
-The prompt's image arrays (`pixel_values`, ...) go with the pair (`TokenizedPair.image_inputs`), computed once.
+The prompt's image arrays (`pixel_values`, ...) go with the pair (`TokenizedPair.image_inputs`), computed once,
+each with the prompt's images (Idefics3: its tiles) along the first axis, so that a batch's prompts concatenate.
 
 Chat messages are rendered with the processor's chat template, each content given as parts (`{"type": "image"}`,
 `{"type": "text", "text": ...}`) as vision templates expect; a plain-text prompt holds the processor's image
@@ -97,6 +98,10 @@ def _tokenize_pair(index: int, pair: PreferencePair, processor: Any, report: Tru
         eos = processor.tokenizer.eos_token_id
         chosen, rejected = with_eos(chosen, eos), with_eos(rejected, eos)
     image_inputs = {k: v for k, v in prompt_encoded.items() if k not in ARRAY_KEYS_SKIPPED} if images else {}
+    if images and prompt_encoded["pixel_values"].ndim == 5:
+        # Idefics3 / SmolVLM give (texts, tiles, C, H, W) and a pixel_attention_mask alike: the one text's axis
+        # dropped, the prompt's tiles come first, as every family's images do (`vision.image_features` restores it).
+        image_inputs = {k: v[0] for k, v in image_inputs.items()}
     return TokenizedPair(prompt, chosen, rejected, dict(pair.extras), pair.group, image_inputs)
 
 
