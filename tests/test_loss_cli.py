@@ -21,6 +21,7 @@ from dpokit.errors import DPOError
 WITH_REFERENCE = ["sigmoid", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "dpop", "astar_po"]
 REFERENCE_FREE = ["simpo", "alphapo", "orpo", "cpo", "sft"]
+GOLD = ["tpo", "tpo-l"]  # they need data with a gold response: through the loop in test_tpo.py
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +42,7 @@ def run(tmp_path, **settings):
 
 
 def test_every_loss_with_a_reference_trains(tmp_path):
-    assert set(WITH_REFERENCE + REFERENCE_FREE + ["kto"]) == set(losses.names())
+    assert set(WITH_REFERENCE + REFERENCE_FREE + GOLD + ["kto"]) == set(losses.names())
     last = run(tmp_path, loss=",".join(WITH_REFERENCE), loss_weights=",".join(["0.5"] * len(WITH_REFERENCE)),
                label_smoothing=0.1, rpo_alpha=0.5)
     assert math.isfinite(last["loss"]) and last["nll_loss"] > 0   # --rpo-alpha logs its NLL term
@@ -107,7 +108,8 @@ def test_new_losses_are_listed_in_train_help(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     text = capsys.readouterr().out
-    for flag, loss in (("--dpop-lambda", "dpop"), ("--alphapo-alpha", "alphapo"), ("--astar-po-beta1", "astar_po")):
+    for flag, loss in (("--dpop-lambda", "dpop"), ("--alphapo-alpha", "alphapo"), ("--astar-po-beta1", "astar_po"),
+                       ("--tpo-alpha", "tpo"), ("--tpo-l-gamma", "tpo-l")):
         assert flag in text and f"--loss {loss}" in text
 
 

@@ -11,6 +11,7 @@ import torch
 from dpokit import losses
 from dpokit.config import Config
 from dpokit.logprobs import PairLogps
+from dpokit.losses.triple import GOLD_LENGTHS, GOLD_LOGPS
 
 BETA = 0.1
 # Three pairs: summed completion log-probs and lengths for the policy and the reference.
@@ -22,6 +23,14 @@ REFERENCE = dict(chosen=[-11.0, -18.0, -6.0], rejected=[-11.0, -16.0, -8.0])
 def logps(chosen, rejected, chosen_lengths=(1.0, 1.0, 1.0), rejected_lengths=(1.0, 1.0, 1.0), grad=False):
     t = lambda v: torch.tensor(v, dtype=torch.float64, requires_grad=grad)  # noqa: E731
     return PairLogps(t(chosen), t(rejected), t(chosen_lengths).detach(), t(rejected_lengths).detach())
+
+
+def extras_for(name, pairs):
+    """The extras a loss reads beyond the data's: TPO's gold responses (log-prob -3 over 2 tokens, every pair)."""
+    if name not in ("tpo", "tpo-l"):
+        return {}
+    return {GOLD_LOGPS: torch.full((pairs,), -3.0, dtype=torch.float64),
+            GOLD_LENGTHS: torch.full((pairs,), 2.0, dtype=torch.float64)}
 
 
 def policy_ref():
@@ -366,7 +375,7 @@ def test_gradient_raises_chosen_and_lowers_rejected(name):
     policy = logps([-22.0] * 3, [-18.0] * 3, (4.0,) * 3, (4.0,) * 3, grad=True)
     spec = losses.get(name)
     params = {k: v for k, v in {"beta": BETA, **PARAMS.get(name, {})}.items() if k in spec.params}
-    spec.function(policy, reference, {}, **params).losses.sum().backward()
+    spec.function(policy, reference, extras_for(name, 3), **params).losses.sum().backward()
     chosen_grad, rejected_grad = policy.chosen.grad, policy.rejected.grad
     if name == "apo_down":  # APO-down lowers both likelihoods, the rejected one more (paper, Eq. 8)
         assert (chosen_grad > 0).all() and (rejected_grad > chosen_grad).all()
@@ -401,7 +410,7 @@ def test_finite_at_extreme_log_probs(name, extra):
                       (50.0, 1.0, 3.0, 1.0))
     spec = losses.get(name)
     params = {**PARAMS.get(name, {}), **extra}
-    out = spec.function(policy, reference if spec.needs_reference else None, {}, **params)
+    out = spec.function(policy, reference if spec.needs_reference else None, extras_for(name, 4), **params)
     out.losses.sum().backward()
     assert torch.isfinite(out.losses).all(), out.losses
     for grad in (policy.chosen.grad, policy.rejected.grad):
@@ -440,6 +449,11 @@ SETTINGS = Config().to_dict()
     ("alphapo", {"alphapo_alpha": float("nan")}, None, "--alphapo-alpha"),
     ("astar_po", {"astar_po_beta1": 0.0}, None, "--astar-po-beta1"),
     ("astar_po", {"astar_po_beta1": float("inf")}, None, "--astar-po-beta1"),
+    ("tpo", {}, frozenset({"margin"}), "needs a gold response"),
+    ("tpo", {"tpo_alpha": -0.5}, None, "--tpo-alpha"),
+    ("tpo", {"stream_data": True}, None, "--stream-data"),
+    ("tpo-l", {"tpo_l_gamma": float("nan")}, None, "--tpo-l-gamma"),
+    ("tpo-l", {"label_smoothing": 0.5}, None, "--label-smoothing"),
 ])
 def test_invalid_settings_are_named(name, changes, extras, fragment):
     problems = losses.get(name).problems({**SETTINGS, **changes}, extras)
@@ -452,12 +466,12 @@ def test_valid_settings_pass():
                                           frozenset({"score_chosen", "score_rejected"})) == []
     assert losses.get("kto").problems(SETTINGS, frozenset({"label"})) == []
     for name in losses.names():
-        assert losses.get(name).problems({**SETTINGS, "label_smoothing": 0.1}, frozenset({"label"})) == [], name
+        assert losses.get(name).problems({**SETTINGS, "label_smoothing": 0.1}, frozenset({"label", "gold"})) == [], name
 
 
 def test_registry_metadata_and_user_registration(monkeypatch):
     monkeypatch.setattr(losses.registry, "_REGISTRY", dict(losses.registry._REGISTRY))
-    reference_free = {"simpo", "alphapo", "orpo", "cpo", "sft"}
+    reference_free = {"simpo", "alphapo", "orpo", "cpo", "sft", "tpo", "tpo-l"}
     assert {n for n in losses.names() if not losses.get(n).needs_reference} == reference_free
     assert [n for n in losses.names() if not losses.get(n).paired] == ["kto"]
 

@@ -2,8 +2,10 @@
 
 A `Batch` says which tokens to forward (`input_ids`, `position_ids`, `attention_mask`) and which positions to
 score: the hidden state at flat position `score_index[i]` predicts `target_ids[i]`, a token of completion
-`sequence_index[i]`. Pair p compares sequence `chosen_index[p]` with `rejected_index[p]`. Log-probs, losses and
-the loop only read this contract, so a new layout changes nothing outside this file.
+`sequence_index[i]`. Pair p compares sequence `chosen_index[p]` with `rejected_index[p]`; a pair with a gold
+response (TPO's third one) has it in sequence `gold_index[p]`, another completion of the same prompt, laid out and
+scored like the other two. Log-probs, losses and the loop only read this contract, so a new layout changes nothing
+outside this file.
 
 Layouts (all exact: the same per-sequence log-probs as scoring each prompt+completion on its own):
 
@@ -85,6 +87,8 @@ class Batch:
     num_sequences: int = 0
     num_tokens: int = 0              # real (non-padding) tokens forwarded
     images: ImageBatch | None = None  # the prompts' images, for a vision-language model
+    gold_index: torch.Tensor | None = None  # [pairs] sequence of each pair's gold response (-1: none); None when
+                                            # no pair of the batch has one
 
     @property
     def num_pairs(self) -> int:
@@ -129,8 +133,13 @@ def make_batch(pairs: Sequence[TokenizedPair], *, layout: str = "packed", pad_id
                 builder.add_row([builder.block(pair.prompt_ids, [getattr(pair, completion_of)], image)])
         n = len(pairs)
         chosen_index, rejected_index = list(range(n)), list(range(n, 2 * n))
+        gold_index = []
+        for pair, image in zip(pairs, image_of):
+            gold_index.append(-1 if pair.gold_ids is None else builder.num_sequences)
+            if pair.gold_ids is not None:
+                builder.add_row([builder.block(pair.prompt_ids, [pair.gold_ids], image)])
     else:
-        blocks, chosen_index, rejected_index = _prompt_blocks(pairs, image_of, builder)
+        blocks, chosen_index, rejected_index, gold_index = _prompt_blocks(pairs, image_of, builder)
         if layout == "shared":
             for block in blocks:
                 builder.add_row([block])
@@ -144,8 +153,11 @@ def make_batch(pairs: Sequence[TokenizedPair], *, layout: str = "packed", pad_id
     for name in sorted({k for p in pairs for k in p.extras}):
         extras[name] = torch.tensor([p.extras.get(name, float("nan")) for p in pairs], dtype=torch.float32)
     mask = {"concatenated": "padding", "blocks": "blocks"}.get(layout, "4d")
-    return builder.finish(pad_id=pad_id, mask=mask, chosen_index=chosen_index,
-                          rejected_index=rejected_index, pair_ids=pair_ids, extras=extras, images=images)
+    batch = builder.finish(pad_id=pad_id, mask=mask, chosen_index=chosen_index,
+                           rejected_index=rejected_index, pair_ids=pair_ids, extras=extras, images=images)
+    if any(index >= 0 for index in gold_index):
+        batch.gold_index = torch.tensor(gold_index, dtype=torch.long)
+    return batch
 
 
 @dataclass
@@ -260,13 +272,15 @@ class _RowBuilder:
 
 
 def _prompt_blocks(pairs: Sequence[TokenizedPair], image_of: list[int], builder: _RowBuilder,
-                   ) -> tuple[list[_Block], list[int], list[int]]:
-    """One block per distinct prompt (token ids and images); each distinct completion of it appears once in it."""
+                   ) -> tuple[list[_Block], list[int], list[int], list[int]]:
+    """One block per distinct prompt (token ids and images); each distinct completion of it (gold responses
+    included) appears once in it. Returns the blocks and each pair's chosen, rejected and gold (-1: none)
+    sequence."""
     by_prompt: dict[tuple[tuple[int, ...], int], dict[tuple[int, ...], int]] = {}
     for pair, image in zip(pairs, image_of):
         completions = by_prompt.setdefault((tuple(pair.prompt_ids), image), {})
-        for completion in (tuple(pair.chosen_ids), tuple(pair.rejected_ids)):
-            completions.setdefault(completion, len(completions))
+        for completion in (pair.chosen_ids, pair.rejected_ids, *([pair.gold_ids] if pair.gold_ids is not None else [])):
+            completions.setdefault(tuple(completion), len(completions))
     blocks, first_of = [], {}
     for (prompt, image), completions in by_prompt.items():
         block = builder.block(list(prompt), [list(c) for c in completions], image)
@@ -275,7 +289,9 @@ def _prompt_blocks(pairs: Sequence[TokenizedPair], image_of: list[int], builder:
     sequence_of = lambda key, completion: first_of[key] + by_prompt[key][completion]  # noqa: E731
     chosen_index = [sequence_of((tuple(p.prompt_ids), i), tuple(p.chosen_ids)) for p, i in zip(pairs, image_of)]
     rejected_index = [sequence_of((tuple(p.prompt_ids), i), tuple(p.rejected_ids)) for p, i in zip(pairs, image_of)]
-    return blocks, chosen_index, rejected_index
+    gold_index = [-1 if p.gold_ids is None else sequence_of((tuple(p.prompt_ids), i), tuple(p.gold_ids))
+                  for p, i in zip(pairs, image_of)]
+    return blocks, chosen_index, rejected_index, gold_index
 
 
 class _DistinctImages:

@@ -92,6 +92,9 @@ class Config:
                                      "recipe for Mistral-Instruct uses 0.25)")
     astar_po_beta1: float = _opt(0.5, "A*-PO (--loss astar_po) temperature beta1 of the value estimate "
                                       "V(x) = beta1 log mean exp(r/beta1) over the pair's two rewards")
+    tpo_alpha: float = _opt(1.0, "TPO (--loss tpo, tpo-l) weight of the NLL term on the gold response (the `reference` "
+                                  "or `gold` column; the authors' and TRL's 1.0)")
+    tpo_l_gamma: float = _opt(0.5, "TPO-L (--loss tpo-l) target reward margin gamma on average log-probs (TRL's 0.5)")
     kto_desirable_weight: float = _opt(1.0, "KTO weight of desirable (label true) completions")
     kto_undesirable_weight: float = _opt(1.0, "KTO weight of undesirable (label false) completions")
 

@@ -18,7 +18,8 @@ from .batching import Batch
 from .config import Config
 from .errors import DPOError
 from .fused_head import fused_sequence_loss
-from .logprobs import PairLogps, sequence_logps
+from .logprobs import PairLogps, image_inputs, pair_logps, select_pair_logps, sequence_logps
+from .losses.triple import GOLD_LENGTHS, GOLD_LOGPS
 from .reference import Reference, reference_strategy
 
 
@@ -103,6 +104,7 @@ class Objective:
                    autocast: contextlib.AbstractContextManager[Any] | None = None) -> BatchLoss:
         """Score `batch` with `model` (the wrapped policy scorer) and `reference`; in training with pairwise
         losses the LM head and the loss run fused (one head matmul less, no logits kept for backward)."""
+        extras = batch.extras
         with autocast or contextlib.nullcontext():
             # The reference first: its transient activations are gone before the policy's are kept for backward.
             reference_logps = reference.logps(batch)
@@ -113,14 +115,31 @@ class Objective:
 
                 total, policy_logps = fused_sequence_loss(model, batch, loss_of_pairs, self.chunk_size,
                                                           ld_alpha=self.ld_alpha, with_wpo=self.use_wpo)
-            else:
+            elif batch.gold_index is None:
                 policy_logps = sequence_logps(model, batch, ld_alpha=self.ld_alpha, with_wpo=self.use_wpo)
+            else:  # the gold responses' log-probs from the same scored tokens as chosen and rejected
+                token_logps, token_wpo = model(batch.input_ids, batch.position_ids, batch.attention_mask,
+                                               batch.score_index, batch.target_ids, self.use_wpo, **image_inputs(batch))
+                policy_logps = pair_logps(batch, token_logps, token_wpo, self.ld_alpha)
+                extras = {**batch.extras, **gold_logps(batch, token_logps)}
         if train and self.fused:
             with torch.no_grad():  # the metrics, from the log-probs that the fused pass returned
                 per_pair, outputs = self.weighted(policy_logps, reference_logps, batch.extras)
             return BatchLoss(total, per_pair, policy_logps, outputs)
-        per_pair, outputs = self.weighted(policy_logps, reference_logps, batch.extras)
+        per_pair, outputs = self.weighted(policy_logps, reference_logps, extras)
         return BatchLoss(per_pair.sum(), per_pair, policy_logps, outputs)
+
+
+def gold_logps(batch: Batch, token_logps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each pair's gold response's summed log-prob and length (`GOLD_LOGPS`, `GOLD_LENGTHS`, `[pairs]`; NaN for a
+    pair without one) from the batch's scored token log-probs `[scored]`, where the gold is one more completion."""
+    assert batch.gold_index is not None
+    index = batch.gold_index.clamp(min=0)
+    gold = select_pair_logps(token_logps, batch.sequence_index, batch.token_position, index, index,
+                             batch.num_sequences)
+    missing = batch.gold_index < 0
+    return {GOLD_LOGPS: gold.chosen.masked_fill(missing, float("nan")),
+            GOLD_LENGTHS: gold.chosen_lengths.masked_fill(missing, float("nan"))}
 
 
 def resolve_losses(loss_names: list[str]) -> list[losses.LossSpec]:

@@ -26,7 +26,7 @@ from ..errors import import_extra
 from . import encoding, formats, mixture, sources, tokenization
 from .tokenization import TokenizedPair
 
-VERSION = 1
+VERSION = 2  # 2: a fourth length per pair, the gold response's (-1: none)
 
 
 @dataclass
@@ -111,11 +111,14 @@ def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
 
 
 def _flatten(pairs: list[TokenizedPair], name: str, arrays: dict[str, np.ndarray]) -> list[str]:
-    """All ids of a split as one int32 array, with per-pair lengths `[pairs, 3]`, groups and extras."""
-    sequences = [ids for p in pairs for ids in (p.prompt_ids, p.chosen_ids, p.rejected_ids)]
-    lengths = np.array([len(ids) for ids in sequences], dtype=np.int64).reshape(-1, 3)
+    """All ids of a split as one int32 array, with per-pair lengths `[pairs, 4]` (prompt, chosen, rejected, gold;
+    -1 for no gold), groups and extras."""
+    sequences = [ids for p in pairs for ids in (p.prompt_ids, p.chosen_ids, p.rejected_ids, p.gold_ids or [])]
+    lengths = np.array([[len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids),
+                         -1 if p.gold_ids is None else len(p.gold_ids)] for p in pairs], dtype=np.int64).reshape(-1, 4)
     extra_names = sorted({k for p in pairs for k in p.extras})
-    arrays[f"{name}.tokens"] = np.fromiter(chain.from_iterable(sequences), dtype=np.int32, count=int(lengths.sum()))
+    arrays[f"{name}.tokens"] = np.fromiter(chain.from_iterable(sequences), dtype=np.int32,
+                                           count=sum(len(ids) for ids in sequences))
     arrays[f"{name}.lengths"] = lengths
     arrays[f"{name}.group"] = np.array([-1 if p.group is None else p.group for p in pairs], dtype=np.int64)
     arrays[f"{name}.extras"] = np.array([[p.extras.get(k, np.nan) for k in extra_names] for p in pairs],
@@ -129,14 +132,16 @@ def _unflatten(stored: Any, name: str, extra_names: list[str]) -> list[Tokenized
     groups = stored[f"{name}.group"].tolist()
     extras = stored[f"{name}.extras"].tolist()
     pairs, at = [], 0
-    for (n_prompt, n_chosen, n_rejected), group, values in zip(lengths, groups, extras):
+    for (n_prompt, n_chosen, n_rejected, n_gold), group, values in zip(lengths, groups, extras):
         prompt = flat[at:at + n_prompt]
         chosen = flat[at + n_prompt:at + n_prompt + n_chosen]
         at += n_prompt + n_chosen
         rejected = flat[at:at + n_rejected]
         at += n_rejected
+        gold = None if n_gold < 0 else flat[at:at + n_gold]
+        at += max(n_gold, 0)
         pair_extras = {k: v for k, v in zip(extra_names, values) if not np.isnan(v)}
-        pairs.append(TokenizedPair(prompt, chosen, rejected, pair_extras, None if group < 0 else group))
+        pairs.append(TokenizedPair(prompt, chosen, rejected, pair_extras, None if group < 0 else group, gold_ids=gold))
     return pairs
 
 

@@ -13,6 +13,10 @@ record, or forced with `format=`):
 - `unpaired` (KTO): `prompt`, `completion`, `label` (bool). See `to_unpaired` for the representation.
 - `sft`: `prompt` + `completion`, or `text` alone (empty prompt): `PreferencePair(prompt, completion, completion)`.
 
+`explicit` and `conversational` records may carry a third, gold response in a `reference` column (the TPO
+data's name, arXiv 2405.16681) or a `gold` column, in the form of their `chosen`; losses that read it (`tpo`) train
+on it, the others ignore it.
+
 Any format may carry the prompt's images in an `images` (list) or `image` column (see `images`); in chat messages
 a content may then be a list of parts, `{"type": "image"}` where an image goes and `{"type": "text", "text": ...}`.
 
@@ -38,6 +42,7 @@ FORMATS = ("explicit", "implicit", "conversational", "ranked", "unpaired", "sft"
 PAIRING = ("best-worst", "all", "adjacent")
 EXTRA_FIELDS = ("score_chosen", "score_rejected", "margin")
 HH_TURN = "\n\nAssistant:"
+GOLD_COLUMNS = ("reference", "gold")  # the gold response's column: TPO's data calls it `reference`
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class PreferencePair:
     `group` is the same for pairs that share a prompt (several ranked responses), so it can be computed once.
     `tools`: function definitions (JSON schemas) the chat template shows the model, from a `tools` column.
     `images`: the prompt's images (`images.ImageSource`: an absolute path or encoded bytes), in order.
+    `gold`: a third, best response to `prompt` (a `reference` or `gold` column), for losses that clone it (TPO).
     """
 
     prompt: Text
@@ -57,6 +63,7 @@ class PreferencePair:
     group: int | None = None
     tools: list[dict[str, Any]] | None = None
     images: tuple[image_column.ImageSource, ...] = ()
+    gold: Text | None = None
 
 
 @dataclass
@@ -210,7 +217,7 @@ class _BadRecord(Exception):
 
 def _explicit(record: dict[str, Any], _: str) -> list[PreferencePair]:
     prompt, chosen, rejected = (_text(record, name, allow_empty=name == "prompt") for name in ("prompt", "chosen", "rejected"))
-    return [PreferencePair(prompt, chosen, rejected, _extras(record))]
+    return [PreferencePair(prompt, chosen, rejected, _extras(record), gold=_gold(record, str))]
 
 
 def _implicit(record: dict[str, Any], _: str) -> list[PreferencePair]:
@@ -250,7 +257,10 @@ def _conversational(record: dict[str, Any], _: str) -> list[PreferencePair]:
         prompt = [{"role": "user", "content": prompt}]
     else:
         raise _BadRecord("field 'prompt' is missing or empty (the completions hold only assistant turns)")
-    return [PreferencePair(prompt, chosen, rejected, _extras(record), tools=_tools(record))]
+    gold = _gold(record, list)
+    if isinstance(gold, list) and gold[:len(prompt)] == prompt and len(gold) > len(prompt):
+        gold = gold[len(prompt):]  # a full conversation that repeats the prompt, as chosen/rejected may
+    return [PreferencePair(prompt, chosen, rejected, _extras(record), tools=_tools(record), gold=gold)]
 
 
 def _ranked(record: dict[str, Any], mode: str) -> list[PreferencePair]:
@@ -414,6 +424,19 @@ def _list_of(record: dict[str, Any], name: str, length: int) -> list[Any]:
     if not isinstance(value, list) or len(value) != length:
         raise _BadRecord(f"field '{name}' must be a list with one entry per response ({length}), got {value!r:.80}")
     return value
+
+
+def _gold(record: dict[str, Any], kind: type) -> Text | None:
+    """The gold response of a `reference` or `gold` column (None without one), as a string or a message list
+    like the record's chosen (`kind`); a conversational record's gold may also be a string (one assistant turn)."""
+    name = next((n for n in GOLD_COLUMNS if record.get(n) not in (None, "", [])), None)
+    if name is None:
+        return None
+    if kind is list and isinstance(record[name], list):
+        return _messages(record, name)
+    if kind is list and isinstance(record[name], str) and record[name].strip():
+        return [{"role": "assistant", "content": record[name]}]
+    return _text(record, name)
 
 
 def _extras(record: dict[str, Any]) -> dict[str, float]:

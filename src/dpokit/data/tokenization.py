@@ -22,6 +22,9 @@ because templates render a turn differently depending on what follows it (Qwen3 
 before the last user query; Mistral's puts the system message into the last user turn only). When the
 generation-prompt rendering is not a prefix of the full one, the pair is counted (`template_mismatches`) and
 the prompt is taken as the full rendering shows it: everything before the first completion message's content.
+
+A pair's gold response (`PreferencePair.gold`, for TPO) is tokenized by the same rules as its chosen and rejected,
+and the prompt is the prefix common to all three full texts, so the gold shares the prompt block too.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from .formats import PreferencePair, Text
 CHUNK = 4096  # pairs per batched tokenizer call: bounds memory, drives the progress bar
 PARALLEL_MIN = 4096  # fewer pairs are tokenized in this process: starting workers would cost more than it saves
 MAX_WORKERS = 16
+GOLD = "gold"  # the extras flag of a pair with a gold response
 BOUNDARY_MARK = "\u2063dpokit-boundary\u2063"  # message content no template rewrites, found again in its rendering
 
 
@@ -49,6 +53,8 @@ class TokenizedPair:
 
     `image_inputs`: for a prompt with images, the image processor's arrays for them (`pixel_values`, and e.g.
     `image_grid_thw`), each with the prompt's images along its first axis (`multimodal`); empty for text.
+    `gold_ids`: the gold response's ids (a third completion of the same prompt, for TPO); None without one. A
+    pair with one also has `extras[GOLD]` = 1, which is how losses' data checks see that every pair has one.
     """
 
     prompt_ids: list[int]
@@ -57,10 +63,11 @@ class TokenizedPair:
     extras: dict[str, float] = field(default_factory=dict)
     group: int | None = None
     image_inputs: dict[str, Any] = field(default_factory=dict)
+    gold_ids: list[int] | None = None
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids) + len(self.gold_ids or ())
 
 
 @dataclass
@@ -150,9 +157,11 @@ def truncate_pair(pair: TokenizedPair, *, max_length: int, max_prompt_length: in
         report.dropped += 1
         return None
     chosen, rejected = pair.chosen_ids[:room], pair.rejected_ids[:room]
-    if len(chosen) < len(pair.chosen_ids) or len(rejected) < len(pair.rejected_ids):
+    gold = None if pair.gold_ids is None else pair.gold_ids[:room]
+    if (len(chosen), len(rejected), len(gold or ())) != \
+            (len(pair.chosen_ids), len(pair.rejected_ids), len(pair.gold_ids or ())):
         report.truncated_completions += 1
-    return replace(pair, prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected)
+    return replace(pair, prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected, gold_ids=gold)
 
 
 def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer: Any, *, max_length: int,
@@ -269,41 +278,68 @@ def end_of_turn_id(tokenizer: Any) -> int | None:
 
 def _tokenize_chunk(pairs: Sequence[PreferencePair], tokenizer: Any, report: TruncationReport,
                     ) -> list[TokenizedPair | None]:
-    """Ids of prompt, prompt+chosen and prompt+rejected of every pair (`encoding.encode_triples`), cut at the
-    boundary."""
+    """Ids of prompt, prompt+chosen and prompt+rejected of every pair (`encoding.encode_triples`), and of
+    prompt+gold for the pairs with a gold response, cut at the boundary all of them share."""
     is_chat = [_is_chat(p) for p in pairs]
-    plain = [(p.prompt, p.prompt + p.chosen, p.prompt + p.rejected) for p, chat in zip(pairs, is_chat) if not chat]
-    chat = [_render_pair(tokenizer, p, report) for p, chat in zip(pairs, is_chat) if chat]
-    plain_ids, plain_fallbacks = encoding.encode_triples(tokenizer, plain, special=True)
-    chat_ids, chat_fallbacks = encoding.encode_triples(tokenizer, chat, special=False,
-                                                       lead=_leading_special_ids(tokenizer, chat[0][0]) if chat else ())
-    report.tail_fallbacks += plain_fallbacks + chat_fallbacks
-    plain_iter, chat_iter = iter(plain_ids), iter(chat_ids)
+    texts = [_render_pair(tokenizer, p, report) if chat else (f"{p.prompt}", f"{p.prompt}{p.chosen}",
+                                                                f"{p.prompt}{p.rejected}")  # all strings here
+             for p, chat in zip(pairs, is_chat)]
+    gold_texts = [_render_gold(tokenizer, p) if chat else None if p.gold is None else f"{p.prompt}{p.gold}"
+                  for p, chat in zip(pairs, is_chat)]
+    first_chat = next((t[0] for t, chat in zip(texts, is_chat) if chat), None)
+    lead = _leading_special_ids(tokenizer, first_chat) if first_chat is not None else []
+    encoded: list[encoding.Triple | None] = [None] * len(pairs)
+    gold_fulls: list[list[int] | None] = [None] * len(pairs)
+    for chat in (False, True):
+        kind = [i for i, c in enumerate(is_chat) if c == chat]
+        triples, fallbacks = encoding.encode_triples(tokenizer, [texts[i] for i in kind], special=not chat,
+                                                     lead=lead if chat else ())
+        # The gold goes in as a triple's chosen, with the bare prompt as its rejected (an empty completion, which
+        # passes the tail check by itself): the same boundary rules, for the gold's tokens and the prompt's again.
+        with_gold = [i for i in kind if gold_texts[i] is not None]
+        golds, gold_fallbacks = encoding.encode_triples(
+            tokenizer, [(texts[i][0], gold_texts[i] or "", texts[i][0]) for i in with_gold],
+            special=not chat, lead=lead if chat else ())
+        report.tail_fallbacks += fallbacks + gold_fallbacks
+        for i, found in zip(kind, triples):
+            encoded[i] = found
+        for i, gold_triple in zip(with_gold, golds):
+            gold_fulls[i] = gold_triple[1]
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     if eos is None and not all(is_chat):
         raise DPOError(f"the tokenizer ({getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}) has no "
                        "EOS token, which ends every plain-text completion so that DPO scores where it stops: set "
                        "eos_token in its tokenizer_config.json, or give the pairs as chat messages")
     out: list[TokenizedPair | None] = []
-    for pair, chat_pair in zip(pairs, is_chat):
-        prompt_ids, chosen_full, rejected_full = next(chat_iter if chat_pair else plain_iter)
+    for pair, chat_pair, triple, gold_full in zip(pairs, is_chat, encoded, gold_fulls):
+        assert triple is not None, "every pair was encoded, as text or chat"
+        prompt_ids, chosen_full, rejected_full = triple
         if bos is not None and prompt_ids[:2] == [bos, bos]:  # the text itself starts with BOS
             report.doubled_bos += 1
             prompt_ids, chosen_full, rejected_full = (ids[1:] if ids[:2] == [bos, bos] else ids
                                                       for ids in (prompt_ids, chosen_full, rejected_full))
-        prompt, chosen, rejected, mismatch = split_at_boundary(prompt_ids, chosen_full, rejected_full)
-        if mismatch:
+            if gold_full is not None and gold_full[:2] == [bos, bos]:
+                gold_full = gold_full[1:]
+        # With a gold response, the prompt is the prefix that prompt + gold shares too.
+        shared = prompt_ids if gold_full is None else prompt_ids[:common_prefix_length(prompt_ids, gold_full)]
+        prompt, chosen, rejected, mismatch = split_at_boundary(shared, chosen_full, rejected_full)
+        gold = None if gold_full is None else gold_full[len(prompt):]
+        if mismatch or len(shared) < len(prompt_ids):
             report.boundary_mismatches += 1
             report.boundary_example = report.boundary_example or tokenizer.decode(prompt_ids[len(prompt):])
         if not chat_pair:
             chosen, rejected = with_eos(chosen, eos), with_eos(rejected, eos)
+            gold = None if gold is None else with_eos(gold, eos)
         if not prompt:  # no BOS and an empty prompt: the first token has nothing to be predicted from
-            if not (chosen and rejected and chosen[0] == rejected[0]):
+            firsts = {c[0] if c else None for c in (chosen, rejected, *([gold] if gold is not None else []))}
+            if len(firsts) != 1 or None in firsts:
                 report.dropped += 1
                 out.append(None)
                 continue
             prompt, chosen, rejected = chosen[:1], chosen[1:], rejected[1:]
-        out.append(TokenizedPair(prompt, chosen, rejected, dict(pair.extras), pair.group))
+            gold = None if gold is None else gold[1:]
+        extras = dict(pair.extras) if gold is None else {**pair.extras, GOLD: 1.0}
+        out.append(TokenizedPair(prompt, chosen, rejected, extras, pair.group, gold_ids=gold))
     return out
 
 
@@ -318,6 +354,14 @@ def _render_pair(tokenizer: Any, pair: PreferencePair, report: TruncationReport)
         report.template_mismatches += 1
         prompt_text = _prompt_as_in_conversation(tokenizer, prompt, chosen, pair.tools) or prompt_text
     return prompt_text, chosen_text, rejected_text
+
+
+def _render_gold(tokenizer: Any, pair: PreferencePair) -> str | None:
+    """The full conversation prompt + gold response as text (None for a pair without one)."""
+    if pair.gold is None:
+        return None
+    return _render(tokenizer, _as_messages(pair.prompt, "user") + _as_messages(pair.gold, "assistant"),
+                   tools=pair.tools)
 
 
 def _prompt_as_in_conversation(tokenizer: Any, prompt: list[dict[str, Any]], completion: list[dict[str, Any]],

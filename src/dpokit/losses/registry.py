@@ -5,7 +5,8 @@ Every loss has the signature
     loss(policy: PairLogps, reference: PairLogps | None, extras: dict[str, Tensor], *, <params>) -> LossOutput
 
 where `policy` and `reference` hold per-pair summed completion log-probs and lengths (`[pairs]`), `extras` the
-optional per-pair fields of the data (score_chosen, score_rejected, margin, label; NaN where a pair lacks one),
+optional per-pair fields of the data (score_chosen, score_rejected, margin, label; NaN where a pair lacks one;
+and for data with gold responses, their policy log-probs and lengths, `triple.GOLD_LOGPS` / `GOLD_LENGTHS`),
 and the keyword-only `<params>` are named like `Config` fields (beta, label_smoothing, ...): that is how the loop
 fills them, so a parameter is also a `dpo train` flag (`--label-smoothing`). A loss returns per-pair losses, the
 implicit rewards that are logged as `rewards/*`, and any loss-specific scalars to log next to them.
@@ -39,7 +40,8 @@ import torch
 
 LossFunction = Callable[..., "LossOutput"]
 # `check(settings, extras) -> problems`: `settings` maps every Config field name to its value; `extras` is the set
-# of extra fields that every pair of the data has, or None when the data is not loaded yet.
+# of extra fields that every pair of the data has (`gold` for a gold response), or None when the data is not loaded
+# yet.
 Check = Callable[[Mapping[str, Any], "frozenset[str] | None"], Iterable[str]]
 
 
