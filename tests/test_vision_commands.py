@@ -303,3 +303,41 @@ def test_two_ddp_processes_with_images_match_one(llava_dir, folder, trained, tmp
     for name, tensor in weights(trained).items():
         torch.testing.assert_close(weights(tmp_path)[name], tensor, atol=2e-5, rtol=0, msg=name)
     assert max((weights(trained)[name] - before[name]).abs().max() for name in before) > 1e-3  # training moved them
+
+
+# ---- dpo data inspect -------------------------------------------------------------------------------------------
+
+
+def row(values: list[int], *extra: int) -> list[int]:
+    """p50, p90, p99 ("higher", as the report rounds) and max, then `extra`."""
+    import numpy as np
+
+    return [int(np.percentile(values, q, method="higher")) for q in (50, 90, 99)] + [max(values), *extra]
+
+
+def cells(lines: list[str], label: str) -> list[int]:
+    line, = [line for line in lines if line.split()[:len(label.split())] == label.split()]
+    return [int(cell) for cell in line.split()[len(label.split()):] if cell.isdigit()]
+
+
+def test_inspect_counts_images_sizes_and_expanded_tokens(llava_dir, folder, capsys):
+    from transformers import AutoProcessor
+
+    code, out, err = run_cli(["data", "inspect", str(folder / "pairs.jsonl")], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "images: 8 in 8 of 8 pairs (1 to 1 per pair with images), 4 distinct" in lines
+    widths, heights = [w for _, w in IMAGE_SIZES] * 2, [h for h, _ in IMAGE_SIZES] * 2
+    assert cells(lines, "width") == row(widths, min(widths))
+    assert cells(lines, "height") == row(heights, min(heights))
+
+    code, out, err = run_cli(["data", "inspect", str(folder / "pairs.jsonl"), "--model", str(llava_dir)], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    processor = AutoProcessor.from_pretrained(llava_dir)
+    prompts = [len(own_inputs(processor, record, folder)["input_ids"][0])
+               for record in read_jsonl(folder / "pairs.jsonl")]
+    assert "lengths (tokens, image tokens included):" in lines
+    assert cells(lines, "prompt") == row(prompts) and min(prompts) > 4
+    assert cells(lines, "image tok") == [4, 4, 4, 4]                   # 28x28 crops of 14x14 patches: 2 x 2
+    assert "<|user|>\\n<image>×4What shape is 0?" in out

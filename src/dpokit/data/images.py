@@ -61,6 +61,13 @@ def check(source: ImageSource, label: str) -> None:
         raise BadImage(f"{label}: {describe(source)} is not a readable image ({err})") from None
 
 
+def size(source: ImageSource) -> tuple[int, int]:
+    """(width, height) in pixels, from the image's header (the pixels are not decoded)."""
+    pil = import_extra("PIL.Image", "vision", "an image column")
+    with pil.open(source if isinstance(source, str) else io.BytesIO(source)) as image:
+        return image.size  # type: ignore[no-any-return]
+
+
 def describe(source: ImageSource) -> str:
     return source if isinstance(source, str) else f"<{len(source)} bytes>"
 

@@ -6,6 +6,10 @@ pairs the length limits would truncate or drop, duplicate pairs, pairs whose cho
 pairs have a gold response (a `reference` or `gold` column, for TPO), and examples rendered with the
 prompt/completion boundary marked.
 
+Pairs with images (an `images` / `image` column) add the image counts and sizes; with a vision-language model's
+processor (`--model VLM_FOLDER`), token lengths count the image tokens the processor expands each image into, and
+the image tokens per prompt get a line of their own (a run of them is shown as `<image>×N` in the examples).
+
 Data that is not pairs is described as what it is: unpaired (KTO) examples by their desirable / undesirable
 counts, with one completion and its label each (the mismatched completion that `to_unpaired` pairs an example
 with, for KTO's KL estimate, is another example's: not shown); SFT records by prompt and completion.
@@ -14,11 +18,12 @@ with, for KTO's KL estimate, is another example's: not shown); SFT records by pr
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import numpy as np
 
-from . import formats, mixture, tokenization
+from . import formats, images, mixture, multimodal, tokenization
 
 BOUNDARY = "┃"  # printed where the prompt ends and the completion begins
 PERCENTILES = (50, 90, 99)
@@ -43,14 +48,20 @@ def inspect(path: str, *, tokenizer: Any = None, format: str | None = None, colu
     kind = _kind(loaded, reports)
     sides = SIDES[kind]
     lines += _kind_lines(loaded, kind)
+    lines += _image_lines(loaded)
     if tokenizer is None:
         lengths = [[_chars(getattr(p, side)) for p in loaded] for side in sides]
         lines += _percentile_table(lengths, sides, unit="characters; pass --model PATH to count tokens and truncation")
         lines += _examples_text(loaded, examples, kind)
         return lines
-    tokenized, untruncated = tokenization.tokenize_pairs(loaded, tokenizer, max_length=10**9)
+    processor = multimodal.is_processor(tokenizer)
+    tokenize = multimodal.tokenize_pairs if processor else tokenization.tokenize_pairs
+    tokenized, untruncated = tokenize(loaded, tokenizer, max_length=10**9)
     lengths = [[len(getattr(p, f"{side}_ids")) for p in tokenized] for side in sides]
-    lines += _percentile_table(lengths, sides, unit="tokens")
+    lines += _percentile_table(lengths, sides, unit="tokens" + (", image tokens included" if processor else ""))
+    if processor:
+        lines += _image_token_lines(tokenized, tokenizer, max_length, max_prompt_length)
+        tokenizer = _ImageRuns(tokenizer)
     limits = tokenization.TruncationReport(  # boundary counts come from tokenizing; truncation counts below
         pairs_in=len(loaded), dropped=untruncated.dropped, boundary_mismatches=untruncated.boundary_mismatches,
         template_mismatches=untruncated.template_mismatches, doubled_bos=untruncated.doubled_bos,
@@ -129,6 +140,49 @@ def _examples_text(pairs: list[formats.PreferencePair], count: int, kind: str) -
     return lines
 
 
+def _image_lines(loaded: list[formats.PreferencePair]) -> list[str]:
+    """How many images, in how many pairs, and their sizes (read from each file's header)."""
+    counts = [len(p.images) for p in loaded]
+    if not any(counts):
+        return []
+    sizes = np.array([images.size(source) for p in loaded for source in p.images])      # [images, 2]
+    distinct = len({source for p in loaded for source in p.images})
+    with_images = [c for c in counts if c]
+    lines = [f"images: {sum(counts)} in {len(with_images)} of {len(loaded)} pairs ({min(with_images)} to "
+             f"{max(with_images)} per pair with images), {distinct} distinct",
+             f"  {'pixels':<10}" + "".join(f"{'p' + str(q):>8}" for q in PERCENTILES) + f"{'max':>8}{'min':>8}"]
+    for axis, name in enumerate(("width", "height")):
+        cells = [int(np.percentile(sizes[:, axis], q, method="higher")) for q in PERCENTILES]
+        lines.append(f"  {name:<10}" + "".join(f"{c:>8}" for c in [*cells, sizes[:, axis].max(), sizes[:, axis].min()]))
+    return lines
+
+
+def _image_token_lines(tokenized: list[tokenization.TokenizedPair], processor: Any, max_length: int,
+                       max_prompt_length: int | None) -> list[str]:
+    """Image tokens per prompt after the processor's expansion, and the prompts with images over the limits
+    (training stops on those: image tokens cannot be truncated)."""
+    image_id = multimodal.image_token_id(processor)
+    counts = [p.prompt_ids.count(image_id) for p in tokenized]
+    limit = min(max_length - 1, max_prompt_length or max_length)
+    over = sum(bool(p.image_inputs) and len(p.prompt_ids) > limit for p in tokenized)
+    cells = [int(np.percentile(counts, q, method="higher")) for q in PERCENTILES] + [max(counts)]
+    return [f"  {'image tok':<10}" + "".join(f"{c:>8}" for c in cells) + "  (image tokens per prompt)"] + (
+        [f"  {over} prompts with images are over --max-length / --max-prompt-length: training stops on them (image "
+         "tokens cannot be truncated); raise the limits"] if over else [])
+
+
+class _ImageRuns:
+    """A processor's tokenizer whose `decode` shows a run of image tokens as `<image>×N`."""
+
+    def __init__(self, processor: Any) -> None:
+        self.tokenizer, self.token = multimodal.text_tokenizer(processor), processor.image_token
+
+    def decode(self, ids: list[int]) -> str:
+        text = self.tokenizer.decode(ids)
+        return re.sub(f"(?:{re.escape(self.token)})+",
+                      lambda run: f"{self.token}×{len(run.group()) // len(self.token)}", text)
+
+
 def _duplicates(keys: list[tuple[Any, ...]]) -> int:
     """How many of `keys` repeat an earlier one."""
     return len(keys) - len({json.dumps(key, ensure_ascii=False) for key in keys})
@@ -147,8 +201,11 @@ def _message(message: dict[str, Any]) -> str:
     parts = [f"[{message['role']}]"]
     if message.get("reasoning_content"):
         parts.append(f"<think>{message['reasoning_content']}</think>")
-    if message.get("content"):
-        parts.append(message["content"])
+    content = message.get("content")
+    if isinstance(content, list):  # parts: an image placeholder shown as <image>
+        content = "".join("<image>" if images.is_image_part(part) else part.get("text", "") for part in content)
+    if content:
+        parts.append(content)
     for call in message.get("tool_calls") or []:
         function = call.get("function", call)
         parts.append(f"[tool call {function.get('name')}({json.dumps(function.get('arguments'), ensure_ascii=False)})]")
