@@ -341,3 +341,27 @@ def test_inspect_counts_images_sizes_and_expanded_tokens(llava_dir, folder, caps
     assert cells(lines, "prompt") == row(prompts) and min(prompts) > 4
     assert cells(lines, "image tok") == [4, 4, 4, 4]                   # 28x28 crops of 14x14 patches: 2 x 2
     assert "<|user|>\\n<image>×4What shape is 0?" in out
+
+
+# ---- the saved folder and its card ------------------------------------------------------------------------------
+
+
+def test_saved_model_loads_with_its_processor_and_the_card_names_them(llava_dir, folder, trained):
+    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+
+    record = read_jsonl(folder / "prompts.jsonl")[1]
+    saved, original = (AutoProcessor.from_pretrained(path) for path in (trained / "model", llava_dir))
+    got, expected = own_inputs(saved, record, folder), own_inputs(original, record, folder)
+    assert torch.equal(got["input_ids"], expected["input_ids"])
+    assert torch.equal(got["pixel_values"], expected["pixel_values"])
+    model = AutoModelForImageTextToText.from_pretrained(trained / "model")
+    assert isinstance(model, LlavaForConditionalGeneration)
+    with torch.no_grad():
+        assert model(**got).logits.isfinite().all()
+
+    card = (trained / "model" / "README.md").read_text()
+    meta = card.split("---")[1]
+    assert f"base_model: {llava_dir}" in meta and "pipeline_tag: image-text-to-text" in meta
+    assert "- processor: `LlavaProcessor (CLIPImageProcessor)`, saved with the model" in card
+    assert "on preference pairs with images" in card and "| images | 8 |" in card
+    assert "AutoModelForImageTextToText.from_pretrained" in card

@@ -3,15 +3,18 @@
 A card is YAML front matter (the metadata the Hub indexes: `base_model`, `library_name`, `tags`, `datasets`)
 followed by markdown for people: how the model was trained (loss and parameters), on what data (files, pair,
 truncation and skip counts), how it scored, and the `dpo train` command line that reproduces it. SFT and
-unpaired (KTO) runs are described in their own terms: records or labelled examples, not preference pairs.
+unpaired (KTO) runs are described in their own terms: records or labelled examples, not preference pairs. A
+vision-language model's card names its processor (read from the saved `processor_config.json`), tags the Hub's
+`image-text-to-text` pipeline and says how to load the folder (`AutoProcessor`, `AutoModelForImageTextToText`).
 See https://huggingface.co/docs/hub/model-cards.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ class CardInfo:
     rows: Sequence[Mapping[str, Any]] = ()  # metrics.jsonl rows, for the run summary table
     quantization: str | None = None     # how the base was stored while the adapter trained (`Quantization.describe`)
     python_losses: Sequence[str] = ()   # losses registered from Python code: no `dpo train` command can name them
+    processor: str | None = None        # a vision-language model's processor, e.g. "LlavaProcessor (CLIPImageProcessor)"
 
 
 def hub_datasets(data: Sequence[str]) -> list[str]:
@@ -57,6 +61,8 @@ def front_matter(info: CardInfo) -> dict[str, Any]:
     if not info.base_is_preset:
         meta["base_model"] = info.base_model
     meta["library_name"] = "dpokit"
+    if info.processor:
+        meta["pipeline_tag"] = "image-text-to-text"
     meta["tags"] = list(dict.fromkeys(["dpokit", "dpo", *info.losses, *info.tags, *_quantization_tags(info)]))
     datasets = hub_datasets(info.data)
     if datasets:
@@ -70,8 +76,8 @@ def render_card(info: CardInfo) -> str:
             else f"`{info.base_model}`" if Path(info.base_model).exists()
             else f"[{info.base_model}](https://huggingface.co/{info.base_model})")
     params = ", ".join(f"{k}={v}" for k, v in info.loss_params.items())
-    kind = _data_kind(info)
-    unit = "pairs" if kind == "preference pairs" else "examples"
+    kind = _data_kind(info) + (" with images" if info.processor and info.counts.get("images") else "")
+    unit = "pairs" if kind.startswith("preference pairs") else "examples"
     lines = [
         "---", yaml.safe_dump(front_matter(info), sort_keys=False).rstrip(), "---", "",
         f"# {info.name}", "",
@@ -80,6 +86,7 @@ def render_card(info: CardInfo) -> str:
         "## Training", "",
         f"- loss: {' + '.join(f'`{name}`' for name in info.losses)}" + (f" ({params})" if params else ""),
         f"- optimizer steps: {info.steps}",
+        *([f"- processor: `{info.processor}`, saved with the model"] if info.processor else []),
         *([f"- base weights: {info.quantization}"] if info.quantization else []), "",
         "## Data", "",
         *[f"- `{d}`" for d in info.data], "",
@@ -90,6 +97,7 @@ def render_card(info: CardInfo) -> str:
     lines += _results(info)
     if info.rows:
         lines += ["## Run summary", "", summary_table([("this run", info.rows)]).rstrip(), ""]
+    lines += _use(info)
     lines += ["## Reproduce", "", *_reproduce(info), ""]
     return "\n".join(lines)
 
@@ -114,7 +122,33 @@ def _reproduce(info: CardInfo) -> list[str]:
             "settings (as flags:)", "", *block]
 
 
+def _use(info: CardInfo) -> list[str]:
+    """How to load a vision-language model's folder: its auto classes (a text model's are the usual ones)."""
+    if not info.processor:
+        return []
+    return ["## Use", "", "```python", "from transformers import AutoModelForImageTextToText, AutoProcessor", "",
+            'model = AutoModelForImageTextToText.from_pretrained("path/to/this/folder")',
+            'processor = AutoProcessor.from_pretrained("path/to/this/folder")', "```", ""]
+
+
+def saved_processor(model_dir: str | Path) -> str | None:
+    """The processor a saved folder holds and its image processor, e.g. "LlavaProcessor (CLIPImageProcessor)";
+    None for a tokenizer alone. transformers 5 writes both in `processor_config.json`; earlier versions wrote the
+    image processor's `preprocessor_config.json`, naming the processor in it."""
+    for file in ("processor_config.json", "preprocessor_config.json"):
+        path = Path(model_dir) / file
+        if path.is_file():
+            config = json.loads(path.read_text(encoding="utf-8"))
+            image = config.get("image_processor", config).get("image_processor_type")
+            name = str(config.get("processor_class") or image)
+            return f"{name} ({image})" if image and name != image else name
+    return None
+
+
 def write_card(model_dir: str | Path, info: CardInfo) -> Path:
+    """`model_dir/README.md`; the processor, when the card does not name one, is the one saved in the folder."""
+    if info.processor is None:
+        info = replace(info, processor=saved_processor(model_dir))
     path = Path(model_dir) / "README.md"
     path.write_text(render_card(info), encoding="utf-8")
     return path
