@@ -155,8 +155,8 @@ def test_lines_over_the_limit_are_skipped_and_counted(rows):
     assert [p.chosen for p in pairs] == [" " + text for (text, _), line in zip(rows, lines) if len(line) <= LIMIT]
 
 
-texts = st.text(st.characters(blacklist_characters="\x00") | st.sampled_from(['"', ",", "\n", "\r", " "]),
-                max_size=16)  # "\r\n" comes from "\r" then "\n"
+texts = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")
+                | st.sampled_from(['"', ",", "\n", "\r", " "]), max_size=16)  # "\r\n" comes from "\r" then "\n"
 
 
 @FEW
@@ -194,7 +194,7 @@ arrow_columns = st.sampled_from([
     (pa.int64(), [1, 2]), (pa.float32(), [0.5, 1.0]), (pa.bool_(), [True, False]), (pa.binary(), [b"a", b"b"]),
     (pa.struct([("text", pa.string())]), [{"text": "a"}, {"text": "b"}]), (pa.string(), [" a", " b"]),
     (pa.large_string(), [" a", " b"]), (pa.null(), [None, None]), (pa.dictionary(pa.int8(), pa.string()), None),
-    (pa.list_(pa.int64()), [[1], [2]]), (pa.timestamp("s"), [0, 1]),
+    (pa.list_(pa.int64()), [[1], [2]]), (pa.timestamp("ms"), [0, 1]),
 ])
 
 
@@ -214,7 +214,7 @@ def test_a_parquet_text_column_of_any_type_loads_or_is_one_line_naming_it(name, 
             load_pairs(str(path))
     except DPOError as err:
         assert "\n" not in str(err)
-        if kind in (pa.int64(), pa.float32(), pa.bool_(), pa.binary(), pa.timestamp("s")) or pa.types.is_struct(kind):
+        if kind in (pa.int64(), pa.float32(), pa.bool_(), pa.binary(), pa.timestamp("ms")) or pa.types.is_struct(kind):
             assert f"column '{name}' is {array.type}" in str(err), err
         return
     assert pa.types.is_string(kind) or pa.types.is_large_string(kind) or values is None
