@@ -241,3 +241,31 @@ def tiles(processor, path: Path) -> int:
     arrays = processor.image_processor(images=[[PIL.open(path).convert("RGB")]], return_tensors="np")
     shape = arrays["pixel_values"].shape
     return shape[1] if len(shape) == 5 else shape[0]
+
+
+def test_freeze_vision_and_lora_on_the_language_model_only(family, image_data, one_thread):
+    """`--freeze-vision` leaves each family's tower without gradients; LoRA adapts the text model's layers only
+    (Idefics3 calls its language model `text_model`)."""
+    peft = pytest.importorskip("peft")
+    name, model, processor = family
+    language = "text_model" if name == "idefics3" else "language_model"
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=vision.language_lora_targets(
+        model, "all-linear")))
+    try:
+        adapted = [n for n, _ in wrapped.named_parameters() if "lora_A" in n]
+        assert adapted and all(f".{language}." in n for n in adapted)
+        assert {"q_proj", "down_proj"} <= {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in adapted}
+    finally:
+        wrapped.unload()
+        model.requires_grad_(True)  # PEFT froze the base model's weights; the fixture's model is shared
+    vision.freeze_vision(model)
+    try:
+        pairs, _ = tokenized(image_data, processor)
+        logps = sequence_logps(SequenceScorer(model), make_batch(pairs, layout="blocks", pad_id=0))
+        (logps.chosen - logps.rejected).sum().backward()
+        tower = list(vision.vision_tower(model).parameters())
+        assert tower and all(p.grad is None for p in tower)
+        assert any(p.grad is not None for n, p in model.named_parameters() if f".{language}." in n)
+    finally:
+        vision.vision_tower(model).requires_grad_(True)
+        model.zero_grad(set_to_none=True)

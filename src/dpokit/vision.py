@@ -27,6 +27,7 @@ import torch
 from .batching import ImageBatch
 
 VISION_TOWERS = ("vision_tower", "visual", "vision_model")  # LLaVA; Qwen2-VL; Idefics3 / SmolVLM
+LANGUAGE_MODELS = ("language_model", "text_model")          # LLaVA, Qwen2-VL; Idefics3 / SmolVLM
 
 
 def is_vision_model(model: torch.nn.Module) -> bool:
@@ -152,10 +153,11 @@ def language_lora_targets(model: torch.nn.Module, target_modules: str) -> str:
     the projector): "all-linear" or `q_proj,v_proj`-style names, as `--lora-target-modules` takes them."""
     if target_modules == "all-linear":
         names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                        if isinstance(module, torch.nn.Linear) and ".language_model." in f".{name}"})
+                        if isinstance(module, torch.nn.Linear)
+                        and any(f".{part}." in f".{name}" for part in LANGUAGE_MODELS)})
     else:
         names = [name.strip() for name in target_modules.split(",") if name.strip()]
-    return rf".*\blanguage_model\b.*\.({'|'.join(names)})$"
+    return rf".*\b({'|'.join(LANGUAGE_MODELS)})\b.*\.({'|'.join(names)})$"
 
 
 def _dtype(model: torch.nn.Module) -> torch.dtype:

@@ -49,8 +49,6 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], processor: Any, *, max_lengt
                    ) -> tuple[list[TokenizedPair], TruncationReport]:
     """`tokenization.tokenize_pairs` for a processor: the same rules, with the images (one pair at a time)."""
     report = TruncationReport(pairs_in=len(pairs))
-    limits = dict(max_length=max_length, max_prompt_length=max_prompt_length,
-                  max_completion_length=max_completion_length, truncation_mode=truncation_mode)
     out = []
     for index, pair in enumerate(pairs):
         tokenized = _tokenize_pair(index, pair, processor, report)
@@ -58,7 +56,8 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], processor: Any, *, max_lengt
         if tokenized.image_inputs and too_long:
             raise DPOError(f"pair {index}: its prompt with its images is {len(tokenized.prompt_ids)} tokens, over "
                            "--max-prompt-length / --max-length, and image tokens cannot be truncated; raise them")
-        kept = truncate_pair(tokenized, report=report, **limits)
+        kept = truncate_pair(tokenized, report=report, max_length=max_length, max_prompt_length=max_prompt_length,
+                             max_completion_length=max_completion_length, truncation_mode=truncation_mode)
         if kept is not None:
             out.append(kept)
     return out, report
