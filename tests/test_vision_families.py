@@ -1,4 +1,4 @@
-"""Vision-language DPO on tiny random Qwen2-VL, Qwen2.5-VL and Idefics3 (SmolVLM) models, built here (no download):
+"""Vision-language DPO on tiny random Qwen2-VL, Qwen2.5-VL, Idefics3 and SmolVLM models, built here (no download):
 in every layout, the log-probs and gradients equal each model's own forward on prompt + completion.
 
 Qwen2-VL's images take as many tokens as their resolution gives, and its multimodal RoPE puts them on a 3-axis
@@ -38,7 +38,7 @@ IDEFICS3_TEMPLATE = (
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "idefics3")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")
 
 
 def _images_only(processor_class):
@@ -86,18 +86,22 @@ def build_qwen(family: str, path: Path, seed: int = 0):
     return model, processor
 
 
-def build_idefics3(path: Path, seed: int = 0):
+def build_idefics3(path: Path, seed: int = 0, family: str = "idefics3"):
     """A random Idefics3 (1-layer SigLIP tower on 32x32 tiles of 8x8 patches, pixel shuffle 2: 4 image tokens per
     tile; 2-layer Llama) and its processor (images resized to 64 on the long side, split into 32x32 tiles plus a
-    32x32 global view)."""
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    32x32 global view). `family="smolvlm"`: the same as a SmolVLM model, with Idefics3's processor (SmolVLM's own
+    lays the images out alike, but transformers builds it only with torchvision and num2words)."""
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, SmolVLMConfig,
+                              SmolVLMForConditionalGeneration)
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     tokenizer = build_tokenizer(path)
     tokenizer.add_tokens(["<|im_start|>", "<fake_token_around_image>", "<image>", "<end_of_utterance>",
                           "<global-img>", *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))],
                          special_tokens=True)
-    config = Idefics3Config(
+    config_class, model_class = ((SmolVLMConfig, SmolVLMForConditionalGeneration) if family == "smolvlm" else
+                                 (Idefics3Config, Idefics3ForConditionalGeneration))
+    config = config_class(
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                            image_size=32, patch_size=8),
         text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
@@ -105,7 +109,7 @@ def build_idefics3(path: Path, seed: int = 0):
                          max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0),
         scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
     torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config)
+    model = model_class(config)
     image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
                                   chat_template=IDEFICS3_TEMPLATE)
@@ -115,7 +119,8 @@ def build_idefics3(path: Path, seed: int = 0):
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
-    model, processor = build_idefics3(path) if request.param == "idefics3" else build_qwen(request.param, path)
+    model, processor = (build_qwen(request.param, path) if request.param.startswith("qwen")
+                        else build_idefics3(path, family=request.param))
     model.eval()
     return request.param, model, processor
 
@@ -248,7 +253,7 @@ def test_freeze_vision_and_lora_on_the_language_model_only(family, image_data, o
     (Idefics3 calls its language model `text_model`)."""
     peft = pytest.importorskip("peft")
     name, model, processor = family
-    language = "text_model" if name == "idefics3" else "language_model"
+    language = "language_model" if name.startswith("qwen") else "text_model"
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=vision.language_lora_targets(
         model, "all-linear")))
     try:
