@@ -274,3 +274,20 @@ def test_freeze_vision_and_lora_on_the_language_model_only(family, image_data, o
     finally:
         vision.vision_tower(model).requires_grad_(True)
         model.zero_grad(set_to_none=True)
+
+
+def test_a_pairs_image_arrays_feed_the_models_own_forward(family, image_data, one_thread):
+    """`vision.model_image_inputs` turns a pair's kept arrays (images first, Idefics3's text axis dropped) back
+    into what the model's forward takes (as generation needs them): the same log-probs as the image processor's."""
+    name, model, processor = family
+    pairs, images = tokenized(image_data, processor)
+    with torch.no_grad():
+        for pair, paths in zip(pairs[2:5], images[2:5]):
+            ids = torch.tensor([pair.prompt_ids + pair.chosen_ids])
+            inputs = vision.model_image_inputs(model, pair.image_inputs)
+            if name.startswith("qwen"):
+                inputs["mm_token_type_ids"] = (ids == processor.image_token_id).int()
+            logits = model(input_ids=ids, **inputs).logits[0, :-1].float()
+            got = logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[len(pair.prompt_ids) - 1:].sum()
+            expected = own_forward_logps(model, processor, pair.prompt_ids, pair.chosen_ids, paths)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-6)

@@ -14,7 +14,9 @@ the model's own `get_rope_index` (once per distinct prompt), and each completion
 restarts at the prompt's length in every layout) plus the prompt's shift, max position + 1 - length: a completion
 is text only, so it continues the prompt exactly as in prompt + completion forwarded alone.
 
-`freeze_vision` keeps the vision tower out of training (`--freeze-vision`, on by default), and
+A prompt's image arrays are kept with its images along the first axis (`data.multimodal`); `model_image_inputs`
+gives them back in the shapes the model's own forward takes (Idefics3 / SmolVLM: a batch axis), as generation
+needs them. `freeze_vision` keeps the vision tower out of training (`--freeze-vision`, on by default), and
 `language_lora_targets` points LoRA at the language model's layers only.
 """
 
@@ -70,17 +72,23 @@ def input_embeddings(model: torch.nn.Module, input_ids: torch.Tensor, images: Im
 
 def image_features(model: torch.nn.Module, images: ImageBatch) -> torch.Tensor:
     """The projected features of every image in `images`, concatenated in order: `[feature rows, hidden]`."""
-    inputs: dict[str, Any] = dict(images.inputs)
-    inputs["pixel_values"] = inputs["pixel_values"].to(_dtype(model))
-    if "pixel_attention_mask" in inputs:
-        # Idefics3 / SmolVLM take (batch, images, C, H, W): the batch's images (each prompt's tiles, in order)
-        # go as one row, which the model flattens back to one image list.
-        inputs = {name: value[None] for name, value in inputs.items()}
-    output = model.get_image_features(**inputs)
+    output = model.get_image_features(**model_image_inputs(model, images.inputs))
     features = getattr(output, "pooler_output", output)                 # transformers 5 returns an output object
     if isinstance(features, (list, tuple)):
         features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
     return features.reshape(-1, features.shape[-1])
+
+
+def model_image_inputs(model: torch.nn.Module, arrays: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Image arrays as kept per prompt (`TokenizedPair.image_inputs`, or a batch's concatenated in an
+    `ImageBatch`: images along the first axis) -> as the model's forward and `get_image_features` take them:
+    tensors, `pixel_values` in the model's dtype; for Idefics3 / SmolVLM, which take (batch, images, C, H, W),
+    all the images as one row (the model flattens them back into one image list)."""
+    inputs = {name: torch.as_tensor(value) for name, value in arrays.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(_dtype(model))
+    if "pixel_attention_mask" in inputs:
+        inputs = {name: value[None] for name, value in inputs.items()}
+    return inputs
 
 
 def decoder_position_ids(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
