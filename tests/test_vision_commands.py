@@ -365,3 +365,25 @@ def test_saved_model_loads_with_its_processor_and_the_card_names_them(llava_dir,
     assert "- processor: `LlavaProcessor (CLIPImageProcessor)`, saved with the model" in card
     assert "on preference pairs with images" in card and "| images | 8 |" in card
     assert "AutoModelForImageTextToText.from_pretrained" in card
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"])
+def test_generate_equals_the_models_own_generate_in_other_families(family, folder, tmp_path, one_thread):
+    """Qwen2-VL / Qwen2.5-VL (multimodal RoPE positions) and Idefics3 / SmolVLM (tiles), a batch of 3 left-padded
+    prompts (one image, two images, none): each greedy sample equals the model's own `generate` on its prompt."""
+    from dpokit import generate
+    from test_vision_families import build_idefics3, build_qwen
+
+    model, processor = build_qwen(family, tmp_path) if family.startswith("qwen") else build_idefics3(tmp_path,
+                                                                                                     family=family)
+    model.eval()
+    if processor.tokenizer.pad_token_id is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    records = [read_jsonl(folder / "prompts.jsonl")[i] for i in (0, 1, 3)]
+    prompts = [record["prompt"] for record in records]
+    images = [tuple(str(folder / name) for name in record.get("images", [])) for record in records]
+    texts = generate.sample_texts(model, processor, prompts, images, temperature=0, max_new_tokens=5, batch_size=3)
+    stops = [processor.tokenizer.eos_token_id, processor.tokenizer.convert_tokens_to_ids(
+        "<|im_end|>" if family.startswith("qwen") else "<end_of_utterance>")]
+    for (sample, _), record in zip(texts, records, strict=True):
+        assert sample.completion_ids == own_generate(model, processor, record, folder, 5, stops), record["prompt"]

@@ -125,8 +125,11 @@ def _sample_rows(model: torch.nn.Module, prompts: list[list[int]], seeds: list[i
     cache = None
     tokens_in: dict[str, torch.Tensor] = {"input_ids": input_ids}
     if any(images):  # the prompts' image tokens hold their features from the first step on (then in the cache)
-        tokens_in = {"inputs_embeds": vision.input_embeddings(model, input_ids, _image_batch(images, prompts, width)
-                                                              .to(device))}
+        image_batch = _image_batch(images, prompts, width).to(device)
+        tokens_in = {"inputs_embeds": vision.input_embeddings(model, input_ids, image_batch)}
+        # Under multimodal RoPE (Qwen2-VL) `[3, rows, width]`; the prompt ends in text, whose 3 axes are equal, so
+        # each new token is the last position + 1 on every axis, as for 1-axis positions.
+        position_ids = vision.decoder_position_ids(model, input_ids, position_ids, image_batch)
     for _ in range(max_new_tokens):
         out = model(**tokens_in, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True)
         cache = out.past_key_values
@@ -138,7 +141,7 @@ def _sample_rows(model: torch.nn.Module, prompts: list[list[int]], seeds: list[i
             break
         tokens_in = {"input_ids": next_ids[:, None]}
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        position_ids = position_ids[:, -1:] + 1
+        position_ids = position_ids[..., -1:] + 1
     tokens = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
     return [_cut_after_stop(row, stops) for row in tokens]
 
@@ -206,7 +209,7 @@ def encode_image_prompts(processor: Any, prompts: Sequence[Text], images: Sequen
                             return_tensors="np")
         ids = encoded["input_ids"][0].tolist()
         all_ids.append(ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids)
-        all_arrays.append({k: v for k, v in encoded.items() if k not in multimodal.ARRAY_KEYS_SKIPPED} if opened else {})
+        all_arrays.append(multimodal.image_arrays(encoded) if opened else {})
     return all_ids, all_arrays
 
 

@@ -96,12 +96,19 @@ def _tokenize_pair(index: int, pair: PreferencePair, processor: Any, report: Tru
     if not chat:
         eos = processor.tokenizer.eos_token_id
         chosen, rejected = with_eos(chosen, eos), with_eos(rejected, eos)
-    image_inputs = {k: v for k, v in prompt_encoded.items() if k not in ARRAY_KEYS_SKIPPED} if images else {}
-    if images and prompt_encoded["pixel_values"].ndim == 5:
+    image_inputs = image_arrays(prompt_encoded) if images else {}
+    return TokenizedPair(prompt, chosen, rejected, dict(pair.extras), pair.group, image_inputs)
+
+
+def image_arrays(encoded: Any) -> dict[str, Any]:
+    """The image arrays of one prompt the processor encoded with its images (`dpo generate` encodes its prompts
+    alike), each with the prompt's images along the first axis."""
+    arrays = {k: v for k, v in encoded.items() if k not in ARRAY_KEYS_SKIPPED}
+    if arrays["pixel_values"].ndim == 5:
         # Idefics3 / SmolVLM give (texts, tiles, C, H, W) and a pixel_attention_mask alike: the one text's axis
         # dropped, the prompt's tiles come first, as every family's images do (`vision.image_features` restores it).
-        image_inputs = {k: v[0] for k, v in image_inputs.items()}
-    return TokenizedPair(prompt, chosen, rejected, dict(pair.extras), pair.group, image_inputs)
+        arrays = {k: v[0] for k, v in arrays.items()}
+    return arrays
 
 
 def _parts(text: Text, role: str) -> list[dict[str, Any]]:
