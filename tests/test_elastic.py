@@ -1,6 +1,7 @@
 """Elastic restarts: under `torchrun --max-restarts 1`, a rank SIGKILLed mid-run takes the group down, torchrun
 starts it again with the same command, and `--resume auto` continues from the newest complete checkpoint: the
-run ends with the weights and metric rows of the run left alone (2 gloo processes on CPU, DDP).
+run ends with the weights and metric rows of the run left alone (2 gloo processes on CPU, DDP and FSDP2), with
+torchrun's defaults (no TORCH_DISABLE_SHARE_RDZV_TCP_STORE: `distributed.init` keys the restarted group apart).
 
 The kill comes from a test-only `sitecustomize` on PYTHONPATH (tests/fixtures/kill_rank): rank 1 kills itself
 after its 5th optimizer step, once. The run left alone is the same training on 2 ranks forked from this process.
@@ -28,14 +29,14 @@ TIMING = {"pairs_per_s", "tokens_per_s", "elapsed_s"}
 SHIM = Path(__file__).parent / "fixtures" / "kill_rank"
 
 
-def args(model_dir: Path, output: Path) -> list[str]:
+def args(model_dir: Path, output: Path, layout: list[str]) -> list[str]:
     return ["--model", str(model_dir), "--max-pairs", "40", "--batch-size", "2", "--max-steps", "8",
             "--eval-fraction", "0", "--no-progress", "--no-cache", "--report-to", "none", "--output", str(output),
-            "--save-every", "2", "--resume", "auto"]
+            "--save-every", "2", "--resume", "auto", *layout]
 
 
-def left_alone(rank: int, world_size: int, model_dir: Path, output: Path) -> None:
-    train(Config.from_args(args(model_dir, output)))
+def left_alone(rank: int, world_size: int, model_dir: Path, output: Path, layout: list[str]) -> None:
+    train(Config.from_args(args(model_dir, output, layout)))
 
 
 def rows(output: Path) -> list[dict]:
@@ -43,21 +44,21 @@ def rows(output: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
 
 
-def test_a_rank_killed_under_torchrun_restarts_and_ends_as_the_run_left_alone(tmp_path, tokenizer):
+@pytest.mark.parametrize("layout", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
+def test_a_rank_killed_under_torchrun_restarts_and_ends_as_the_run_left_alone(tmp_path, tokenizer, layout):
     model_dir = tmp_path / "model"
     build_tiny_llama(model_dir, vocab_size=32, tokenizer=tokenizer)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(report, "plot_curves", lambda *a, **k: None)
-        fork_ranks(left_alone, 2, model_dir, tmp_path / "alone")
+        fork_ranks(left_alone, 2, model_dir, tmp_path / "alone", layout)
 
     marker = tmp_path / "killed-once"
-    # torchrun shares its rendezvous store with the workers' process group by default, and a restarted group
-    # then reads the dead group's addresses and fails to connect (pytorch/pytorch#135712): turned off here, as
-    # the README says to.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")]),
-           "DPOKIT_KILL_AT": f"5,1,{marker}", "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+           "DPOKIT_KILL_AT": f"5,1,{marker}", "OMP_NUM_THREADS": "1"}
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "--max-restarts", "1", "-m", "dpokit", "train", *args(model_dir, tmp_path / "elastic")],
+                          "--max-restarts", "1", "-m", "dpokit", "train",
+                          *args(model_dir, tmp_path / "elastic", layout)],
                          capture_output=True, text=True, env=env, timeout=280)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert marker.exists(), "rank 1 was never killed"

@@ -66,8 +66,27 @@ def init(device: str = "auto") -> Dist:
         torch.cuda.set_device(chosen)
     owns_group = world_size > 1 and not td.is_initialized()
     if owns_group:
-        td.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
+        store = _store_of_this_restart(rank, world_size)
+        td.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo",
+                              **({"store": store, "rank": rank, "world_size": world_size} if store else {}))
     return Dist(rank, world_size, local_rank, chosen, owns_group)
+
+
+def _store_of_this_restart(rank: int, world_size: int) -> td.Store | None:
+    """The process group's store under `torchrun --max-restarts` on one node: torchrun's own store, which outlives
+    the workers, with keys prefixed by the restart count. Without the prefix a restarted group reads the keys the
+    dead one left there (its ranks' addresses) and fails to connect (pytorch/pytorch#135712). Across nodes each
+    torchrun counts restarts alone (a node whose workers did not fail does not count one), so the count is not a
+    shared key there: None, and torch's default store (set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for restarts)."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    one_node = os.environ.get("LOCAL_WORLD_SIZE") == str(world_size)
+    if restart is None or not one_node or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    shared = td.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                         timeout=default_pg_timeout)
+    return td.PrefixStore(f"dpokit/restart_{restart}", shared)
 
 
 def resolve_device(device: str) -> torch.device:
