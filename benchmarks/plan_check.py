@@ -66,8 +66,8 @@ CONFIGS: dict[str, tuple[str, str, int, list[str]]] = {
     "llama-256-ddp-x2": ("llama", "256", 2, ["--batch-size", "2"]),
     "llama-256-fsdp-x2": ("llama", "256", 2, ["--batch-size", "2", "--fsdp"]),
 }
-NOTES = ("What the measurements taught the model (each a named part of `src/dpokit/plan.py`): the LM head holds two "
-         "chunks of logits at once (the next chunk is allocated before the last is released), with a float32 head "
+NOTES = ("What the measurements taught the model (each a named part of `src/dpokit/plan.py`): the LM head holds one "
+         "chunk of logits at a time (each freed before the next is made), with a float32 head "
          "gradient from the head's pass to the end of the backward pass; a tied embedding's gradient is a second "
          "vocab x hidden tensor at the end of the backward pass; `--precompute-ref` and reference-free losses free the "
          "reference copy but keep a float32 copy of the starting weights for the end-of-run report (up to 200M "

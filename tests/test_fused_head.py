@@ -245,3 +245,35 @@ def test_fused_under_bfloat16_autocast_matches_the_unfused_head(model):
     for g, w in zip(got, want):
         assert g.dtype == w.dtype == torch.float32
         assert (g - w).norm() <= 2e-2 * w.norm() + 1e-6
+
+
+def test_one_chunk_of_logits_is_alive_at_a_time_in_a_tiny_llama():
+    """A one-layer Llama with a 32k vocabulary, trained through the scorer with the fused head (chunks of whole
+    pairs, and one pair too long for a chunk, scored twice): the peak that torch's memory profiler measures over
+    the forward and backward passes is one chunk's float32 logits [chunk, vocab] (the buffer becomes the softmax,
+    then the logits' gradient, in place; two chunks alive at once would be 2 x) plus what is not chunk-sized: the
+    head's and the embedding's float32 weight gradients [vocab, hidden] and 4 MiB for the decoder's activations
+    and the [tokens] vectors (under 1 MiB here)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from test_logprobs import peak_bytes
+
+    vocab, width, chunk_size = 32_000, 16, 256
+    config = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    rng = random.Random(1)
+    ids = lambda n: [rng.randrange(3, vocab) for _ in range(n)]  # noqa: E731
+    # Two 128-token pairs fill a chunk; the last pair's 300 tokens are scored in two passes of 256 and 44.
+    pairs = [TokenizedPair(ids(8), ids(70), ids(58)) for _ in range(4)] + [TokenizedPair(ids(8), ids(160), ids(140))]
+    batch = make_batch(pairs, layout="blocks", pad_id=0)
+    reference = _reference(pairs)
+    scorer = SequenceScorer(model, chunk_size)
+
+    def run() -> None:
+        total, _ = fused_sequence_loss(scorer, batch, lambda p, i: _dpo(p, reference.select(i), False), chunk_size)
+        total.backward()
+
+    chunk_bytes, weight_bytes = chunk_size * vocab * 4, vocab * width * 4
+    assert peak_bytes(run) <= chunk_bytes + 2 * weight_bytes + 4 * 2**20

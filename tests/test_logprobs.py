@@ -1,10 +1,14 @@
 """Chunked, completion-only log-probs equal the textbook full-logits computation, forward and backward, and
-never keep more than one chunk of logits alive."""
+never keep more than one chunk of logits alive (measured with torch's memory profiler)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from dpokit.logprobs import chunked_target_logps
 
@@ -93,3 +97,46 @@ def test_without_gradient_one_pass_gives_log_probs_and_wpo_terms(softcap):
         probs = torch.softmax(logits, dim=-1)
     torch.testing.assert_close(logps, log_probs, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(wpo, log_probs - probs.pow(2).sum(-1).log(), rtol=1e-5, atol=1e-5)
+
+
+def peak_bytes(run: Callable[[], object]) -> int:
+    """The most bytes held at once above the start while `run` runs, from every CPU allocation and free that
+    torch's memory profiler records (the allocator's own events, so temporaries inside operators count too)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("dtype,softcap,train,chunks", [
+    (torch.float32, None, True, 1),      # the logits' buffer becomes the softmax, then its gradient, in place
+    (torch.bfloat16, None, True, 1.5),   # + the head's bf16 output while it is upcast; the bf16 logit gradient
+    (torch.float32, 5.0, True, 2),       # + tanh(raw / softcap), kept for the gradient
+    (torch.float32, 5.0, False, 1),      # no gradient: capped in place
+])
+def test_one_chunk_of_logits_is_alive_at_a_time(dtype, softcap, train, chunks):
+    """A large vocabulary, 3 chunks: the peak over the forward and backward passes is `chunks` x one chunk's
+    float32 logits [chunk, vocab] (two chunks alive at once would be >= 2 x) plus what is not chunk-sized: the
+    float32 weight gradient [vocab, hidden] and, in bf16, the bf16 weight, each chunk's bf16 weight-gradient
+    product and its float32 upcast (3 weight-sized tensors in all), and 64 KiB for the [tokens] vectors."""
+    tokens, width, vocab, chunk_size = 192, 8, 20_000, 64
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(tokens, width, generator=generator, requires_grad=train)
+    head = torch.nn.Linear(width, vocab, bias=False).requires_grad_(train)
+    targets = torch.randint(0, vocab, (tokens,), generator=generator)
+
+    def run() -> None:
+        autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        with autocast, torch.set_grad_enabled(train):
+            logps, _ = chunked_target_logps(hidden, head, targets, chunk_size, softcap)
+        if train:
+            logps.sum().backward()
+
+    chunk_bytes, weight_bytes = chunk_size * vocab * 4, vocab * width * 4
+    others = (3 if dtype != torch.float32 else 1) * weight_bytes * train + 64 * 1024
+    assert peak_bytes(run) <= chunks * chunk_bytes + others

@@ -24,11 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .batching import Batch
-from .logprobs import (PairLogps, SoftmaxParts, accumulate_weight_gradient, chunked_target_logps, image_inputs,
-                       logit_gradient, pair_logps, rebuilt_softmax, select_pair_logps, softmax_parts)
+from .logprobs import (PairLogps, SoftmaxParts, chunk_logits, chunked_target_logps, head_dtype, head_gradients,
+                       image_inputs, pair_logps, rebuilt_softmax, select_pair_logps, softmax_parts)
 
 # (policy log-probs of some pairs, the indices of those pairs in the batch) -> their losses `[those pairs]`.
 LossOfPairs = Callable[[PairLogps, torch.Tensor], torch.Tensor]
@@ -150,44 +149,46 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
         total = hidden.new_zeros((), dtype=torch.float32)
-        device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        dtype = head_dtype(hidden)
         w = weight.to(dtype)
 
-        def logits(a: int, b: int) -> torch.Tensor:
-            return F.linear(hidden[a:b].to(dtype), w)                   # [chunk, vocab]
+        # Each chunk's [chunk, vocab] buffers live in one call (or one expression) below, so they are freed before
+        # the next chunk's logits are made: one chunk's logits alive at a time.
+        def logits(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return chunk_logits(hidden[a:b].to(dtype), w, softcap)
 
         def score(a: int, b: int) -> SoftmaxParts:
-            parts = softmax_parts(logits(a, b), targets[a:b], softcap)
+            parts = softmax_parts(*logits(a, b), targets[a:b])
             token_logps[a:b] = parts.target_logps
             if spec.with_wpo:
                 token_wpo[a:b] = parts.wpo()
             return parts
 
-        def backpropagate(a: int, b: int, exps: torch.Tensor, g: torch.Tensor, tanh: torch.Tensor | None,
+        def backpropagate(a: int, b: int, exps: torch.Tensor, tanh: torch.Tensor | None, g: torch.Tensor,
                           scale: torch.Tensor | None = None) -> None:
-            grad_logits = logit_gradient(exps, g, targets[a:b], tanh, scale).to(dtype)
-            if grad_hidden is not None:
-                grad_hidden[a:b] = grad_logits @ w
-            if grad_weight is not None:
-                accumulate_weight_gradient(grad_weight, grad_logits, hidden[a:b].to(dtype))
+            head_gradients(exps, tanh, g, targets[a:b], hidden[a:b].to(dtype), w,
+                           None if grad_hidden is None else grad_hidden[a:b], grad_weight, scale)
+
+        def loss_gradient(a: int, b: int, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return _loss_gradient(spec, token_logps[a:b], token_wpo[a:b], sequence[a:b], position[a:b], pairs)
+
+        def single_pass(chunk: _Chunk) -> torch.Tensor:
+            parts = score(chunk.start, chunk.end)
+            loss, g = loss_gradient(chunk.start, chunk.end, chunk.pairs)
+            backpropagate(chunk.start, chunk.end, parts.exps, parts.tanh, g, 1 / parts.sums)
+            return loss
+
+        def two_passes(chunk: _Chunk) -> torch.Tensor:
+            a, b, size = chunk.start, chunk.end, spec.chunk_size
+            lse = torch.cat([score(s, min(s + size, b)).lse for s in range(a, b, size)])
+            loss, g = loss_gradient(a, b, chunk.pairs)
+            for s in range(a, b, size):
+                e = min(s + size, b)
+                backpropagate(s, e, *rebuilt_softmax(*logits(s, e), lse[s - a:e - a]), g[s - a:e - a])
+            return loss
 
         for chunk in chunks:
-            a, b = chunk.start, chunk.end
-            if chunk.single_pass:
-                parts = score(a, b)
-                loss, g = _loss_gradient(spec, token_logps[a:b], token_wpo[a:b], sequence[a:b], position[a:b],
-                                         chunk.pairs)
-                backpropagate(a, b, parts.exps, g, parts.tanh, 1 / parts.sums)
-            else:
-                lse = torch.cat([score(s, min(s + spec.chunk_size, b)).lse for s in range(a, b, spec.chunk_size)])
-                loss, g = _loss_gradient(spec, token_logps[a:b], token_wpo[a:b], sequence[a:b], position[a:b],
-                                         chunk.pairs)
-                for s in range(a, b, spec.chunk_size):
-                    e = min(s + spec.chunk_size, b)
-                    probs, tanh = rebuilt_softmax(logits(s, e), lse[s - a:e - a], softcap)
-                    backpropagate(s, e, probs, g[s - a:e - a], tanh)
-            total += loss
+            total += single_pass(chunk) if chunk.single_pass else two_passes(chunk)
         if order is not None:  # back to the batch's token order
             token_logps = torch.empty_like(token_logps).index_copy_(0, order, token_logps)
             token_wpo = torch.empty_like(token_wpo).index_copy_(0, order, token_wpo)

@@ -122,8 +122,9 @@ def chunked_target_logps(hidden: torch.Tensor, head: torch.nn.Module, target_ids
     wpo = []  # another kind of head: its log-softmax again, without gradient
     with torch.no_grad():
         for start in range(0, hidden.shape[0], chunk_size):
-            log_probs = _head_log_softmax(hidden[start:start + chunk_size], head, softcap)  # [chunk, vocab]
-            wpo.append(logps[start:start + chunk_size].detach() - torch.logsumexp(2 * log_probs, dim=-1))
+            # One expression: this chunk's [chunk, vocab] log-softmax is gone before the next one's is made.
+            wpo.append(logps[start:start + chunk_size].detach()
+                       - torch.logsumexp(2 * _head_log_softmax(hidden[start:start + chunk_size], head, softcap), -1))
     return logps, (torch.cat(wpo) if wpo else logps.new_zeros(0))
 
 
@@ -141,16 +142,20 @@ class _LinearTargetLogps(torch.autograd.Function):
         logps = hidden.new_empty(hidden.shape[0], dtype=torch.float32)   # [scored]
         lse = torch.empty_like(logps)                                   # [scored]
         wpo_terms = torch.zeros_like(logps) if with_wpo else logps.new_zeros(0)   # no gradient flows through them
-        compute_dtype = hidden.dtype
-        for start in range(0, hidden.shape[0], chunk_size):
-            raw = F.linear(hidden[start:start + chunk_size], weight)     # [chunk, vocab], autocast's dtype
-            compute_dtype = raw.dtype
-            parts = softmax_parts(raw, targets[start:start + chunk_size], softcap)
-            lse[start:start + chunk_size], logps[start:start + chunk_size] = parts.lse, parts.target_logps
+        dtype = head_dtype(hidden)
+        w = weight.to(dtype)
+
+        def score(start: int, stop: int) -> None:  # the chunk's logits die with this call, before the next's exist
+            parts = softmax_parts(*chunk_logits(hidden[start:stop].to(dtype), w, softcap, with_tanh=False),
+                                  targets[start:stop])
+            lse[start:stop], logps[start:stop] = parts.lse, parts.target_logps
             if with_wpo:
-                wpo_terms[start:start + chunk_size] = parts.wpo()
+                wpo_terms[start:stop] = parts.wpo()
+
+        for start in range(0, hidden.shape[0], chunk_size):
+            score(start, start + chunk_size)
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk_size, ctx.softcap, ctx.compute_dtype = chunk_size, softcap, compute_dtype
+        ctx.chunk_size, ctx.softcap, ctx.compute_dtype = chunk_size, softcap, dtype
         ctx.mark_non_differentiable(wpo_terms)
         return logps, wpo_terms
 
@@ -162,14 +167,12 @@ class _LinearTargetLogps(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
-            end = start + ctx.chunk_size
-            h, g = hidden[start:end].to(dtype), grad[start:end]
-            probs, tanh = rebuilt_softmax(F.linear(h, w), lse[start:end], softcap)   # [chunk, vocab]
-            grad_logits = logit_gradient(probs, g, targets[start:end], tanh).to(dtype)
-            if grad_hidden is not None:
-                grad_hidden[start:end] = grad_logits @ w
-            if grad_weight is not None:
-                accumulate_weight_gradient(grad_weight, grad_logits, h)
+            stop = start + ctx.chunk_size
+            h = hidden[start:stop].to(dtype)
+            # One expression: the rebuilt softmax is a temporary, freed before the next chunk's logits exist.
+            head_gradients(*rebuilt_softmax(*chunk_logits(h, w, softcap), lse[start:stop]), grad[start:stop],
+                           targets[start:stop], h, w, None if grad_hidden is None else grad_hidden[start:stop],
+                           grad_weight)
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None)
 
 
@@ -193,10 +196,35 @@ class SoftmaxParts:
         return self.target_logps - (squares.log() - 2 * self.sums.log())
 
 
-def softmax_parts(raw: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> SoftmaxParts:
-    """Target log-probs and logsumexp of the logits `raw` `[chunk, vocab]`, working in place where it may (the
-    float32 logits are overwritten by `exps`: `torch.logsumexp` would allocate two more `[chunk, vocab]` tensors)."""
-    logits, tanh = _capped(raw, softcap)
+def head_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the LM head multiplies in: autocast's when it is on, else the hidden states' own."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
+def chunk_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None, with_tanh: bool = True,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk's float32 logits `[chunk, vocab]` from its hidden states and the head's weight (both in the
+    head's dtype), with Gemma-style soft-capping `softcap * tanh(raw / softcap)` when the model has it; and
+    tanh(raw / softcap) when a gradient is to be taken here (`with_tanh`; else None).
+
+    The head's low-precision output is upcast in the same expression, so it is freed as soon as the float32 copy
+    exists: a chunk holds one float32 `[chunk, vocab]` buffer (two when soft-capped with `with_tanh`). Nothing of
+    it is kept for the backward pass, which multiplies again: keeping a bf16 chunk's float32 upcast would cost 4
+    bytes per logit for every chunk of the batch, redoing it costs one chunk's matmul."""
+    logits = F.linear(h, weight).float()
+    if not softcap:
+        return logits, None
+    if not with_tanh:
+        return logits.div_(softcap).tanh_().mul_(softcap), None
+    tanh = logits.div_(softcap).tanh_()
+    return tanh * softcap, tanh
+
+
+def softmax_parts(logits: torch.Tensor, tanh: torch.Tensor | None, targets: torch.Tensor) -> SoftmaxParts:
+    """Target log-probs and logsumexp of one chunk's float32 `logits` `[chunk, vocab]` (from `chunk_logits`),
+    in place: the logits are overwritten by `exps` (`torch.logsumexp` would allocate two more `[chunk, vocab]`
+    tensors)."""
     target = logits.gather(-1, targets[:, None])[:, 0]
     top = logits.amax(-1)
     exps = logits.sub_(top[:, None]).exp_()
@@ -205,12 +233,10 @@ def softmax_parts(raw: torch.Tensor, targets: torch.Tensor, softcap: float | Non
     return SoftmaxParts(exps, sums, lse, target - lse, tanh)
 
 
-def rebuilt_softmax(raw: torch.Tensor, lse: torch.Tensor, softcap: float | None,
+def rebuilt_softmax(logits: torch.Tensor, tanh: torch.Tensor | None, lse: torch.Tensor,
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """softmax of a chunk's logits again, from the head's output `raw` `[chunk, vocab]` and the logsumexp kept
-    from the forward (no second reduction over the vocabulary), in the float32 logits' buffer; with
-    tanh(raw / softcap) for a soft-capped head (for the gradient), else None."""
-    logits, tanh = _capped(raw, softcap)
+    """softmax of a chunk's float32 `logits` (from `chunk_logits`) again, with the logsumexp kept from the forward
+    (no second reduction over the vocabulary), in the logits' buffer; `tanh` passes through (for the gradient)."""
     return logits.sub_(lse[:, None]).exp_(), tanh
 
 
@@ -221,8 +247,22 @@ def logit_gradient(exps: torch.Tensor, g: torch.Tensor, targets: torch.Tensor, t
     grad = exps.mul_((-g if scale is None else -g * scale)[:, None])
     grad[torch.arange(g.shape[0], device=g.device), targets] += g
     if tanh is not None:
-        grad.mul_(1 - tanh.square_())                                    # d softcap(x)/dx = 1 - tanh^2
+        grad.mul_(tanh.square_().neg_().add_(1))                         # d softcap(x)/dx = 1 - tanh^2
     return grad
+
+
+def head_gradients(exps: torch.Tensor, tanh: torch.Tensor | None, g: torch.Tensor, targets: torch.Tensor,
+                   h: torch.Tensor, weight: torch.Tensor, grad_hidden: torch.Tensor | None,
+                   grad_weight: torch.Tensor | None, scale: torch.Tensor | None = None) -> None:
+    """One chunk's share of a linear head's gradients for upstream weights `g` `[chunk]`, from its softmax
+    (`exps`, see `logit_gradient`, whose buffer it consumes): writes `grad_hidden` (the chunk's rows
+    `[chunk, hidden]`) and adds into `grad_weight`. `h` and `weight` are in the head's dtype; so is the logits'
+    gradient they are multiplied with (one more `[chunk, vocab]` buffer below float32)."""
+    grad_logits = logit_gradient(exps, g, targets, tanh, scale).to(weight.dtype)
+    if grad_hidden is not None:
+        grad_hidden.copy_(grad_logits @ weight)
+    if grad_weight is not None:
+        accumulate_weight_gradient(grad_weight, grad_logits, h)
 
 
 def accumulate_weight_gradient(grad_weight: torch.Tensor, grad_logits: torch.Tensor, h: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ config: no weights are loaded), the run's flags (`RunSettings`) and the largest 
                    one; up to 200M trainable parameters; host memory)
     activations    what autograd keeps per layer for the micro-batch's tokens, x layers (one layer input per layer
                    with --gradient-checkpointing, and one layer recomputed at a time in the backward pass)
-    LM head logits two chunks of logits (--logprob-chunk-size x vocab): the next is allocated before the last is freed
+    LM head logits one chunk of float32 logits (--logprob-chunk-size x vocab), freed before the next is made
     head gradient  the float32 LM-head weight gradient, held from the head's pass to the end of the backward pass
     layer backward the transient gradients of one layer in the backward pass
     micro-batches  with several per step: the head gradient being added, and (CPU) the heap glibc keeps from the
@@ -480,14 +480,14 @@ def estimate(shape: ModelShape, run: RunSettings, work: Workload) -> Plan:
         kept + sum(outside)
     add("freed activations", heap if shape.known and not cuda else 0,
         "freed in the backward pass, kept by glibc's heap until the optimizer step")
-    # The head scores `chunk_size` tokens at a time, and the next chunk's logits are allocated before the previous
-    # chunk's are released: two chunks are alive at once whenever there are two. A trainable head keeps its
-    # float32 weight gradient from the head's pass to the end of the backward pass, and the scored states' one.
-    # (In bf16 the head's output is bf16 and the softmax float32: 4 B per logit kept, 2 more for the newest chunk.)
+    # The head scores `chunk_size` tokens at a time, one chunk alive at a time: its float32 logits become the
+    # softmax and then the logits' gradient in place (`logprobs.chunk_logits`). A trainable head keeps its float32
+    # weight gradient from the head's pass to the end of the backward pass, and the scored states' one.
+    # (In bf16 the head's output is bf16 beside its float32 upcast, and the logits' gradient is multiplied in bf16:
+    # 2 B more per logit.)
     chunk = min(run.chunk_size, max(scored, 1)) * shape.vocab
-    alive = min(2, math.ceil(scored / run.chunk_size))
-    add("LM head logits", alive * chunk * 4 + (chunk * 2 if b == 2 else 0),
-        f"{alive} x {min(run.chunk_size, scored)} x {shape.vocab:,} float32 logits")
+    add("LM head logits", chunk * 4 + (chunk * 2 if b == 2 else 0),
+        f"{min(run.chunk_size, scored)} x {shape.vocab:,} float32 logits")
     head_trainable = not lora
     held = shape.vocab * shape.hidden * 4 if head_trainable else 0
     add("head gradient", held + scored * shape.hidden * b,
