@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from dpokit import Config, generate, models
 from dpokit.cli import main
 from dpokit.errors import DPOError
-from dpokit.online import OnlineOptions, RewardModel, online, rank_pairs, round_config, round_prompts, round_seed
+from dpokit.judging import RewardModel, rank_pairs
+from dpokit.online import OnlineOptions, online, round_config, round_prompts, round_seed
 
 K = 3
 CALLS: list[int] = []      # prompts per call of `char_reward`

@@ -139,6 +139,9 @@ def _add_online_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--missing-eos-penalty", type=float, help="subtracted from the score of a completion cut "
                                                                   "at --max-new-tokens (default: none)")
     parser.add_argument("--reward-device", help="device of the reward models (default: --device)")
+    parser.add_argument("--on-policy", action="store_true", help="online DPO: every optimizer step samples its "
+                        "own --batch-size x --grad-accum prompts from the current policy, judges, pairs and trains "
+                        "on them, in one run (one optimizer) written to OUTPUT (default: rounds)")
 
 
 def _online_options(args: argparse.Namespace, *, ref_update: str) -> object:
@@ -155,7 +158,7 @@ def _online_options(args: argparse.Namespace, *, ref_update: str) -> object:
         samples_per_prompt=args.samples_per_prompt, rounds=args.rounds, prompts_per_round=args.prompts_per_round,
         ref_update=ref_update, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, sample_batch_size=args.sample_batch_size, missing_eos_penalty=args.missing_eos_penalty,
-        reward_device=args.reward_device)
+        reward_device=args.reward_device, on_policy=args.on_policy)
 
 
 def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,6 +29,7 @@ from .config import Config
 from .data import preparation as pipeline
 from .data.tokenization import TokenizedPair
 from .errors import DPOError, TrainingFailure, import_extra
+from .feeds import PairFeed, PairSource, StepPairs
 from .metrics import MetricMeter
 from .objective import BatchLoss, Objective
 from .pair_sampler import StepBatches, even_shares, micro_batches
@@ -60,16 +61,17 @@ class Summary:
 
 
 
-def train(cfg: Config) -> Summary:
+def train(cfg: Config, source: PairSource | None = None) -> Summary:
     """Run DPO (or any registered loss) as `cfg` says; returns a `Summary`.
 
+    `source`: where each step's pairs come from; by default the pairs of `cfg.data` (`FilePairs`).
     The first SIGTERM/SIGINT saves a checkpoint at the end of the current step and stops (`Interrupted`).
     """
     with checkpoint.StopSignals() as stop:
-        return _train(cfg, stop)
+        return _train(cfg, stop, source or FilePairs())
 
 
-def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
+def _train(cfg: Config, stop: checkpoint.StopSignals, source: PairSource) -> Summary:
     start_time = time.perf_counter()
     accelerator.check_device(cfg.device, cfg.dtype)
     dist = distributed.init(cfg.device)
@@ -84,15 +86,16 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
     # ---- set-up, phase by phase --------------------------------------------------------------------------------
     objective = Objective.from_config(cfg)
     placement = Placement.from_config(cfg, dist)
-    tokenizer, data = prepare_data(cfg, objective)
+    tokenizer, data = source.prepare(cfg, objective)
     plan_line, predicted_peak = plan.startup_summary(cfg, pairs=data.train, nproc=dist.world_size,
                                                      device=dist.device.type)  # before the slow model load
     if dist.is_main:
         print(plan_line, flush=True)
     built = build_models(cfg, objective.strategy, placement, dist, data.train + data.eval, data.pad_id)
     policy, model, reference = built.policy, built.scorer, built.reference
-    pairs_per_step = cfg.batch_size * cfg.grad_accum * dist.world_size
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train) / pairs_per_step))
+    pairs_per_step = cfg.batch_size * cfg.grad_accum * dist.world_size  # a source's units: pairs, or prompts
+    epoch_size = source.epoch_size(data)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * epoch_size / pairs_per_step))
     eval_every = cfg.eval_every or (total_steps // 10 if total_steps >= 20 else None)
     optimizer, schedule = make_optimizer_and_schedule(policy, cfg, total_steps)
     resumed = restore(cfg, files, built, optimizer, schedule, placement, dist)
@@ -109,8 +112,8 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
         state.eval_before = eval_before
         reporter.log_eval(0, 0.0, eval_before)
         reporter.print(f"{objective.headline[1]} before training: {eval_before[objective.headline[0]]:.3f}")
-    batches = step_batches(cfg, data, state.pairs_consumed, dist)
-    meter = resume_rank(resumed, dist)  # this rank's metric sums since the last log step, and its generators
+    feed = source.open(cfg, data, built.policy, state.pairs_consumed, dist)
+    meter = resume_rank(resumed, feed, dist)  # this rank's metric sums since the last log step, its generators
     last_log_time = time.perf_counter() - state.since_log_s
     lean_host_memory = cfg.lean_host_memory and dist.device.type == "cpu" and host_memory.lean_allocator()
     row: dict[str, Any] = {}
@@ -120,13 +123,13 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
         # Each micro-loss is its pairs' loss sum over the pairs in the whole step (all ranks), times world size
         # because DDP averages gradients: the gradient is then exactly that of the mean loss over the step's
         # pairs, however they are split into micro-batches and ranks.
-        micro = next(batches)
+        micro = feed.next_step(step)
         step_loss = torch.zeros((), device=dist.device)
-        for i, batch in enumerate(micro):
+        for i, batch in enumerate(micro.batches):
             batch = batch.to(dist.device)
-            with distributed.no_sync(model, enabled=i < len(micro) - 1):
+            with distributed.no_sync(model, enabled=i < len(micro.batches) - 1):
                 scored = scoring.loss(batch, train=True)
-                loss = scored.total * dist.world_size / pairs_per_step
+                loss = scored.total * dist.world_size / micro.pairs
                 loss.backward()
             step_loss += loss.detach()
             meter.add(scored.per_pair, scored.policy_logps, scored.outputs, batch.num_tokens)
@@ -144,13 +147,13 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
         reference.after_step(step, policy)  # TR-DPO: the reference follows the policy
         state.step, state.pairs_consumed = step, step * pairs_per_step
 
-        epoch = round(step * pairs_per_step / len(data.train), 4)
+        epoch = round(step * pairs_per_step / epoch_size, 4)
         if step % cfg.log_every == 0 or step == total_steps:
             metrics = meter.reduce(dist)
             elapsed = time.perf_counter() - last_log_time
             pairs, tokens = metrics.pop("pairs"), metrics.pop("tokens")
             row = {"step": step, "epoch": epoch, **metrics, "lr": schedule.get_last_lr()[0],
-                   "pairs_per_s": pairs / elapsed, "tokens_per_s": tokens / elapsed}
+                   "pairs_per_s": pairs / elapsed, "tokens_per_s": tokens / elapsed, **feed.metrics(dist)}
             alarms = monitor.check(row)
             reporter.log(row | health.row_keys(alarms))
             for alarm in alarms:
@@ -167,13 +170,13 @@ def _train(cfg: Config, stop: checkpoint.StopSignals) -> Summary:
         saved = None
         if failed or stopping or (cfg.save_every and (step % cfg.save_every == 0 or step == total_steps)):
             state.since_log_s = time.perf_counter() - last_log_time
-            saved = save_checkpoint(cfg, files, state, built, optimizer, schedule, meter, dist)
+            saved = save_checkpoint(cfg, files, state, built, optimizer, schedule, rank_sums(meter, feed), dist)
         if failed or stopping:
             raise stopped_early(step, state.bad_steps if failed else None, stop.received, saved)
 
     # ---- finish: evaluate, save the model, report -----------------------------------------------------------------
     eval_after = held_out()
-    reporter.log_eval(state.step, round(state.step * pairs_per_step / len(data.train), 4), eval_after)
+    reporter.log_eval(state.step, round(state.step * pairs_per_step / epoch_size, 4), eval_after)
     final_train = {k: v for k, v in row.items() if k not in ("step", "epoch")}
     outcome = Outcome(state.step, state.eval_before, eval_after, final_train, objective.headline, monitor.alarms,
                       plan.peak_line(dist.device.type, predicted_peak))
@@ -196,6 +199,39 @@ def prepare_data(cfg: Config, objective: Objective) -> tuple[Any, pipeline.Prepa
     data = pipeline.prepare(settings, tokenizer, cache=cfg.cache, cache_dir=cfg.cache_dir, progress=cfg.progress)
     objective.check_data(cfg, frozenset.intersection(*(frozenset(p.extras) for p in data.train + data.eval)))
     return tokenizer, data
+
+
+class FilePairs:
+    """`dpo train`'s source: the pairs of --data, tokenized before training, in seeded epochs (`micro_batches`)."""
+
+    def prepare(self, cfg: Config, objective: Objective) -> tuple[Any, pipeline.PreparedData]:
+        return prepare_data(cfg, objective)
+
+    def epoch_size(self, data: pipeline.PreparedData) -> int:
+        return len(data.train)
+
+    def open(self, cfg: Config, data: pipeline.PreparedData, policy: torch.nn.Module, consumed: int,
+             dist: distributed.Dist) -> FileFeed:
+        return FileFeed(step_batches(cfg, data, consumed, dist), cfg.batch_size * cfg.grad_accum * dist.world_size)
+
+
+class FileFeed:
+    """Every step the same number of pairs; its position is the loop's count of pairs consumed, so no state."""
+
+    def __init__(self, batches: StepBatches, pairs_per_step: int) -> None:
+        self.batches, self.pairs_per_step = batches, pairs_per_step
+
+    def next_step(self, step: int) -> StepPairs:
+        return StepPairs(next(self.batches), self.pairs_per_step)
+
+    def metrics(self, dist: distributed.Dist) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 def stopped_early(step: int, bad_steps: int | None, signum: int | None, saved: Path | None) -> TrainingFailure:
@@ -285,15 +321,23 @@ def check_same_run(cfg: Config, resumed: checkpoint.Loaded, saved_world_size: in
                        "(the README lists what may change on resume; or start over with --overwrite-output)")
 
 
-def resume_rank(resumed: checkpoint.Loaded | None, dist: distributed.Dist) -> MetricMeter:
+def resume_rank(resumed: checkpoint.Loaded | None, feed: PairFeed, dist: distributed.Dist) -> MetricMeter:
     """A metric meter holding this rank's sums since the last log step of the checkpoint (empty for a fresh
-    run), with the rank's generators restored as they were when it was saved."""
+    run), the feed's state restored beside them (`rank_sums`), and the rank's generators as they were saved."""
     meter = MetricMeter(dist.device)
     if resumed is not None:
         own = checkpoint.rank_state(resumed, dist.rank, dist.world_size)
         meter.load_state_dict(own.meter)
+        feed.load_state_dict(own.meter.get("feed", {}))
         checkpoint.restore_rng(own.rng)
     return meter
+
+
+def rank_sums(meter: MetricMeter, feed: PairFeed) -> dict[str, Any]:
+    """What this rank counted since the last log step, for its checkpoint: the metric sums, and the feed's state
+    when it keeps one (an on-policy feed's sampling counts)."""
+    feed_state = feed.state_dict()
+    return meter.state_dict() | ({"feed": feed_state} if feed_state else {})
 
 
 def open_reporter(cfg: Config, files: RunFiles, total_steps: int, tracker_names: list[str],
@@ -351,17 +395,17 @@ def evaluate(scoring: Scoring, pairs: Sequence[TokenizedPair], first_id: int, ba
 
 def save_checkpoint(cfg: Config, files: RunFiles, state: checkpoint.TrainerState, built: Models,
                     optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR,
-                    meter: MetricMeter, dist: distributed.Dist) -> Path | None:
-    """Called on every rank; rank 0 writes (with --fsdp every rank writes its shards). The path, or None on
-    the other ranks of a DDP run."""
+                    sums: dict[str, Any], dist: distributed.Dist) -> Path | None:
+    """Called on every rank; rank 0 writes (with --fsdp every rank writes its shards). `sums`: this rank's since
+    the last log step (`rank_sums`). The path, or None on the other ranks of a DDP run."""
     record = checkpoint.TrainerRecord(state, schedule.state_dict(), checkpoint.capture_rng(),
-                                      meter.state_dict(), dist.world_size, reference=built.reference.state_dict())
+                                      sums, dist.world_size, reference=built.reference.state_dict())
     if cfg.fsdp:  # every rank writes its shards (DCP), also when one process runs with --fsdp
         return checkpoint.save_sharded(files.checkpoints, state.step, model=built.policy, optimizer=optimizer,
-                                       trainer=record.to_dict(), own_meter=meter.state_dict(), dist=dist,
+                                       trainer=record.to_dict(), own_meter=sums, dist=dist,
                                        metrics=files.metrics, keep=cfg.save_total_limit)
     # DDP: the weights are the same everywhere; each rank's generators and metric sums are its own.
-    ranks = distributed.gather_to_main(checkpoint.rank_payload(meter.state_dict()), dist)
+    ranks = distributed.gather_to_main(checkpoint.rank_payload(sums), dist)
     if not dist.is_main:
         return None
     if dist.enabled:

@@ -36,11 +36,9 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
-import random
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,15 +47,14 @@ import torch
 
 from . import distributed, evaluation, generate, loop, models, report
 from .config import Config
-from .data.formats import PAIRING, Text, rank_pairs
 from .errors import DPOError
+from .judging import Judge, RewardModel, Sampling, build_pairs, round_prompts, sample_and_judge
+from .on_policy import OnPolicy
 from .run_folder import RESUME_MAY_CHANGE
 
 # `dpo online` changes these `dpo train` defaults: all sampled pairs train (no held-out share), and its own folder.
 ONLINE_DEFAULTS = {"output": "runs/online", "eval_fraction": 0.0}
 REF_UPDATES = ("start", "round")
-
-Judge = Callable[[list[Text], list[str]], Sequence[float]]
 
 
 @dataclass(frozen=True)
@@ -78,6 +75,7 @@ class OnlineOptions:
     sample_batch_size: int = 32                # sequences per sampling / reward-model forward pass
     missing_eos_penalty: float | None = None   # subtracted from a completion cut at max_new_tokens
     reward_device: str | None = None           # where reward models run (default: the policy's --device)
+    on_policy: bool = False                    # sample at every optimizer step, in one training run (`on_policy`)
 
     def problems(self) -> list[str]:
         found = []
@@ -88,6 +86,9 @@ class OnlineOptions:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 found.append(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.on_policy and (self.ref_update == "round" or self.prompts_per_round is not None):
+            found.append("--on-policy samples at every step of one training run: it has no rounds (drop "
+                         "--ref-update round and --prompts-per-round; --batch-size x --grad-accum prompts per step)")
         if self.ref_update not in REF_UPDATES:
             found.append(f"--ref-update must be one of {', '.join(REF_UPDATES)}, got {self.ref_update!r}")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
@@ -167,8 +168,13 @@ def online(cfg: Config, options: OnlineOptions) -> OnlineSummary:
     prompt_ids = generate.encode_prompts(tokenizer, prompts)
     check_prompt_lengths(cfg, options, prompt_ids)
     judges = load_judges(options, cfg)  # a judge that cannot load fails before anything is written
-    weights = list(options.reward_weights or [1.0] * len(judges))
+    sampling = Sampling(tokenizer, prompts, prompt_ids, judges, list(options.reward_weights or [1.0] * len(judges)),
+                        options.samples_per_prompt, options.max_new_tokens, options.temperature, options.top_p,
+                        options.sample_batch_size, options.missing_eos_penalty)
     write_atomic(files.settings, json.dumps(run_settings(cfg, options), indent=2) + "\n")
+    if options.on_policy:
+        summary = loop.train(cfg.replace(overwrite_output=False), OnPolicy(sampling))
+        return OnlineSummary(files.root, summary.model_dir or files.root / "model", [])
     start_model: torch.nn.Module | None = None
     for n in range(1, options.rounds + 1):
         if files.done(n):
@@ -177,7 +183,7 @@ def online(cfg: Config, options: OnlineOptions) -> OnlineSummary:
         if not files.pairs(n).is_file():
             if n > 1 and start_model is None:
                 start_model = load_policy(cfg, files, 1)
-            sample_round(n, cfg, options, files, tokenizer, prompts, prompt_ids, judges, weights, start_model)
+            sample_round(n, cfg, options, files, sampling, start_model)
         print(f"round {n}/{options.rounds}: training on {files.pairs(n)}", flush=True)
         loop.train(round_config(cfg, options, files, n))
         write_metrics(files, options.rounds)
@@ -206,6 +212,8 @@ def run_settings(cfg: Config, options: OnlineOptions) -> dict[str, Any]:
     named = {**asdict(options), "rewards": [r if isinstance(r, str) else getattr(r, "__qualname__", repr(r))
                                              for r in options.rewards]}
     named = {k: list(v) if isinstance(v, tuple) else v for k, v in named.items()}
+    if not options.on_policy:  # a round-based run's settings read as before the option existed
+        named.pop("on_policy")
     # the number of rounds may grow; batch size and device change only float rounding
     return {"options": {k: v for k, v in named.items() if k not in ("rounds", "sample_batch_size", "reward_device")},
             "config": {k: v for k, v in cfg.to_dict().items() if k not in RESUME_MAY_CHANGE}}
@@ -241,52 +249,20 @@ def check_prompt_lengths(cfg: Config, options: OnlineOptions, prompt_ids: list[l
 # ---- one round -------------------------------------------------------------------------------------------------
 
 
-def round_prompts(num_prompts: int, per_round: int | None, seed: int, n: int) -> list[int]:
-    """Indices of round n's prompts (n from 1): every prompt in file order, or the n-th slice of `per_round` from
-    a stream of passes, each pass a permutation of the prompts seeded by (seed, pass)."""
-    if per_round is None:
-        return list(range(num_prompts))
-    first, last = (n - 1) * per_round, n * per_round
-    out = []
-    for p in range(first // num_prompts, (last - 1) // num_prompts + 1):
-        order = list(range(num_prompts))
-        random.Random(f"online-prompts-{seed}-{p}").shuffle(order)
-        out += [i for k, i in enumerate(order, start=p * num_prompts) if first <= k < last]
-    return out
-
-
 def round_seed(seed: int, n: int) -> int:
     """The sampling seed of round n: each (round, prompt, sample) gets its own stream (`generate._row_seed`)."""
     return seed * 1_000 + n
 
 
-def sample_round(n: int, cfg: Config, options: OnlineOptions, files: OnlineFiles, tokenizer: Any,
-                 prompts: list[Text], prompt_ids: list[list[int]], judges: list[tuple[str, Judge]],
-                 weights: list[float], start_model: torch.nn.Module | None) -> None:
+def sample_round(n: int, cfg: Config, options: OnlineOptions, files: OnlineFiles, sampling: Sampling,
+                 start_model: torch.nn.Module | None) -> None:
     """Sample, score and pair round n; write its statistics, then its pairs (their presence marks the round
     sampled)."""
-    chosen_prompts = round_prompts(len(prompts), options.prompts_per_round, cfg.seed, n)
+    chosen_prompts = round_prompts(len(sampling.prompts), options.prompts_per_round, cfg.seed, n)
     policy = load_policy(cfg, files, n)
-    context = getattr(policy.config, "max_position_embeddings", None)
-    for i in chosen_prompts:
-        if context is not None and len(prompt_ids[i]) + options.max_new_tokens > context:
-            raise DPOError(f"round {n}, prompt {i}: {len(prompt_ids[i])} tokens + --max-new-tokens "
-                           f"{options.max_new_tokens} exceed the model's context ({context} positions); shorten "
-                           "the prompt or lower --max-new-tokens")
-    stops = generate.stop_ids(tokenizer, prompts)
-    samples = generate.sample(policy, [prompt_ids[i] for i in chosen_prompts], eos_id=stops,
-                              pad_id=tokenizer.pad_token_id, num_samples=options.samples_per_prompt,
-                              max_new_tokens=options.max_new_tokens, temperature=options.temperature,
-                              top_p=options.top_p, seed=round_seed(cfg.seed, n), batch_size=options.sample_batch_size)
-    texts = [generate.completion_text(tokenizer, s.prompt_ids, s.completion_ids) for s in samples]
-    asked = [prompts[chosen_prompts[s.prompt_index]] for s in samples]
-    where = [f"round {n}, prompt {chosen_prompts[s.prompt_index]}" for s in samples]
-    scores = torch.zeros(len(samples), dtype=torch.float64)                      # [samples]
-    for (name, judge), weight in zip(judges, weights):
-        scores += weight * judge_scores(name, judge, asked, texts, where)
-    missing_eos = torch.tensor([not s.completion_ids or s.completion_ids[-1] not in stops for s in samples])
-    if options.missing_eos_penalty:
-        scores -= options.missing_eos_penalty * missing_eos.double()
+    judged = sample_and_judge(policy, sampling, chosen_prompts, round_seed(cfg.seed, n), f"round {n}")
+    samples, texts, asked, scores, missing_eos = (judged.samples, judged.texts, judged.asked, judged.scores,
+                                                  judged.missing_eos)
     records, counts = build_pairs(asked, texts, scores.tolist(), options.samples_per_prompt, cfg.pairs,
                                   chosen_prompts)
     if not records:
@@ -315,67 +291,6 @@ def sample_round(n: int, cfg: Config, options: OnlineOptions, files: OnlineFiles
           f"{counts['empty_dropped']} with an empty completion dropped)", flush=True)
     write_atomic(files.stats(n), json.dumps(stats, indent=2) + "\n")
     write_atomic(files.pairs(n), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-def judge_scores(name: str, judge: Judge, prompts: list[Text], completions: list[str], where: list[str],
-                 ) -> torch.Tensor:
-    """One judge's score of every completion `[samples]`, checked: one finite number each. A judge that raises
-    is asked again prompt by prompt to name the prompt it fails on."""
-    try:
-        values = list(judge(prompts, completions))
-    except Exception as err:  # the user's code: any exception is theirs to fix, reported in one line
-        failing = next((w for w in dict.fromkeys(where) if _raises(judge, prompts, completions, where, w)),
-                       where[0].split(",")[0])
-        raise DPOError(f"{name}: {failing}: raised {type(err).__name__}: {_first_line(err)}") from None
-    if len(values) != len(completions):
-        raise DPOError(f"{name}: {where[0].split(',')[0]}: returned {len(values)} values for {len(completions)} "
-                       "completions (one number per completion)")
-    scores = []
-    for i, value in enumerate(values):
-        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else (
-            value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else None)
-        if number is None or not math.isfinite(number):
-            raise DPOError(f"{name}: {where[i]}: returned {value!r} for a completion; a reward must be a finite "
-                           "number")
-        scores.append(number)
-    return torch.tensor(scores, dtype=torch.float64)
-
-
-def _raises(judge: Judge, prompts: list[Text], completions: list[str], where: list[str], place: str) -> bool:
-    rows = [i for i, w in enumerate(where) if w == place]
-    try:
-        judge([prompts[i] for i in rows], [completions[i] for i in rows])
-    except Exception:  # noqa: BLE001 - locating the user's failure, not handling it
-        return True
-    return False
-
-
-def _first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else "(no message)"
-
-
-def build_pairs(prompts: list[Text], texts: list[str], scores: list[float], k: int, mode: str,
-                prompt_indices: list[int]) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """The round file's records from samples in prompt order (`k` per prompt), and what was dropped."""
-    assert mode in PAIRING
-    records: list[dict[str, Any]] = []
-    counts = {"ties_dropped": 0, "empty_dropped": 0}
-    for start in range(0, len(texts), k):
-        kept, ties = rank_pairs(scores[start:start + k], mode)
-        counts["ties_dropped"] += ties
-        prompt = prompts[start]
-        for a, b in kept:
-            chosen, rejected = texts[start + a], texts[start + b]
-            if not chosen.strip() or not rejected.strip():
-                counts["empty_dropped"] += 1
-                continue
-            if not isinstance(prompt, str):  # message-list prompts: conversational records
-                chosen = [{"role": "assistant", "content": chosen}]      # type: ignore[assignment]
-                rejected = [{"role": "assistant", "content": rejected}]  # type: ignore[assignment]
-            records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                            "score_chosen": scores[start + a], "score_rejected": scores[start + b],
-                            "prompt_index": prompt_indices[start // k]})
-    return records, counts
 
 
 # ---- models of a round -----------------------------------------------------------------------------------------
@@ -459,61 +374,3 @@ def load_judges(options: OnlineOptions, cfg: Config) -> list[tuple[str, Judge]]:
                                                              batch_size=options.sample_batch_size,
                                                              max_length=cfg.max_length)))
     return judges
-
-
-class RewardModel:
-    """A sequence-classification reward model (`AutoModelForSequenceClassification`, one logit): the score of a
-    prompt and completion is that logit, read through the model's chat template when it has one (as reward models
-    are trained on conversations), else on prompt + completion as text. Batched, no grad, right-padded (the
-    classifier reads the last non-pad token)."""
-
-    def __init__(self, path: str, *, device: torch.device, dtype: str, batch_size: int, max_length: int) -> None:
-        from transformers import AutoConfig, AutoModelForSequenceClassification
-
-        where = f"--reward-model {path}"
-        if not (Path(path) / "config.json").is_file():
-            raise DPOError(f"{where}: no model here (no config.json); give a folder saved from "
-                           "AutoModelForSequenceClassification")
-        try:
-            config = AutoConfig.from_pretrained(path)
-        except (OSError, ValueError, KeyError) as err:
-            raise DPOError(f"{where}: could not read its config ({_first_line(err)})") from None
-        architectures = list(getattr(config, "architectures", None) or [])
-        if not any(a.endswith("ForSequenceClassification") for a in architectures):
-            raise DPOError(f"{where}: not a sequence classifier (it is {', '.join(architectures) or 'unnamed'}); "
-                           "give a reward model saved from AutoModelForSequenceClassification with num_labels=1")
-        if config.num_labels != 1:
-            raise DPOError(f"{where}: a reward model has one output (num_labels=1), this one has {config.num_labels}")
-        self.tokenizer = models.load_tokenizer(path)
-        self.tokenizer.padding_side = "right"
-        try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=models.DTYPES[dtype])
-        except (OSError, ValueError, KeyError) as err:
-            raise DPOError(f"{where}: could not load it ({_first_line(err)})") from None
-        if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.requires_grad_(False)
-        self.model.to(device).eval()
-        self.where, self.device, self.batch_size, self.max_length = where, device, batch_size, max_length
-        self.chat = bool(getattr(self.tokenizer, "chat_template", None))
-
-    def text(self, prompt: Text, completion: str) -> str:
-        if self.chat:
-            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            return self.tokenizer.apply_chat_template(  # type: ignore[no-any-return]
-                [*messages, {"role": "assistant", "content": completion}], tokenize=False)
-        if not isinstance(prompt, str):
-            raise DPOError(f"{self.where}: the prompts are message lists but the reward model's tokenizer has no "
-                           "chat template")
-        return prompt + completion
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[Text], completions: list[str]) -> list[float]:
-        texts = [self.text(p, c) for p, c in zip(prompts, completions)]
-        scores: list[float] = []
-        for start in range(0, len(texts), self.batch_size):
-            encoded = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
-                                     max_length=self.max_length, add_special_tokens=not self.chat,
-                                     return_tensors="pt").to(self.device)
-            scores += self.model(**encoded).logits[:, 0].float().tolist()   # [rows]
-        return scores
