@@ -87,6 +87,66 @@ def test_linears_are_4bit_and_embeddings_norms_and_head_stay_in_the_compute_dtyp
         assert q_proj.compute_dtype == models.DTYPES[dtype]
 
 
+def file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's memory-mapped safetensors files (Linux /proc/self/maps)."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) > 5 and fields[5].endswith(".safetensors"):
+                start, end = (int(address, 16) for address in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_unquantized_weights_own_their_memory_so_the_checkpoint_mapping_can_go(tiny_model_dir):
+    """A float weight left as a view on the mapped checkpoint keeps the mapping, and with it the pages of the
+    full-precision linears read while quantizing, resident (216 MiB on benchmarks/memory.py's model)."""
+    model = quantized(tiny_model_dir)
+    ranges = file_mappings()
+    floats = {name: p for name, p in model.named_parameters() if p.dtype.is_floating_point}
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= floats.keys()
+    on_file = [name for name, p in floats.items() if any(start <= p.data_ptr() < end for start, end in ranges)]
+    assert on_file == []
+
+
+def saved_for_backward(model, pairs) -> tuple[list[torch.Tensor], int]:
+    """The tensors autograd keeps for the backward pass of the adapter gradients, and their bytes apart from
+    the model's own parameters (each storage counted once)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: list[torch.Tensor] = []
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        saved.append(tensor)
+        if tensor.untyped_storage().data_ptr() not in params:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        sequence_logps(SequenceScorer(model, 3), make_batch(pairs, layout="blocks", pad_id=0))
+    return saved, sum(storages.values())
+
+
+def test_backward_keeps_no_dequantized_weight(tiny_model_dir, policy):
+    """bitsandbytes' 4-bit matmul dequantizes each weight to a float matrix; autograd must not keep it (a float
+    copy of every layer from forward to backward). Against LoRA on the full-precision model with the same lean
+    layers, whose frozen weights autograd keeps as the parameters themselves: the same activations, byte for
+    byte."""
+    pairs = make_pairs(policy.config.vocab_size)
+    saved, saved_bytes = saved_for_backward(policy, pairs)
+    for module in policy.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            assert not any(t.shape in (weight.shape, weight.T.shape) and torch.equal(t.reshape(weight.shape), weight)
+                           for t in saved if t.dtype == weight.dtype)
+
+    torch.manual_seed(0)
+    lora = models.apply_lora(models.load_model(str(tiny_model_dir)), r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    assert saved_bytes == saved_for_backward(lora, pairs)[1] > 0
+
+
 def test_lean_mlp_runs_the_quantized_projections_own_forward(policy):
     """The lean SwiGLU calls gate_proj/up_proj as modules (dequantize + matmul + LoRA), never `.weight` @ x."""
     mlp = policy.base_model.model.model.layers[0].mlp
