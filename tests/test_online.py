@@ -91,6 +91,22 @@ def _expected_pairs(model_dir: Path, tokenizer_dir: Path, prompts: list[str], se
     return out
 
 
+def test_win_rate_of_a_round_over_the_one_before(full_run, tiny_model_dir, prompts_file):
+    """Round 2's samples (the policy after round 1's training) against round 1's (the starting policy): per
+    prompt, the mean reward of its K samples, drawn here with each round's seed; a tie counts half."""
+    prompts = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines()]
+    tokenizer = models.load_tokenizer(str(tiny_model_dir))
+    means = []
+    for n, policy in ((1, tiny_model_dir), (2, full_run / "rounds" / "round-1" / "model")):
+        texts = generate.sample_texts(models.load_model(str(policy)), tokenizer, prompts, num_samples=K,
+                                      max_new_tokens=6, seed=round_seed(42, n))
+        means.append([sum(_reward(t) for s, t in texts if s.prompt_index == i) / K for i in range(len(prompts))])
+    wins = [1.0 if b > a else 0.5 if b == a else 0.0 for a, b in zip(*means)]
+    metrics = _rows(full_run / "online_metrics.jsonl")
+    assert "samples/win_rate" not in metrics[0] and "prompt_rewards" not in metrics[1]
+    assert metrics[1]["samples/win_rate"] == pytest.approx(sum(wins) / len(wins))
+
+
 def test_round_files_hold_best_versus_worst_of_the_policy_of_the_round(full_run, tiny_model_dir, prompts_file):
     prompts = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines()]
     for n, policy in ((1, tiny_model_dir), (2, full_run / "rounds" / "round-1" / "model")):

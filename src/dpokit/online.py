@@ -277,6 +277,7 @@ def sample_round(n: int, cfg: Config, options: OnlineOptions, files: OnlineFiles
              "pairs/empty_dropped": counts["empty_dropped"],
              "pairs/score_chosen": sum(r["score_chosen"] for r in records) / len(records),
              "pairs/score_rejected": sum(r["score_rejected"] for r in records) / len(records)}
+    stats |= win_rate(files, n, prompt_rewards(chosen_prompts, scores, options.samples_per_prompt))
     if start_model is None:  # round 1 samples from the starting model itself
         stats["samples/kl"] = 0.0
     else:  # KL(policy || starting model) per sequence, as `dpo eval` estimates it
@@ -288,7 +289,9 @@ def sample_round(n: int, cfg: Config, options: OnlineOptions, files: OnlineFiles
     gc.collect()
     print(f"round {n}/{options.rounds}: {len(samples)} samples of {len(chosen_prompts)} prompts, mean reward "
           f"{stats['samples/reward']:.4f}; {len(records)} pairs ({counts['ties_dropped']} tied and "
-          f"{counts['empty_dropped']} with an empty completion dropped)", flush=True)
+          f"{counts['empty_dropped']} with an empty completion dropped)"
+          + (f"; beats round {n - 1} on {stats['samples/win_rate']:.0%} of its prompts" if "samples/win_rate" in stats
+             else ""), flush=True)
     write_atomic(files.stats(n), json.dumps(stats, indent=2) + "\n")
     write_atomic(files.pairs(n), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
@@ -330,6 +333,30 @@ def round_config(cfg: Config, options: OnlineOptions, files: OnlineFiles, n: int
     return cfg.replace(**changes)
 
 
+def prompt_rewards(prompt_indices: list[int], scores: torch.Tensor, k: int) -> dict[str, float]:
+    """Each prompt's mean score over its samples (`k` per prompt in order; a prompt drawn twice, over both), keyed
+    by its index as a string (a JSON key)."""
+    sums: dict[str, list[float]] = {}
+    for position, i in enumerate(prompt_indices):
+        sums.setdefault(str(i), []).extend(scores[position * k:(position + 1) * k].tolist())
+    return {i: sum(values) / len(values) for i, values in sums.items()}
+
+
+def win_rate(files: OnlineFiles, n: int, rewards: dict[str, float]) -> dict[str, Any]:
+    """Round n's per-prompt mean scores (kept in its statistics for round n + 1) and `samples/win_rate`: the share
+    of the prompts both rounds sampled where round n's mean beats round n - 1's (a tie counts half), i.e. the
+    policy after round n - 1's training against the one before it (round 1's: the starting policy). Absent for
+    round 1 and when the two rounds share no prompt (--prompts-per-round slices of one pass)."""
+    out: dict[str, Any] = {"prompt_rewards": rewards}
+    previous = (json.loads(files.stats(n - 1).read_text(encoding="utf-8")).get("prompt_rewards", {})
+                if n > 1 and files.stats(n - 1).is_file() else {})
+    shared = [i for i in rewards if i in previous]
+    if shared:
+        out["samples/win_rate"] = sum(1.0 if rewards[i] > previous[i] else 0.5 if rewards[i] == previous[i] else 0.0
+                                      for i in shared) / len(shared)
+    return out
+
+
 def write_metrics(files: OnlineFiles, rounds: int) -> None:
     """online_metrics.jsonl, rebuilt from the finished rounds: sampling statistics and the round's last training
     and held-out rows (prefixed train/ and eval rows as they are)."""
@@ -338,6 +365,7 @@ def write_metrics(files: OnlineFiles, rounds: int) -> None:
         if not (files.done(n) and files.stats(n).is_file()):
             continue
         row = json.loads(files.stats(n).read_text(encoding="utf-8"))
+        row.pop("prompt_rewards", None)
         trained = report.read_metrics(files.run(n) / "metrics.jsonl")
         train_rows = [r for r in trained if "loss" in r]
         eval_rows = [r for r in trained if any(k.startswith("eval/") for k in r)]
