@@ -29,7 +29,11 @@ round's reference while its adapter/ goes on training.
 Resumable and exact: a round whose model/ exists is done and skipped; a round whose pairs file exists goes on
 training with `--resume latest` in its folder (from its last checkpoint with --save-every, else from its first
 step: the same weights either way). Every file is written under a temporary name and renamed, so a killed or
-failed run leaves no half-written round. OUTPUT/online_metrics.jsonl holds one row per finished round.
+failed run leaves no half-written round. OUTPUT/online_metrics.jsonl holds one row per finished round, with
+`samples/win_rate` from round 2 on (`win_rate`).
+
+`--on-policy` (`on_policy`) has no rounds: one `loop.train` run into OUTPUT whose every step samples its own
+prompts from the policy as it trains (online DPO proper); judging and pairing are the rounds' own (`judging`).
 """
 
 from __future__ import annotations
