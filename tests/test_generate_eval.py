@@ -60,6 +60,14 @@ def test_sampling_is_reproducible_with_a_seed_and_across_batch_sizes(tiny_model,
     assert len({tuple(s.completion_ids) for s in first}) > 4  # a random model's samples differ
 
 
+def test_progress_hears_each_batch_of_rows_and_changes_no_sample(tiny_model, tokenizer):
+    told: list[int] = []
+    watched = _sample(tiny_model, tokenizer, num_samples=3, seed=7, batch_size=5, progress=told.append)
+    plain = _sample(tiny_model, tokenizer, num_samples=3, seed=7, batch_size=5)
+    assert told == [5, 5, 2]  # 4 prompts x 3 samples in rows of 5
+    assert [s.completion_ids for s in watched] == [s.completion_ids for s in plain]
+
+
 def test_nucleus_filter_keeps_the_hand_derived_sets():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
     kept = lambda p: torch.isfinite(generate.nucleus_filter(logits, p))[0].tolist()  # noqa: E731

@@ -22,7 +22,7 @@ step and row, independent of what the other rows do.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,12 +54,14 @@ class Sample:
 
 def sample(model: torch.nn.Module, prompt_ids: Sequence[list[int]], *, eos_id: int | Sequence[int] | None, pad_id: int,
            num_samples: int = 1, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-           seed: int = 0, batch_size: int = 32, images: Sequence[ImageArrays] | None = None) -> list[Sample]:
+           seed: int = 0, batch_size: int = 32, images: Sequence[ImageArrays] | None = None,
+           progress: Callable[[int], object] | None = None) -> list[Sample]:
     """`num_samples` completions of every prompt, in order (prompt 0's samples first), `batch_size` rows at a time.
 
     `temperature` 0 is greedy decoding. `eos_id`: the token, or tokens, that end a completion. `images`: each
-    prompt's image arrays (empty for a prompt without), for a vision-language model. The model is put in eval
-    mode and left there.
+    prompt's image arrays (empty for a prompt without), for a vision-language model. `progress` is told how many
+    samples each finished batch of rows adds (a progress bar's `update`). The model is put in eval mode and left
+    there.
     """
     if any(not ids for ids in prompt_ids):
         raise DPOError("generate: a prompt tokenized to nothing (give the tokenizer a BOS token, or a non-empty prompt)")
@@ -74,6 +76,8 @@ def sample(model: torch.nn.Module, prompt_ids: Sequence[list[int]], *, eos_id: i
             eos_id=eos_id, pad_id=pad_id, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             images=[arrays[i] for i, _ in chunk])
         samples += [Sample(i, k, list(prompt_ids[i]), c, arrays[i]) for (i, k), c in zip(chunk, completions)]
+        if progress is not None:
+            progress(len(chunk))
     return samples
 
 

@@ -71,9 +71,12 @@ def round_prompts(num_prompts: int, per_round: int | None, seed: int, n: int) ->
 
 
 def sample_and_judge(policy: torch.nn.Module, sampling: Sampling, prompt_indices: list[int], seed: int,
-                     place: str) -> Judged:
+                     place: str, *, progress: bool = False) -> Judged:
     """Sample `sampling.samples_per_prompt` completions of each prompt from `policy` (left in eval mode) with
-    `seed`, and score them; `place` ("round 2", "step 7") names where, in messages."""
+    `seed`, and score them; `place` ("round 2", "step 7") names where, in messages. `progress`: a sampling bar,
+    drawn on a terminal only (tqdm's own check), so a redirected log gets no carriage-return frames."""
+    from tqdm.auto import tqdm
+
     context = getattr(policy.config, "max_position_embeddings", None)
     for i in prompt_indices:
         if context is not None and len(sampling.prompt_ids[i]) + sampling.max_new_tokens > context:
@@ -82,10 +85,13 @@ def sample_and_judge(policy: torch.nn.Module, sampling: Sampling, prompt_indices
                            "the prompt or lower --max-new-tokens")
     tokenizer = sampling.tokenizer
     stops = generate.stop_ids(tokenizer, sampling.prompts)
-    samples = generate.sample(policy, [sampling.prompt_ids[i] for i in prompt_indices], eos_id=stops,
-                              pad_id=tokenizer.pad_token_id, num_samples=sampling.samples_per_prompt,
-                              max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                              top_p=sampling.top_p, seed=seed, batch_size=sampling.batch_size)
+    with tqdm(total=len(prompt_indices) * sampling.samples_per_prompt, desc=f"{place}: sampling", unit="sample",
+              disable=None if progress else True, leave=False) as bar:
+        samples = generate.sample(policy, [sampling.prompt_ids[i] for i in prompt_indices], eos_id=stops,
+                                  pad_id=tokenizer.pad_token_id, num_samples=sampling.samples_per_prompt,
+                                  max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                                  top_p=sampling.top_p, seed=seed, batch_size=sampling.batch_size,
+                                  progress=bar.update)
     texts = [generate.completion_text(tokenizer, s.prompt_ids, s.completion_ids) for s in samples]
     asked = [sampling.prompts[prompt_indices[s.prompt_index]] for s in samples]
     where = [f"{place}, prompt {prompt_indices[s.prompt_index]}" for s in samples]

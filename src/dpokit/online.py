@@ -264,7 +264,8 @@ def sample_round(n: int, cfg: Config, options: OnlineOptions, files: OnlineFiles
     sampled)."""
     chosen_prompts = round_prompts(len(sampling.prompts), options.prompts_per_round, cfg.seed, n)
     policy = load_policy(cfg, files, n)
-    judged = sample_and_judge(policy, sampling, chosen_prompts, round_seed(cfg.seed, n), f"round {n}")
+    judged = sample_and_judge(policy, sampling, chosen_prompts, round_seed(cfg.seed, n), f"round {n}",
+                              progress=cfg.progress)
     samples, texts, asked, scores, missing_eos = (judged.samples, judged.texts, judged.asked, judged.scores,
                                                   judged.missing_eos)
     records, counts = build_pairs(asked, texts, scores.tolist(), options.samples_per_prompt, cfg.pairs,
