@@ -152,6 +152,22 @@ def test_dpo_train_loss_tpo_through_the_cli(tmp_path, capsys, triples_jsonl, tin
     assert math.isfinite(last["loss"]) and last["gold_nll"] > 0
 
 
+def test_a_loss_that_ignores_the_gold_column_never_forwards_it(triples_jsonl, tiny_model_dir):
+    """--loss sigmoid on data with gold responses: the pairs lose their gold ids (no third completion in any
+    batch) and the notes say how many were ignored; --loss tpo keeps every one."""
+    from dpokit.config import Config
+    from dpokit.loop import prepare_data
+    from dpokit.objective import Objective
+
+    for loss, kept in (("sigmoid", 0), ("tpo", 16)):
+        cfg = Config(model=str(tiny_model_dir), data=str(triples_jsonl), loss=loss, cache=False)
+        _, data = prepare_data(cfg, Objective.from_config(cfg))
+        assert sum(p.gold_ids is not None for p in data.train + data.eval) == kept
+        assert any("gold responses: 16 ignored" in note for note in data.notes) == (kept == 0)
+        batch = make_batch(data.train[:4], pad_id=data.pad_id, layout="shared")
+        assert (batch.gold_index is None) == (kept == 0)
+
+
 @pytest.mark.parametrize("flags,fragment", [
     ([], "--loss tpo: needs a gold response on every pair"),
     (["--tpo-alpha", "-1"], "--loss tpo: --tpo-alpha must not be negative"),

@@ -15,7 +15,7 @@ import random
 import shlex
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +198,21 @@ def prepare_data(cfg: Config, objective: Objective) -> tuple[Any, pipeline.Prepa
                                                    sft=all(spec.name == "sft" for spec in objective.specs))
     data = pipeline.prepare(settings, tokenizer, cache=cfg.cache, cache_dir=cfg.cache_dir, progress=cfg.progress)
     objective.check_data(cfg, frozenset.intersection(*(frozenset(p.extras) for p in data.train + data.eval)))
+    if not cfg.stream_data and not any(spec.needs_gold for spec in objective.specs):  # streamed data has no gold
+        data = without_gold(data)
     return tokenizer, data
+
+
+def without_gold(data: pipeline.PreparedData) -> pipeline.PreparedData:
+    """The data with no gold responses (TPO's third column) when no selected loss reads them: forwarding them
+    would cost one more completion per pair for nothing. Said once in the data notes."""
+    golds = sum(p.gold_ids is not None for p in data.train + data.eval)
+    if not golds:
+        return data
+    return replace(data, train=[replace(p, gold_ids=None) for p in data.train],
+                   eval=[replace(p, gold_ids=None) for p in data.eval],
+                   notes=[*data.notes, f"gold responses: {golds} ignored (no selected loss reads them; --loss tpo "
+                          "does)"])
 
 
 class FilePairs:

@@ -67,6 +67,8 @@ class LossSpec:
     `paired`: False for losses on single labelled completions (KTO); the loop then asks for unpaired examples.
     `pairwise`: each pair's loss depends on that pair's log-probs only (not on the rest of the batch), so the
     loop may compute it chunk by chunk inside the LM head (`fused_loss`): True only when that holds.
+    `needs_gold`: the loss reads each pair's gold response (TPO); without such a loss a gold column in the data
+    is not forwarded at all.
     """
 
     name: str
@@ -75,6 +77,7 @@ class LossSpec:
     paired: bool
     check: Check | None = None
     pairwise: bool = False
+    needs_gold: bool = False
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -91,7 +94,7 @@ _REGISTRY: dict[str, LossSpec] = {}
 
 
 def register(name: str, *, needs_reference: bool = True, paired: bool = True, check: Check | None = None,
-             pairwise: bool = False) -> Callable[[LossFunction], LossFunction]:
+             pairwise: bool = False, needs_gold: bool = False) -> Callable[[LossFunction], LossFunction]:
     """Decorator: make `function` available as `--loss name` (re-registering a name replaces it).
 
     `pairwise=True` promises that pair p's loss depends on pair p's inputs only, which lets training skip one
@@ -99,7 +102,7 @@ def register(name: str, *, needs_reference: bool = True, paired: bool = True, ch
     """
 
     def decorate(function: LossFunction) -> LossFunction:
-        _REGISTRY[name] = LossSpec(name, function, needs_reference, paired, check, pairwise)
+        _REGISTRY[name] = LossSpec(name, function, needs_reference, paired, check, pairwise, needs_gold)
         return function
 
     return decorate

@@ -50,7 +50,7 @@ def gold_nll(extras: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Te
     return nll.expand_as(like)
 
 
-@register("tpo", needs_reference=False, check=_check_tpo)
+@register("tpo", needs_reference=False, check=_check_tpo, needs_gold=True)
 def tpo(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
         beta: float = 0.1, label_smoothing: float = 0.0, tpo_alpha: float = 1.0) -> LossOutput:
     """TPO, Triple Preference Optimization (Saeidi et al. 2024, arXiv 2405.16681; the preference term is its
@@ -71,7 +71,7 @@ def tpo(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.
                       {"gold_nll": nll[0].detach()})
 
 
-@register("tpo-l", needs_reference=False, check=_check_tpo_l)
+@register("tpo-l", needs_reference=False, check=_check_tpo_l, needs_gold=True)
 def tpo_l(policy: PairLogps, reference: PairLogps | None, extras: dict[str, torch.Tensor], *,
           beta: float = 0.1, label_smoothing: float = 0.0, tpo_alpha: float = 1.0, tpo_l_gamma: float = 0.5,
           ) -> LossOutput:
