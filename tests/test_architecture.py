@@ -48,7 +48,7 @@ ROOMS: dict[str, set[str]] = {
              "host_memory", "metrics", "model_card", "models", "objective", "pair_sampler", "placement", "plan",
              "reference", "report", "run_files", "run_folder", "trackers", "feeds"},
     "feeds": {"batching", "config", "data", "distributed", "objective"},
-    "judging": {"data", "errors", "generate", "models"},
+    "judging": {"data", "distributed", "errors", "generate", "models"},
     "on_policy": {"batching", "config", "data", "distributed", "errors", "feeds", "judging", "objective",
                   "pair_sampler", "placement"},
     "online": {"config", "data", "distributed", "errors", "evaluation", "generate", "judging", "loop", "models",

@@ -218,6 +218,21 @@ def gather_to_main(value: Any, dist: Dist) -> list[Any] | None:
     return gathered
 
 
+def gather_to_all(value: Any, dist: Dist) -> list[Any]:
+    """Every rank's picklable `value`, in rank order, on every rank; `[value]` in one process."""
+    if not dist.enabled:
+        return [value]
+    gathered: list[Any] = [None] * dist.world_size
+    td.all_gather_object(gathered, value)
+    return gathered
+
+
+def barrier(dist: Dist) -> None:
+    """Wait until every rank gets here (what rank 0 wrote is then there for all); nothing in one process."""
+    if dist.enabled:
+        td.barrier()
+
+
 def reduce_max(value: int, dist: Dist) -> int:
     """The largest of each rank's `value` (`value` itself in one process)."""
     if not dist.enabled:

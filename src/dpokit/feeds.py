@@ -24,8 +24,10 @@ from .objective import Objective
 class StepPairs:
     """One optimizer step's pairs, as this rank trains on them."""
 
-    batches: list[Batch]                # this rank's micro-batches, in order (none when it has no pairs)
+    batches: list[Batch]                # this rank's micro-batches, in order (none when the step has no pairs)
     pairs: int                          # the step's pairs on all ranks together: its loss is their mean
+    stand_ins: int = 0                  # the last batches, which only keep this rank in DDP's all-reduce (the step
+                                        # had too few pairs to give it its own): trained with weight 0, not counted
 
 
 class PairFeed(Protocol):

@@ -55,13 +55,15 @@ class Sample:
 def sample(model: torch.nn.Module, prompt_ids: Sequence[list[int]], *, eos_id: int | Sequence[int] | None, pad_id: int,
            num_samples: int = 1, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
            seed: int = 0, batch_size: int = 32, images: Sequence[ImageArrays] | None = None,
-           progress: Callable[[int], object] | None = None) -> list[Sample]:
+           progress: Callable[[int], object] | None = None, first_prompt: int = 0) -> list[Sample]:
     """`num_samples` completions of every prompt, in order (prompt 0's samples first), `batch_size` rows at a time.
 
     `temperature` 0 is greedy decoding. `eos_id`: the token, or tokens, that end a completion. `images`: each
     prompt's image arrays (empty for a prompt without), for a vision-language model. `progress` is told how many
     samples each finished batch of rows adds (a progress bar's `update`). The model is put in eval mode and left
-    there.
+    there. `first_prompt`: the position of `prompt_ids[0]` in a longer list: rows are seeded as one call over that
+    list seeds them, so processes sampling slices of it draw exactly its samples (`Sample.prompt_index` stays the
+    position in `prompt_ids`).
     """
     if any(not ids for ids in prompt_ids):
         raise DPOError("generate: a prompt tokenized to nothing (give the tokenizer a BOS token, or a non-empty prompt)")
@@ -72,7 +74,7 @@ def sample(model: torch.nn.Module, prompt_ids: Sequence[list[int]], *, eos_id: i
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
         completions = _sample_rows(
-            model, [prompt_ids[i] for i, _ in chunk], [_row_seed(seed, i, k) for i, k in chunk],
+            model, [prompt_ids[i] for i, _ in chunk], [_row_seed(seed, first_prompt + i, k) for i, k in chunk],
             eos_id=eos_id, pad_id=pad_id, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             images=[arrays[i] for i, _ in chunk])
         samples += [Sample(i, k, list(prompt_ids[i]), c, arrays[i]) for (i, k), c in zip(chunk, completions)]

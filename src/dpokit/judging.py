@@ -6,6 +6,11 @@ policy as it is (`generate.sample`: KV cache, each sequence seeded from (seed, p
 score weighted and summed, minus `missing_eos_penalty` for a completion cut at `max_new_tokens` (TRL's OnlineDPO
 penalty). A judge that raises, returns the wrong count or a non-finite number stops the run with one line naming
 the place (round or step) and the prompt.
+
+Under torchrun each rank samples and judges a contiguous share of the prompts, seeded as one process seeds them
+(`first_prompt`), and `on_every_rank` brings the shares (or the first rank's error) to every rank: the samples are
+those of one process, and a judge failing on one rank stops all of them with its line instead of leaving the
+others waiting in a collective.
 """
 
 from __future__ import annotations
@@ -13,17 +18,18 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from . import generate, models
+from . import distributed, generate, models
 from .data.formats import PAIRING, Text, rank_pairs
 from .errors import DPOError
 
 Judge = Callable[[list[Text], list[str]], Sequence[float]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -71,12 +77,16 @@ def round_prompts(num_prompts: int, per_round: int | None, seed: int, n: int) ->
 
 
 def sample_and_judge(policy: torch.nn.Module, sampling: Sampling, prompt_indices: list[int], seed: int,
-                     place: str, *, progress: bool = False) -> Judged:
+                     place: str, *, progress: bool = False, first_prompt: int = 0) -> Judged:
     """Sample `sampling.samples_per_prompt` completions of each prompt from `policy` (left in eval mode) with
     `seed`, and score them; `place` ("round 2", "step 7") names where, in messages. `progress`: a sampling bar,
-    drawn on a terminal only (tqdm's own check), so a redirected log gets no carriage-return frames."""
+    drawn on a terminal only (tqdm's own check), so a redirected log gets no carriage-return frames.
+    `first_prompt`: where `prompt_indices` start in the list of prompts one process would sample (a rank's share;
+    `generate.sample`)."""
     from tqdm.auto import tqdm
 
+    if not prompt_indices:  # a rank left without prompts asks no judge
+        return Judged([], [], [], [], torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool))
     context = getattr(policy.config, "max_position_embeddings", None)
     for i in prompt_indices:
         if context is not None and len(sampling.prompt_ids[i]) + sampling.max_new_tokens > context:
@@ -91,7 +101,7 @@ def sample_and_judge(policy: torch.nn.Module, sampling: Sampling, prompt_indices
                                   pad_id=tokenizer.pad_token_id, num_samples=sampling.samples_per_prompt,
                                   max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                                   top_p=sampling.top_p, seed=seed, batch_size=sampling.batch_size,
-                                  progress=bar.update)
+                                  progress=bar.update, first_prompt=first_prompt)
     texts = [generate.completion_text(tokenizer, s.prompt_ids, s.completion_ids) for s in samples]
     asked = [sampling.prompts[prompt_indices[s.prompt_index]] for s in samples]
     where = [f"{place}, prompt {prompt_indices[s.prompt_index]}" for s in samples]
@@ -102,6 +112,50 @@ def sample_and_judge(policy: torch.nn.Module, sampling: Sampling, prompt_indices
     if sampling.missing_eos_penalty:
         scores -= sampling.missing_eos_penalty * missing_eos.double()
     return Judged(list(prompt_indices), samples, texts, asked, scores, missing_eos)
+
+
+def rank_share(num_items: int, dist: distributed.Dist) -> range:
+    """This rank's contiguous share of `num_items` (rank 0 first; the last ranks' may be shorter or empty)."""
+    size = math.ceil(num_items / dist.world_size)
+    return range(min(dist.rank * size, num_items), min((dist.rank + 1) * size, num_items))
+
+
+def sample_and_judge_shared(policy: torch.nn.Module, sampling: Sampling, prompt_indices: list[int], seed: int,
+                            place: str, dist: distributed.Dist, *, progress: bool = False) -> Judged:
+    """`sample_and_judge` of `prompt_indices` spread over the ranks (`rank_share`), every rank getting all the
+    samples in order: what one process samples and scores."""
+    share = rank_share(len(prompt_indices), dist)
+
+    def own() -> Judged:
+        return sample_and_judge(policy, sampling, prompt_indices[share.start:share.stop], seed, place,
+                                progress=progress, first_prompt=share.start)
+
+    return joined(on_every_rank(own, dist), sampling.samples_per_prompt)
+
+
+def joined(parts: list[Judged], k: int) -> Judged:
+    """The ranks' `Judged` shares as one, in order (each sample's `prompt_index` into the joined prompts)."""
+    samples: list[generate.Sample] = []
+    for part in parts:
+        before = len(samples) // k  # the prompts of the ranks before
+        samples += [replace(s, prompt_index=before + s.prompt_index) for s in part.samples]
+    return Judged([i for p in parts for i in p.prompt_indices], samples, [t for p in parts for t in p.texts],
+                  [a for p in parts for a in p.asked], torch.cat([p.scores for p in parts]),
+                  torch.cat([p.missing_eos for p in parts]))
+
+
+def on_every_rank(work: Callable[[], T], dist: distributed.Dist) -> list[T]:
+    """`work()` on every rank, each rank's result on every rank (rank order). A `DPOError` on any rank is raised
+    on every rank (the lowest rank's, its message as it is), so that no rank waits for one that stopped."""
+    try:
+        result: tuple[T | None, str | None] = work(), None
+    except DPOError as err:
+        result = None, str(err)
+    gathered = distributed.gather_to_all(result, dist)
+    failed = next((message for _, message in gathered if message is not None), None)
+    if failed is not None:
+        raise DPOError(failed)
+    return [value for value, _ in gathered]
 
 
 def judge_scores(name: str, judge: Judge, prompts: list[Text], completions: list[str], where: list[str],

@@ -127,12 +127,13 @@ def _train(cfg: Config, stop: checkpoint.StopSignals, source: PairSource) -> Sum
         step_loss = torch.zeros((), device=dist.device)
         for i, batch in enumerate(micro.batches):
             batch = batch.to(dist.device)
+            stand_in = i >= len(micro.batches) - micro.stand_ins  # only there for DDP's all-reduce: weight 0
             with distributed.no_sync(model, enabled=i < len(micro.batches) - 1):
                 scored = scoring.loss(batch, train=True)
-                loss = scored.total * dist.world_size / micro.pairs
+                loss = scored.total * (0.0 if stand_in else dist.world_size / micro.pairs)
                 loss.backward()
             step_loss += loss.detach()
-            meter.add(scored.per_pair, scored.policy_logps, scored.outputs, batch.num_tokens)
+            meter.add(scored.per_pair, scored.policy_logps, scored.outputs, batch.num_tokens, counted=not stand_in)
         grad_norm = distributed.clip_grad_norm(
             policy.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         finite = bool(torch.isfinite(grad_norm) and torch.isfinite(step_loss))

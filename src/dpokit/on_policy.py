@@ -12,6 +12,10 @@ tokenization (`tokenize_pairs`) and batching (`make_batch`, the run's layout) as
   prompts), the s-th slice of a stream of seeded passes over the file (`judging.round_prompts`); micro-batch i
   holds the pairs of the step's prompts i*batch .. (i+1)*batch - 1, or, with --micro-batch-tokens, the step's pairs
   cut by tokens.
+- Under torchrun each rank samples and judges its own slice of the step's prompts, seeded as one process seeds
+  them, and the ranks exchange their tokenized pairs: every rank then holds the step's pairs as one process would,
+  deals the micro-batches round-robin so that each runs as many (DDP all-reduces once per step on every rank;
+  `step_shares`), and divides by the step's pairs on all ranks: the gradient of the one-process step.
 - Sampling uses the policy's current weights (LoRA: with the adapter on) through the KV-cache generator, under
   no_grad in eval mode, then back to train mode; each sequence is seeded from (seed, step, prompt, sample), so a
   step's samples depend only on the weights and the step number, and `--resume` continues exactly.
@@ -25,8 +29,8 @@ tokenization (`tokenize_pairs`) and batching (`make_batch`, the run's layout) as
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,9 +43,9 @@ from .data.formats import PreferencePair
 from .data.tokenization import TokenizedPair, tokenize_pairs
 from .errors import DPOError
 from .feeds import StepPairs
-from .judging import Judged, Sampling, build_pairs, round_prompts, sample_and_judge
+from .judging import Judged, Sampling, build_pairs, on_every_rank, round_prompts, sample_and_judge
 from .objective import Objective
-from .pair_sampler import split_by_tokens
+from .pair_sampler import even_shares, split_by_tokens, split_further
 from .placement import run_layout
 
 # The sums behind a row's `online/...` metrics: per-step counts (divided by steps), per-sample means (by samples)
@@ -109,22 +113,26 @@ class Feed:
         cfg, dist = self.cfg, self.dist
         per_rank = cfg.batch_size * cfg.grad_accum
         prompts = round_prompts(len(self.sampling.prompts), per_rank * dist.world_size, cfg.seed, step)
-        prompts = prompts[dist.rank * per_rank:(dist.rank + 1) * per_rank]
-        self.policy.eval()
-        with torch.no_grad():
-            judged = sample_and_judge(self.policy, self.sampling, prompts, step_seed(cfg.seed, step), f"step {step}")
-        self.policy.train()
-        pairs = self.pairs(judged)
-        batches = self.batches(pairs, cfg.batch_size)
-        total = distributed.reduce_sums(torch.tensor([float(len(pairs))], dtype=torch.float64), dist)
-        return StepPairs(batches, int(total.item()))
+        first = dist.rank * per_rank
 
-    def pairs(self, judged: Judged) -> list[TokenizedPair]:
-        """The step's pairs, tokenized as offline pairs are, each with its prompt's position in the step as its
-        group; counted into the sums."""
+        def own_pairs() -> list[TokenizedPair]:
+            self.policy.eval()
+            with torch.no_grad():
+                judged = sample_and_judge(self.policy, self.sampling, prompts[first:first + per_rank],
+                                          step_seed(cfg.seed, step), f"step {step}", first_prompt=first)
+            self.policy.train()
+            return self.pairs(judged, first)
+
+        pairs = [pair for part in on_every_rank(own_pairs, dist) for pair in part]  # the step's, in prompt order
+        batches, stand_ins = self.batches(pairs)
+        return StepPairs(batches, len(pairs), stand_ins)
+
+    def pairs(self, judged: Judged, first: int) -> list[TokenizedPair]:
+        """This rank's pairs of the step, tokenized as offline pairs are, each with its prompt's position in the
+        step (`first` is this rank's first) as its group; counted into the sums."""
         k = self.sampling.samples_per_prompt
         records, counts = build_pairs(judged.asked, judged.texts, judged.scores.tolist(), k, self.cfg.pairs,
-                                      list(range(len(judged.prompt_indices))))
+                                      list(range(first, first + len(judged.prompt_indices))))
         preference = [PreferencePair(r["prompt"], r["chosen"], r["rejected"],
                                      {"score_chosen": r["score_chosen"], "score_rejected": r["score_rejected"]},
                                      group=r["prompt_index"]) for r in records]
@@ -144,16 +152,19 @@ class Feed:
         self.sums["pairs/score_rejected"] += sum(r["score_rejected"] for r in records)
         return tokenized
 
-    def batches(self, pairs: list[TokenizedPair], prompts_per_batch: int) -> list[Batch]:
-        """Micro-batch i: the pairs of the step's prompts i*prompts_per_batch onwards (those with pairs); with a
-        token budget, the step's pairs cut by tokens instead."""
+    def batches(self, pairs: list[TokenizedPair]) -> tuple[list[Batch], int]:
+        """This rank's micro-batches of the step's `pairs` (all ranks'), and how many of them, at the end, are
+        stand-ins (`StepPairs.stand_ins`). The cuts: the pairs of the step's prompts i*batch .. (i+1)*batch - 1
+        (those with pairs), or with a token budget the pairs cut by tokens; dealt by `step_shares`."""
         if self.cfg.micro_batch_tokens:
             cuts = split_by_tokens(pairs, self.cfg.micro_batch_tokens)
         else:
-            micro: Callable[[TokenizedPair], int] = lambda p: (p.group or 0) // prompts_per_batch  # noqa: E731
-            cuts = [[j for j, p in enumerate(pairs) if micro(p) == i]
-                    for i in range(self.cfg.grad_accum)]
-        return [make_batch([pairs[j] for j in cut], pair_ids=cut, **self.layout) for cut in cuts if cut]
+            batch = self.cfg.batch_size
+            cuts = [[j for j, p in enumerate(pairs) if (p.group or 0) // batch == i]
+                    for i in range(self.cfg.grad_accum * self.dist.world_size)]
+        shares = step_shares([cut for cut in cuts if cut], len(pairs), self.dist.rank, self.dist.world_size)
+        return [make_batch([pairs[j] for j in cut], pair_ids=cut, **self.layout) for cut, _ in shares], \
+            sum(stand_in for _, stand_in in shares)
 
     def metrics(self, dist: distributed.Dist) -> dict[str, float]:
         values = torch.tensor([self.sums[name] for name in SUMS], dtype=torch.float64)
@@ -170,3 +181,16 @@ class Feed:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sums |= {name: float(value) for name, value in state.items() if name in self.sums}
+
+
+def step_shares(cuts: list[list[int]], num_pairs: int, rank: int, world_size: int) -> list[tuple[list[int], bool]]:
+    """This rank's micro-batches of a step's non-empty `cuts` (positions into its `num_pairs` pairs) as
+    (positions, stand-in), as many on every rank: the largest cuts are halved until every rank has one per
+    round (`split_further`, never below one pair a cut), then cut b goes to rank b % world_size, as `micro_batches`
+    deals a global batch. Only when the step has too few pairs does a rank get a stand-in: cut 0 again, trained
+    with weight 0 (its last batches). One process: the cuts as they are."""
+    if not cuts:
+        return []
+    cuts = split_further(cuts, min(math.ceil(len(cuts) / world_size) * world_size, num_pairs))
+    return [(cuts[share[0]], False) if share else (cuts[0], True)
+            for share in even_shares(len(cuts), 1, rank, world_size)]

@@ -34,10 +34,16 @@ failed run leaves no half-written round. OUTPUT/online_metrics.jsonl holds one r
 
 `--on-policy` (`on_policy`) has no rounds: one `loop.train` run into OUTPUT whose every step samples its own
 prompts from the policy as it trains (online DPO proper); judging and pairing are the rounds' own (`judging`).
+
+Under torchrun (one process group for the whole run: every round's `loop.train` joins it) each rank samples and
+judges its share of the round's prompts, seeded as one process seeds them, and every rank gets all the samples
+(`judging.sample_and_judge_shared`); rank 0 writes the round's files while the others wait, and all train on
+them with DDP. The round files and weights are those of one process with the same global batch.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -52,7 +58,8 @@ import torch
 from . import distributed, evaluation, generate, loop, models, report
 from .config import Config
 from .errors import DPOError
-from .judging import Judge, RewardModel, Sampling, build_pairs, round_prompts, sample_and_judge
+from .judging import (Judge, RewardModel, Sampling, build_pairs, on_every_rank, rank_share, round_prompts,
+                      sample_and_judge_shared)
 from .on_policy import OnPolicy
 from .run_folder import RESUME_MAY_CHANGE
 
@@ -162,35 +169,43 @@ def online(cfg: Config, options: OnlineOptions) -> OnlineSummary:
     """Run `options.rounds` rounds of sample -> judge -> pair -> train from `cfg.model` on the prompts in
     `cfg.data`, into `cfg.output`; finished rounds of an earlier run with the same settings are skipped."""
     check(cfg, options)
+    dist = distributed.init(cfg.device)
     files = OnlineFiles(Path(cfg.output))
-    if cfg.overwrite_output:
+    if cfg.overwrite_output and dist.is_main:
         for path in (files.rounds, files.metrics, files.settings):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    distributed.barrier(dist)
     check_same_run(files, cfg, options)
     prompts = generate.read_prompts(cfg.data)
     tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.model)
     prompt_ids = generate.encode_prompts(tokenizer, prompts)
     check_prompt_lengths(cfg, options, prompt_ids)
-    judges = load_judges(options, cfg)  # a judge that cannot load fails before anything is written
+    judges = load_judges(options, cfg, dist.device)  # a judge that cannot load fails before anything is written
     sampling = Sampling(tokenizer, prompts, prompt_ids, judges, list(options.reward_weights or [1.0] * len(judges)),
                         options.samples_per_prompt, options.max_new_tokens, options.temperature, options.top_p,
                         options.sample_batch_size, options.missing_eos_penalty)
-    write_atomic(files.settings, json.dumps(run_settings(cfg, options), indent=2) + "\n")
+    if dist.is_main:
+        write_atomic(files.settings, json.dumps(run_settings(cfg, options), indent=2) + "\n")
+    say = print if dist.is_main else _quiet
     if options.on_policy:
         summary = loop.train(cfg.replace(overwrite_output=False), OnPolicy(sampling))
+        distributed.cleanup(dist)
         return OnlineSummary(files.root, summary.model_dir or files.root / "model", [])
     start_model: torch.nn.Module | None = None
-    for n in range(1, options.rounds + 1):
+    for n in range(1, options.rounds + 1):  # every rank sees the same files here: rank 0 wrote them before a barrier
         if files.done(n):
-            print(f"round {n}/{options.rounds}: done ({files.run(n) / 'model'}), skipped", flush=True)
+            say(f"round {n}/{options.rounds}: done ({files.run(n) / 'model'}), skipped", flush=True)
             continue
         if not files.pairs(n).is_file():
             if n > 1 and start_model is None:
-                start_model = load_policy(cfg, files, 1)
-            sample_round(n, cfg, options, files, sampling, start_model)
-        print(f"round {n}/{options.rounds}: training on {files.pairs(n)}", flush=True)
+                start_model = load_policy(cfg, files, 1, dist.device)
+            sample_round(n, cfg, options, files, sampling, start_model, dist)
+        say(f"round {n}/{options.rounds}: training on {files.pairs(n)}", flush=True)
         loop.train(round_config(cfg, options, files, n))
-        write_metrics(files, options.rounds)
+        distributed.barrier(dist)  # rank 0 has saved the round's model
+        if dist.is_main:
+            write_metrics(files, options.rounds)
+    distributed.cleanup(dist)
     return OnlineSummary(files.root, files.run(options.rounds) / "model",
                          report.read_metrics(files.metrics) if files.metrics.is_file() else [])
 
@@ -205,8 +220,9 @@ def check(cfg: Config, options: OnlineOptions) -> None:
     if options.ref_update == "round" and (cfg.lora_r or cfg.lora_adapter) and not cfg.merge_lora:
         problems.append("--ref-update round with LoRA needs --merge-lora (the merged policy is the next round's "
                         "reference; the adapter switched off is only the base model)")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        problems.append("dpo online runs on one process; launch it without torchrun")
+    if options.on_policy and cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        problems.append("--on-policy samples from the policy as it trains, which --fsdp shards over the ranks (each "
+                        "token of each rank's samples would wait for the others' layers); drop --fsdp")
     if problems:
         raise DPOError("; ".join(problems))
 
@@ -259,13 +275,13 @@ def round_seed(seed: int, n: int) -> int:
 
 
 def sample_round(n: int, cfg: Config, options: OnlineOptions, files: OnlineFiles, sampling: Sampling,
-                 start_model: torch.nn.Module | None) -> None:
-    """Sample, score and pair round n; write its statistics, then its pairs (their presence marks the round
-    sampled)."""
+                 start_model: torch.nn.Module | None, dist: distributed.Dist) -> None:
+    """Sample, score and pair round n, each rank its share of the prompts; rank 0 writes its statistics, then its
+    pairs (their presence marks the round sampled), and the others wait for them."""
     chosen_prompts = round_prompts(len(sampling.prompts), options.prompts_per_round, cfg.seed, n)
-    policy = load_policy(cfg, files, n)
-    judged = sample_and_judge(policy, sampling, chosen_prompts, round_seed(cfg.seed, n), f"round {n}",
-                              progress=cfg.progress)
+    policy = load_policy(cfg, files, n, dist.device)
+    judged = sample_and_judge_shared(policy, sampling, chosen_prompts, round_seed(cfg.seed, n), f"round {n}", dist,
+                                     progress=cfg.progress and dist.is_main)
     samples, texts, asked, scores, missing_eos = (judged.samples, judged.texts, judged.asked, judged.scores,
                                                   judged.missing_eos)
     records, counts = build_pairs(asked, texts, scores.tolist(), options.samples_per_prompt, cfg.pairs,
@@ -285,13 +301,15 @@ def sample_round(n: int, cfg: Config, options: OnlineOptions, files: OnlineFiles
     stats |= win_rate(files, n, prompt_rewards(chosen_prompts, scores, options.samples_per_prompt))
     if start_model is None:  # round 1 samples from the starting model itself
         stats["samples/kl"] = 0.0
-    else:  # KL(policy || starting model) per sequence, as `dpo eval` estimates it
-        batch = options.sample_batch_size
-        log_ratios = (evaluation.completion_logps(policy, samples, batch_size=batch).double()
-                      - evaluation.completion_logps(start_model, samples, batch_size=batch).double())   # [samples]
-        stats["samples/kl"] = log_ratios.mean().item()
+    else:  # KL(policy || starting model) per sequence, as `dpo eval` estimates it; each rank its share
+        own = [samples[i] for i in rank_share(len(samples), dist)]
+        own_ratios = functools.partial(log_ratio, policy, start_model, own, options.sample_batch_size)
+        stats["samples/kl"] = torch.cat(on_every_rank(own_ratios, dist)).mean().item()                # [samples]
     del policy
     gc.collect()
+    if not dist.is_main:
+        distributed.barrier(dist)  # until rank 0 has written the round's files
+        return
     print(f"round {n}/{options.rounds}: {len(samples)} samples of {len(chosen_prompts)} prompts, mean reward "
           f"{stats['samples/reward']:.4f}; {len(records)} pairs ({counts['ties_dropped']} tied and "
           f"{counts['empty_dropped']} with an empty completion dropped)"
@@ -299,15 +317,24 @@ def sample_round(n: int, cfg: Config, options: OnlineOptions, files: OnlineFiles
              else ""), flush=True)
     write_atomic(files.stats(n), json.dumps(stats, indent=2) + "\n")
     write_atomic(files.pairs(n), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    distributed.barrier(dist)
+
+
+def log_ratio(policy: torch.nn.Module, start_model: torch.nn.Module, samples: list[generate.Sample],
+              batch_size: int) -> torch.Tensor:
+    """log pi(completion) - log pi_start(completion) per sample `[samples]` float64."""
+    if not samples:
+        return torch.zeros(0, dtype=torch.float64)
+    return (evaluation.completion_logps(policy, samples, batch_size=batch_size).double()
+            - evaluation.completion_logps(start_model, samples, batch_size=batch_size).double())
 
 
 # ---- models of a round -----------------------------------------------------------------------------------------
 
 
-def load_policy(cfg: Config, files: OnlineFiles, n: int) -> torch.nn.Module:
+def load_policy(cfg: Config, files: OnlineFiles, n: int, device: torch.device) -> torch.nn.Module:
     """The policy at the start of round n, for sampling: the starting model (with --lora-adapter), else the
     previous round's model/ (for LoRA without --merge-lora, the base with that adapter)."""
-    device = distributed.resolve_device(cfg.device)
     lora = cfg.lora_r or cfg.lora_adapter
     merged = n > 1 and lora and cfg.merge_lora
     path = str(files.run(n - 1) / "model") if n > 1 and (not lora or merged) else cfg.model
@@ -393,17 +420,23 @@ def write_atomic(path: Path, text: str) -> None:
 # ---- judges ----------------------------------------------------------------------------------------------------
 
 
-def load_judges(options: OnlineOptions, cfg: Config) -> list[tuple[str, Judge]]:
-    """(name for messages, callable) per judge: the reward functions, then the reward models."""
+def load_judges(options: OnlineOptions, cfg: Config, device: torch.device) -> list[tuple[str, Judge]]:
+    """(name for messages, callable) per judge: the reward functions, then the reward models (on `device`, this
+    rank's, unless --reward-device says otherwise)."""
     judges: list[tuple[str, Judge]] = []
     for reward in options.rewards:
         if isinstance(reward, str):
             judges.append((f"--reward {reward}", evaluation.load_reward(reward)))
         else:
             judges.append((f"reward {getattr(reward, '__qualname__', repr(reward))}", reward))
-    device = distributed.resolve_device(options.reward_device or cfg.device)
+    if options.reward_device:
+        device = distributed.resolve_device(options.reward_device)
     for path in options.reward_models:
         judges.append((f"--reward-model {path}", RewardModel(path, device=device, dtype=cfg.dtype,
                                                              batch_size=options.sample_batch_size,
                                                              max_length=cfg.max_length)))
     return judges
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """Ranks other than 0 print nothing (rank 0 says it for all)."""
