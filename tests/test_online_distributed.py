@@ -1,7 +1,7 @@
 """`dpo online` on 2 gloo ranks (forked as torchrun would launch them) against 1 process with the same global
 batch: the round files are byte for byte the same and the final weights within 1e-5, round-based and on-policy
 (also when a step has fewer pairs than ranks); a judge failing on one rank's prompts stops both ranks with its one
-line; the on-policy micro-batches are dealt so every rank runs as many and every pair trains once."""
+line (printed once); the on-policy micro-batches are dealt so every rank runs as many and every pair trains once."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def worker(rank: int, world_size: int, model: Path, prompts: Path, root: Path) -
     try:
         online(_config(model, prompts, root / "fails", batch_size=1), _options(fails_on_prompt_4, rounds=1))
     except DPOError as err:
-        (root / f"error-rank{rank}.txt").write_text(str(err), encoding="utf-8")
+        (root / f"error-rank{rank}.txt").write_text(f"{type(err).__name__}: {err}", encoding="utf-8")
 
 
 def _weights_close(one: Path, two: Path) -> None:
@@ -125,8 +125,11 @@ def test_on_policy_on_two_ranks_trains_the_weights_of_one(runs, name):
 
 
 def test_a_judge_failing_on_one_rank_stops_every_rank_with_its_line(runs):
-    messages = {(runs / f"error-rank{rank}.txt").read_text(encoding="utf-8") for rank in (0, 1)}
-    assert messages == {"reward fails_on_prompt_4: round 1, prompt 4: raised ValueError: cannot judge fours"}
+    """Rank 1's judge raises; both ranks stop with its line, which rank 0 reports and rank 1 keeps quiet (the CLI
+    prints no `ReportedElsewhere`), so a torchrun launch shows it once."""
+    line = "reward fails_on_prompt_4: round 1, prompt 4: raised ValueError: cannot judge fours"
+    messages = [(runs / f"error-rank{rank}.txt").read_text(encoding="utf-8") for rank in (0, 1)]
+    assert messages == [f"DPOError: {line}", f"ReportedElsewhere: {line}"]
     assert not (runs / "fails" / "rounds").exists() or not any((runs / "fails" / "rounds").iterdir())
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import SFT_DEFAULTS, add_arguments, add_field_arguments, check_settings, from_namespace
-from .errors import DPOError
+from .errors import DPOError, ReportedElsewhere
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
                 examples=args.examples)))
     except DPOError as err:
         # A status above 128 is a signal (`checkpoint.Interrupted`): a stop the user asked for, not an error.
-        print(f"dpo {args.command}: {'' if err.exit_code > 128 else 'error: '}{err}", file=sys.stderr)
+        if not isinstance(err, ReportedElsewhere):
+            print(f"dpo {args.command}: {'' if err.exit_code > 128 else 'error: '}{err}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
     except KeyboardInterrupt:
         print(f"dpo {args.command}: interrupted", file=sys.stderr)

@@ -23,6 +23,11 @@ class TrainingFailure(DPOError):
     exit_code = 1
 
 
+class ReportedElsewhere(DPOError):
+    """The error another process of a torchrun launch has too and reports (rank 0): this process stops with the
+    same status and prints nothing, so the line appears once."""
+
+
 def import_extra(module: str, extra: str, needed_for: str) -> ModuleType:
     """Import an optional dependency, or say in one line which `dpokit[extra]` installs it, e.g.
     "--lora-r needs the peft package: pip install 'dpokit[lora]'"."""

@@ -26,7 +26,7 @@ import torch
 
 from . import distributed, generate, models
 from .data.formats import PAIRING, Text, rank_pairs
-from .errors import DPOError
+from .errors import DPOError, ReportedElsewhere
 
 Judge = Callable[[list[Text], list[str]], Sequence[float]]
 T = TypeVar("T")
@@ -146,7 +146,8 @@ def joined(parts: list[Judged], k: int) -> Judged:
 
 def on_every_rank(work: Callable[[], T], dist: distributed.Dist) -> list[T]:
     """`work()` on every rank, each rank's result on every rank (rank order). A `DPOError` on any rank is raised
-    on every rank (the lowest rank's, its message as it is), so that no rank waits for one that stopped."""
+    on every rank (the lowest rank's, its message as it is), so that no rank waits for one that stopped; rank 0
+    reports it, the others raise it as `ReportedElsewhere`."""
     try:
         result: tuple[T | None, str | None] = work(), None
     except DPOError as err:
@@ -154,7 +155,7 @@ def on_every_rank(work: Callable[[], T], dist: distributed.Dist) -> list[T]:
     gathered = distributed.gather_to_all(result, dist)
     failed = next((message for _, message in gathered if message is not None), None)
     if failed is not None:
-        raise DPOError(failed)
+        raise DPOError(failed) if dist.is_main else ReportedElsewhere(failed)
     return [value for value, _ in gathered]
 
 
