@@ -43,10 +43,10 @@ def test_chunked_log_probs_and_gradients_equal_full_logits(chunk_size, softcap, 
 
     # A plain Linear takes the fused autograd Function; any other module the checkpointed path.
     module = head if fused else torch.nn.Sequential(head)
-    got, wpo = chunked_target_logps(hidden, module, targets, chunk_size, softcap)
+    got, wpo, correct = chunked_target_logps(hidden, module, targets, chunk_size, softcap)
     got_grads = torch.autograd.grad((got * upstream).sum(), [hidden, head.weight])
 
-    assert wpo is None
+    assert wpo is None and correct is None
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
@@ -54,7 +54,7 @@ def test_chunked_log_probs_and_gradients_equal_full_logits(chunk_size, softcap, 
 
 def test_wpo_term_is_log_prob_minus_log_sum_of_squared_probs():
     hidden, head, targets, upstream = _inputs(1)
-    logps, wpo = chunked_target_logps(hidden, head, targets, 5, with_wpo=True)
+    logps, wpo, _ = chunked_target_logps(hidden, head, targets, 5, with_wpo=True)
     probs = torch.softmax(hidden.detach() @ head.weight.detach().T, dim=-1)  # [tokens, vocab]
     want = probs[torch.arange(TOKENS), targets].log() - probs.pow(2).sum(-1).log()
     torch.testing.assert_close(wpo, want, rtol=1e-5, atol=1e-5)
@@ -79,7 +79,7 @@ def test_no_more_than_one_chunk_of_logits_is_kept_for_the_backward():
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logps, _ = chunked_target_logps(hidden, head, targets, chunk_size)
+        logps, _, _ = chunked_target_logps(hidden, head, targets, chunk_size)
     logps.sum().backward()
     # Saved for the backward: the inputs (hidden, weight) and per-chunk vectors, never a [chunk, vocab] block.
     assert largest <= max(tokens * HIDDEN, VOCAB * HIDDEN) < tokens * VOCAB
@@ -89,7 +89,7 @@ def test_no_more_than_one_chunk_of_logits_is_kept_for_the_backward():
 def test_without_gradient_one_pass_gives_log_probs_and_wpo_terms(softcap):
     hidden, head, targets, _ = _inputs(2)
     with torch.no_grad():
-        logps, wpo = chunked_target_logps(hidden, head, targets, 4, softcap, with_wpo=True)
+        logps, wpo, _ = chunked_target_logps(hidden, head, targets, 4, softcap, with_wpo=True)
         log_probs = _full(hidden, head.weight, targets, softcap)
         logits = hidden @ head.weight.T
         if softcap:
@@ -133,7 +133,7 @@ def test_one_chunk_of_logits_is_alive_at_a_time(dtype, softcap, train, chunks):
     def run() -> None:
         autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
         with autocast, torch.set_grad_enabled(train):
-            logps, _ = chunked_target_logps(hidden, head, targets, chunk_size, softcap)
+            logps, _, _ = chunked_target_logps(hidden, head, targets, chunk_size, softcap)
         if train:
             logps.sum().backward()
 

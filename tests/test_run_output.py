@@ -137,7 +137,8 @@ def test_an_sft_run_reports_nll_and_no_rewards_in_log_metrics_card_and_names_the
     for row in train:
         assert not REWARD_KEYS & set(row) and row["nll_loss"] == pytest.approx(row["loss"])
     assert not {f"eval/{k}" for k in REWARD_KEYS} & set(evals[-1])
-    assert "acc" not in next(line for line in out.splitlines() if line.startswith("step 1:"))
+    step_one = next(line for line in out.splitlines() if line.startswith("step 1:"))
+    assert "margin" not in step_one and step_one.count("acc") == step_one.count("token acc") == 1   # no reward acc
     card = (output / "model" / "README.md").read_text()
     assert "SFT records" in card and "rewards/" not in card and "| loss (NLL per token) |" in card
     assert f"cached the tokenized data in {tmp_path / 'cache'}" in out

@@ -53,8 +53,8 @@ class FusedPairLoss:
             total, token_logps, token_wpo = _FusedHeadLoss.apply(hidden, head.weight, self, softcap)
             return total, token_logps, token_wpo if self.with_wpo else None
         # Another kind of head: log-probs through autograd (chunked, recomputed in backward), then the loss.
-        token_logps, token_wpo = chunked_target_logps(hidden, head, self.batch.target_ids, self.chunk_size, softcap,
-                                                      self.with_wpo)
+        token_logps, token_wpo, _ = chunked_target_logps(hidden, head, self.batch.target_ids, self.chunk_size,
+                                                         softcap, self.with_wpo)
         policy = pair_logps(self.batch, token_logps, token_wpo, self.ld_alpha)
         total = self.loss_of_pairs(policy, torch.arange(self.batch.num_pairs, device=hidden.device)).sum()
         return total, token_logps.detach(), token_wpo

@@ -6,6 +6,7 @@ computes `log_softmax(h @ W.T)[target]` in chunks of `chunk_size` tokens, so tha
 exist for one chunk at a time, in the forward and (by recomputation) in the backward pass. Wrapping the model in
 an `nn.Module` is what lets DDP and FSDP2 wrap the scorer and see every parameter used. A batch with images
 (`Batch.images`) reaches the decoder as input embeddings with each prompt's image features in place (`vision`).
+Asked for it (`with_accuracy`, SFT runs), the same pass counts the tokens whose logits' argmax is the target.
 
 `naive_sequence_logps` is the textbook computation (full logits, `log_softmax`, `gather`, mask) kept for tests.
 """
@@ -36,17 +37,20 @@ class PairLogps:
     # WPO (Zhou et al. 2024): mean over tokens of log p(y_t) - log sum_v p(v)^2, no grad; only when asked for.
     chosen_wpo: torch.Tensor | None = None
     rejected_wpo: torch.Tensor | None = None
+    # Tokens of the chosen completion where the policy's argmax is the target (TRL's SFT token accuracy, counted
+    # in the log-probs' pass), no grad; only when asked for.
+    chosen_correct: torch.Tensor | None = None
 
     def select(self, pairs: torch.Tensor) -> PairLogps:
         """The same numbers for the pairs at indices `pairs` only."""
-        return PairLogps(*(t[pairs] if t is not None else None for t in
-                           (self.chosen, self.rejected, self.chosen_lengths, self.rejected_lengths,
-                            self.chosen_wpo, self.rejected_wpo)))
+        return PairLogps(*(t[pairs] if t is not None else None for t in self._fields()))
 
     def detach(self) -> PairLogps:
-        return PairLogps(*(t.detach() if t is not None else None for t in
-                           (self.chosen, self.rejected, self.chosen_lengths, self.rejected_lengths,
-                            self.chosen_wpo, self.rejected_wpo)))
+        return PairLogps(*(t.detach() if t is not None else None for t in self._fields()))
+
+    def _fields(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.chosen, self.rejected, self.chosen_lengths, self.rejected_lengths, self.chosen_wpo,
+                self.rejected_wpo, self.chosen_correct)
 
 
 class SequenceScorer(torch.nn.Module):
@@ -60,8 +64,9 @@ class SequenceScorer(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | BlockLayout,
                 score_index: torch.Tensor, target_ids: torch.Tensor, with_wpo: bool = False,
                 pair_loss: Callable[..., Any] | None = None, images: ImageBatch | None = None,
-                ) -> tuple[torch.Tensor, ...]:
-        """Token log-probs `[scored]` (and WPO terms when asked); with `pair_loss` (a `fused_loss.FusedPairLoss`),
+                with_accuracy: bool = False) -> tuple[torch.Tensor | None, ...]:
+        """`(token log-probs [scored], WPO terms or None)`, and the argmax hits as a third output only
+        `with_accuracy` (see `chunked_target_logps`); with `pair_loss` (a `fused_loss.FusedPairLoss`),
         `pair_loss(hidden, head, softcap)` takes over from the backbone's output: LM head and loss in one pass.
         `images`: the batch's images, for a vision-language model."""
         decoder = self.model.get_decoder()
@@ -85,7 +90,9 @@ class SequenceScorer(torch.nn.Module):
         softcap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
         if pair_loss is not None:
             return pair_loss(hidden, head, softcap)
-        return chunked_target_logps(hidden, head, target_ids, self.chunk_size, softcap, with_wpo)
+        logps, wpo, correct = chunked_target_logps(hidden, head, target_ids, self.chunk_size, softcap, with_wpo,
+                                                   with_accuracy)
+        return (logps, wpo, correct) if with_accuracy else (logps, wpo)
 
     def _attn_implementation(self) -> str | None:
         return getattr(getattr(self.model, "config", None), "_attn_implementation", None)
@@ -95,9 +102,11 @@ class SequenceScorer(torch.nn.Module):
 
 
 def chunked_target_logps(hidden: torch.Tensor, head: torch.nn.Module, target_ids: torch.Tensor, chunk_size: int,
-                         softcap: float | None = None, with_wpo: bool = False,
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`log_softmax(head(hidden))[target]` per row of `hidden`, chunk by chunk; `[scored]` in float32.
+                         softcap: float | None = None, with_wpo: bool = False, with_accuracy: bool = False,
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`log_softmax(head(hidden))[target]` per row of `hidden`, chunk by chunk; `[scored]` in float32. With
+    `with_wpo`, WPO's per-token terms; with `with_accuracy`, 1.0 where the logits' argmax is the target (else
+    0.0), from the same chunks of logits; both without gradient (None when not asked for).
 
     A plain bias-free `nn.Linear` head (every causal LM we know) goes through `_LinearTargetLogps`, which keeps
     only `hidden`, the weight and one float per token for the backward and rebuilds each chunk's softmax there;
@@ -107,25 +116,29 @@ def chunked_target_logps(hidden: torch.Tensor, head: torch.nn.Module, target_ids
     O(tokens x vocab).
     """
     if type(head) is torch.nn.Linear and head.bias is None:
-        logps, wpo_terms = _LinearTargetLogps.apply(hidden, head.weight, target_ids, chunk_size, softcap, with_wpo)
-        return logps, wpo_terms if with_wpo else None
-    pieces = []
+        logps, wpo_terms, correct = _LinearTargetLogps.apply(hidden, head.weight, target_ids, chunk_size, softcap,
+                                                             with_wpo, with_accuracy)
+        return logps, wpo_terms if with_wpo else None, correct if with_accuracy else None
+    pieces, hits = [], []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start:start + chunk_size], target_ids[start:start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
-            pieces.append(checkpoint(_head_logps, h, head, t, softcap, use_reentrant=False))
+            piece, hit = checkpoint(_head_logps, h, head, t, softcap, with_accuracy, use_reentrant=False)
         else:
-            pieces.append(_head_logps(h, head, t, softcap))
+            piece, hit = _head_logps(h, head, t, softcap, with_accuracy)
+        pieces.append(piece)
+        hits.append(hit)
     logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    correct = (torch.cat(hits) if hits else torch.zeros_like(logps)) if with_accuracy else None
     if not with_wpo:
-        return logps, None
+        return logps, None, correct
     wpo = []  # another kind of head: its log-softmax again, without gradient
     with torch.no_grad():
         for start in range(0, hidden.shape[0], chunk_size):
             # One expression: this chunk's [chunk, vocab] log-softmax is gone before the next one's is made.
             wpo.append(logps[start:start + chunk_size].detach()
                        - torch.logsumexp(2 * _head_log_softmax(hidden[start:start + chunk_size], head, softcap), -1))
-    return logps, (torch.cat(wpo) if wpo else logps.new_zeros(0))
+    return logps, (torch.cat(wpo) if wpo else logps.new_zeros(0)), correct
 
 
 class _LinearTargetLogps(torch.autograd.Function):
@@ -138,29 +151,34 @@ class _LinearTargetLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
-                chunk_size: int, softcap: float | None, with_wpo: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk_size: int, softcap: float | None, with_wpo: bool, with_accuracy: bool,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logps = hidden.new_empty(hidden.shape[0], dtype=torch.float32)   # [scored]
         lse = torch.empty_like(logps)                                   # [scored]
-        wpo_terms = torch.zeros_like(logps) if with_wpo else logps.new_zeros(0)   # no gradient flows through them
+        # No gradient flows through these two.
+        wpo_terms = torch.zeros_like(logps) if with_wpo else logps.new_zeros(0)
+        correct = torch.zeros_like(logps) if with_accuracy else logps.new_zeros(0)
         dtype = head_dtype(hidden)
         w = weight.to(dtype)
 
         def score(start: int, stop: int) -> None:  # the chunk's logits die with this call, before the next's exist
             parts = softmax_parts(*chunk_logits(hidden[start:stop].to(dtype), w, softcap, with_tanh=False),
-                                  targets[start:stop])
+                                  targets[start:stop], with_accuracy)
             lse[start:stop], logps[start:stop] = parts.lse, parts.target_logps
             if with_wpo:
                 wpo_terms[start:stop] = parts.wpo()
+            if parts.correct is not None:
+                correct[start:stop] = parts.correct
 
         for start in range(0, hidden.shape[0], chunk_size):
             score(start, start + chunk_size)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size, ctx.softcap, ctx.compute_dtype = chunk_size, softcap, dtype
-        ctx.mark_non_differentiable(wpo_terms)
-        return logps, wpo_terms
+        ctx.mark_non_differentiable(wpo_terms, correct)
+        return logps, wpo_terms, correct
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor, _: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor, *_: torch.Tensor):  # type: ignore[override]
         hidden, weight, targets, lse = ctx.saved_tensors
         dtype, softcap = ctx.compute_dtype, ctx.softcap
         w = weight.to(dtype)
@@ -173,7 +191,8 @@ class _LinearTargetLogps(torch.autograd.Function):
             head_gradients(*rebuilt_softmax(*chunk_logits(h, w, softcap), lse[start:stop]), grad[start:stop],
                            targets[start:stop], h, w, None if grad_hidden is None else grad_hidden[start:stop],
                            grad_weight)
-        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None,
+                None)
 
 
 @dataclass
@@ -189,6 +208,7 @@ class SoftmaxParts:
     lse: torch.Tensor            # [chunk] logsumexp of the logits
     target_logps: torch.Tensor   # [chunk] log-prob of each target
     tanh: torch.Tensor | None
+    correct: torch.Tensor | None = None   # [chunk] 1.0 where the logits' argmax is the target; when asked for
 
     def wpo(self) -> torch.Tensor:
         """WPO's per-token term, log p(y) - log sum_v p(v)^2 (Zhou et al. 2024, arXiv 2406.11827, Eq. 4)."""
@@ -221,16 +241,23 @@ def chunk_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None, w
     return tanh * softcap, tanh
 
 
-def softmax_parts(logits: torch.Tensor, tanh: torch.Tensor | None, targets: torch.Tensor) -> SoftmaxParts:
+def softmax_parts(logits: torch.Tensor, tanh: torch.Tensor | None, targets: torch.Tensor,
+                  with_accuracy: bool = False) -> SoftmaxParts:
     """Target log-probs and logsumexp of one chunk's float32 `logits` `[chunk, vocab]` (from `chunk_logits`),
     in place: the logits are overwritten by `exps` (`torch.logsumexp` would allocate two more `[chunk, vocab]`
-    tensors)."""
+    tensors). `with_accuracy`: the max's index comes with the max the softmax needs anyway (the first of tied
+    maxima, as `argmax`), and whether it is the target."""
     target = logits.gather(-1, targets[:, None])[:, 0]
-    top = logits.amax(-1)
+    correct = None
+    if with_accuracy:
+        top, best = logits.max(-1)
+        correct = (best == targets).float()
+    else:
+        top = logits.amax(-1)
     exps = logits.sub_(top[:, None]).exp_()
     sums = exps.sum(-1)
     lse = top + sums.log()
-    return SoftmaxParts(exps, sums, lse, target - lse, tanh)
+    return SoftmaxParts(exps, sums, lse, target - lse, tanh, correct)
 
 
 def rebuilt_softmax(logits: torch.Tensor, tanh: torch.Tensor | None, lse: torch.Tensor,
@@ -288,26 +315,31 @@ def _head_log_softmax(h: torch.Tensor, head: torch.nn.Module, softcap: float | N
     return _capped(head(h), softcap)[0].log_softmax(-1)
 
 
-def _head_logps(h: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
+def _head_logps(h: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, softcap: float | None,
+                with_accuracy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A chunk's target log-probs and (`with_accuracy`) 1.0 where its argmax is the target, from one head pass."""
     logits = _capped(head(h), softcap)[0]                                # [chunk, vocab]
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    correct = (logits.detach().argmax(-1) == targets).float() if with_accuracy else None
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1), correct
 
 
 def pair_logps(batch: Batch, token_logps: torch.Tensor, token_wpo: torch.Tensor | None = None,
-               ld_alpha: float | None = None) -> PairLogps:
+               ld_alpha: float | None = None, token_correct: torch.Tensor | None = None) -> PairLogps:
     """Sum token log-probs per completion, then pick each pair's chosen and rejected (see `select_pair_logps`)."""
     return select_pair_logps(token_logps, batch.sequence_index, batch.token_position, batch.chosen_index,
-                             batch.rejected_index, batch.num_sequences, token_wpo, ld_alpha)
+                             batch.rejected_index, batch.num_sequences, token_wpo, ld_alpha, token_correct)
 
 
 def select_pair_logps(token_logps: torch.Tensor, sequence_index: torch.Tensor, token_position: torch.Tensor,
                       chosen_index: torch.Tensor, rejected_index: torch.Tensor, num_sequences: int,
-                      token_wpo: torch.Tensor | None = None, ld_alpha: float | None = None) -> PairLogps:
+                      token_wpo: torch.Tensor | None = None, ld_alpha: float | None = None,
+                      token_correct: torch.Tensor | None = None) -> PairLogps:
     """`PairLogps` of the pairs `(chosen_index, rejected_index)` from the scored tokens given (each with its
     sequence and position); every token of those pairs' completions must be among them.
 
     `ld_alpha` (LD-DPO, Liu et al. 2024, Eq. 11): tokens past the shorter completion of the pair count with
-    weight alpha, so the length difference stops dominating the reward.
+    weight alpha, so the length difference stops dominating the reward. `token_correct` `[scored]` (1.0 where the
+    argmax is the target) is summed per chosen completion into `chosen_correct`.
     """
     n = num_sequences
     lengths = torch.zeros(n, device=token_logps.device).index_add_(0, sequence_index, torch.ones_like(token_logps))
@@ -327,15 +359,27 @@ def select_pair_logps(token_logps: torch.Tensor, sequence_index: torch.Tensor, t
     if token_wpo is not None:
         wpo = token_wpo.new_zeros(n).index_add(0, sequence_index, token_wpo) / lengths.clamp(min=1)
         chosen_wpo, rejected_wpo = wpo[chosen_index], wpo[rejected_index]
-    return PairLogps(chosen, rejected, chosen_len, rejected_len, chosen_wpo, rejected_wpo)
+    chosen_correct = None
+    if token_correct is not None:
+        chosen_correct = token_correct.new_zeros(n).index_add(0, sequence_index, token_correct)[chosen_index]
+    return PairLogps(chosen, rejected, chosen_len, rejected_len, chosen_wpo, rejected_wpo, chosen_correct)
 
 
 def sequence_logps(scorer: torch.nn.Module, batch: Batch, *, ld_alpha: float | None = None,
-                   with_wpo: bool = False) -> PairLogps:
-    """Per-pair completion log-probs of `batch` under the model wrapped by `scorer` (or a DDP/FSDP wrap of it)."""
-    token_logps, token_wpo = scorer(batch.input_ids, batch.position_ids, batch.attention_mask,
-                                    batch.score_index, batch.target_ids, with_wpo, **image_inputs(batch))
-    return pair_logps(batch, token_logps, token_wpo, ld_alpha)
+                   with_wpo: bool = False, with_accuracy: bool = False) -> PairLogps:
+    """Per-pair completion log-probs of `batch` under the model wrapped by `scorer` (or a DDP/FSDP wrap of it);
+    `with_accuracy`: with `chosen_correct`, counted in the same pass over the LM head."""
+    token_logps, token_wpo, token_correct = token_scores(scorer, batch, with_wpo=with_wpo, with_accuracy=with_accuracy)
+    return pair_logps(batch, token_logps, token_wpo, ld_alpha, token_correct)
+
+
+def token_scores(scorer: torch.nn.Module, batch: Batch, *, with_wpo: bool = False, with_accuracy: bool = False,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The scored tokens' log-probs `[scored]`, WPO terms and argmax hits (each None unless asked for) of `batch`
+    under the model wrapped by `scorer`."""
+    outputs = scorer(batch.input_ids, batch.position_ids, batch.attention_mask, batch.score_index, batch.target_ids,
+                     with_wpo, with_accuracy=with_accuracy, **image_inputs(batch))
+    return outputs[0], outputs[1], outputs[2] if with_accuracy else None
 
 
 def image_inputs(batch: Batch) -> dict[str, ImageBatch]:

@@ -5,9 +5,12 @@
 
 Each kind of run reports in its own terms. SFT alone (every loss without rewards, `LossOutput.has_rewards`) logs
 what TRL's SFTTrainer logs, `loss` and `nll_loss` (and `logps/chosen`), with no `rewards/*`, `logps/rejected` or
-length gap: those would be 0 or a copy of the chosen side. Unpaired losses (KTO) add TRL's KTOTrainer counts and
-per-kind means: a loss metric `count/<kind>` is logged as the number of examples of that kind since the last
-row, and `<name>/<kind>_sum` as `<name>/<kind>`, the mean over those examples.
+length gap: those would be 0 or a copy of the chosen side; and, as TRL's SFTTrainer, `mean_token_accuracy`, the
+fraction of completion tokens whose argmax under the policy is the target (any run with an SFT term, from the
+argmax hits that the log-probs' pass counted, `PairLogps.chosen_correct`): over all tokens since the last row,
+where TRL averages each batch's fraction (the same when batches hold as many tokens). Unpaired losses (KTO) add
+TRL's KTOTrainer counts and per-kind means: a loss metric `count/<kind>` is logged as the number of examples of
+that kind since the last row, and `<name>/<kind>_sum` as `<name>/<kind>`, the mean over those examples.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from .losses import LossOutput
 # for the health alarm on length hacking (`health.preferred_length_gap` is the same formula).
 SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
           "logps/chosen", "logps/rejected", "lengths/preferred_gap")
+# TRL's SFT token accuracy, kept as two sums (argmax hits, and the tokens they were counted over) until `reduce`.
+ACCURACY, ACCURACY_TOKENS = "mean_token_accuracy", "mean_token_accuracy/tokens"
 PAIRED_ONLY = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/rejected",
                "lengths/preferred_gap")  # left out of the rows of a run whose losses have no rewards (SFT)
 
@@ -60,6 +65,9 @@ class MetricMeter:
         for out in outputs:
             for name, value in out.metrics.items():  # loss-specific means, weighted by pairs
                 self.extra[name] = self.extra.get(name, 0.0) + value.detach().double() * n
+        if policy.chosen_correct is not None:  # sums of hits and tokens, divided in `reduce`
+            for name, value in ((ACCURACY, policy.chosen_correct), (ACCURACY_TOKENS, policy.chosen_lengths)):
+                self.extra[name] = self.extra.get(name, 0.0) + value.detach().double().sum() * counted
         self.pairs += n
         self.tokens += tokens * counted
 
@@ -81,6 +89,10 @@ class MetricMeter:
         if not self.has_rewards:
             out = {name: value for name, value in out.items() if name not in PAIRED_ONLY}
         per_kind_means(out, pairs)
+        if ACCURACY in out:  # both sums were divided by the pairs: their ratio is hits per token
+            hits, scored = out.pop(ACCURACY), out.pop(ACCURACY_TOKENS)
+            if scored:
+                out[ACCURACY] = hits / scored
         out["pairs"], out["tokens"] = pairs, tokens
         if self.steps:
             out["grad_norm"] = packed[-1] / (self.steps * dist.world_size)

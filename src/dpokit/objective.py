@@ -18,7 +18,7 @@ from .batching import Batch
 from .config import Config
 from .errors import DPOError
 from .fused_head import fused_sequence_loss
-from .logprobs import PairLogps, image_inputs, pair_logps, select_pair_logps, sequence_logps
+from .logprobs import PairLogps, pair_logps, select_pair_logps, sequence_logps, token_scores
 from .losses.triple import GOLD_LENGTHS, GOLD_LOGPS
 from .reference import Reference, reference_strategy
 
@@ -78,6 +78,11 @@ class Objective:
         return all(spec.pairwise for spec in self.specs)
 
     @property
+    def token_accuracy(self) -> bool:
+        """An SFT term is optimised: the policy's pass also counts argmax hits, for TRL's `mean_token_accuracy`."""
+        return any(spec.name == "sft" for spec in self.specs)
+
+    @property
     def headline(self) -> tuple[str, str]:
         """(metric, its name for people) that the run reports before and after training. SFT alone has no
         rewards to rank: its held-out number is the NLL per token."""
@@ -116,11 +121,12 @@ class Objective:
                 total, policy_logps = fused_sequence_loss(model, batch, loss_of_pairs, self.chunk_size,
                                                           ld_alpha=self.ld_alpha, with_wpo=self.use_wpo)
             elif batch.gold_index is None:
-                policy_logps = sequence_logps(model, batch, ld_alpha=self.ld_alpha, with_wpo=self.use_wpo)
+                policy_logps = sequence_logps(model, batch, ld_alpha=self.ld_alpha, with_wpo=self.use_wpo,
+                                              with_accuracy=self.token_accuracy)
             else:  # the gold responses' log-probs from the same scored tokens as chosen and rejected
-                token_logps, token_wpo = model(batch.input_ids, batch.position_ids, batch.attention_mask,
-                                               batch.score_index, batch.target_ids, self.use_wpo, **image_inputs(batch))
-                policy_logps = pair_logps(batch, token_logps, token_wpo, self.ld_alpha)
+                token_logps, token_wpo, token_correct = token_scores(model, batch, with_wpo=self.use_wpo,
+                                                                     with_accuracy=self.token_accuracy)
+                policy_logps = pair_logps(batch, token_logps, token_wpo, self.ld_alpha, token_correct)
                 extras = {**batch.extras, **gold_logps(batch, token_logps)}
         if train and self.fused:
             with torch.no_grad():  # the metrics, from the log-probs that the fused pass returned
