@@ -64,7 +64,11 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], processor: Any, *, max_lengt
 
 
 def _tokenize_pair(index: int, pair: PreferencePair, processor: Any, report: TruncationReport) -> TokenizedPair:
-    images = [image_column.open_image(source, f"pair {index}, image {i}") for i, source in enumerate(pair.images)]
+    try:
+        images = [image_column.open_image(source, f"{_which(index, pair)}, image {i}")
+                  for i, source in enumerate(pair.images)]
+    except image_column.BadImage as bad:  # the load's check reads the structure only (a truncated JPEG passes it)
+        raise DPOError(str(bad)) from None
     chat = any(isinstance(part, list) for part in (pair.prompt, pair.chosen, pair.rejected))
     if chat:
         as_parts = replace(pair, prompt=_parts(pair.prompt, "user"), chosen=_parts(pair.chosen, "assistant"),
@@ -72,11 +76,8 @@ def _tokenize_pair(index: int, pair: PreferencePair, processor: Any, report: Tru
         texts = _render_pair(processor, as_parts, report)
     else:
         assert isinstance(pair.prompt, str) and isinstance(pair.chosen, str) and isinstance(pair.rejected, str)
-        placeholders = pair.prompt.count(processor.image_token)
-        if placeholders != len(images):
-            raise DPOError(f"pair {index}: the prompt holds {placeholders} image placeholders "
-                           f"({processor.image_token}) for {len(images)} images; put one where each image goes")
         texts = (pair.prompt, pair.prompt + pair.chosen, pair.prompt + pair.rejected)
+    _check_placeholders(index, pair, texts, processor.image_token, len(images))
     # The chat template writes its own special tokens; plain text gets the tokenizer's (BOS) once. The prompt
     # alone gives the image arrays; the full texts, with the same images, only their ids.
     options = dict(return_tensors="np", add_special_tokens=not chat, padding=True)
@@ -98,6 +99,29 @@ def _tokenize_pair(index: int, pair: PreferencePair, processor: Any, report: Tru
         chosen, rejected = with_eos(chosen, eos), with_eos(rejected, eos)
     image_inputs = image_arrays(prompt_encoded) if images else {}
     return TokenizedPair(prompt, chosen, rejected, dict(pair.extras), pair.group, image_inputs)
+
+
+def _check_placeholders(index: int, pair: PreferencePair, texts: tuple[str, str, str], token: str,
+                        images: int) -> None:
+    """One image token per image in the prompt, none in a completion: the processor expands each into the
+    image's tokens, and a count that differs would fail there (or, in a completion, be scored)."""
+    in_prompt = texts[0].count(token)
+    if in_prompt != images:
+        written = "" if isinstance(pair.prompt, str) else (
+            f"; its text writes {token} itself {in_prompt - images} times" if in_prompt > images else "")
+        raise DPOError(f"{_which(index, pair)}: the prompt holds {in_prompt} image placeholders ({token}) for "
+                       f"{images} images{written}; put one where each image goes")
+    for side, text in zip(("chosen", "rejected"), texts[1:]):
+        if text.count(token) != in_prompt:
+            raise DPOError(f"{_which(index, pair)}: the {side} completion holds the image token {token}; images "
+                           "belong to the prompt (remove it from the completion's text)")
+
+
+def _which(index: int, pair: PreferencePair) -> str:
+    """The pair, named by its index and its images (the record's line is not kept past loading)."""
+    shown = ", ".join(image_column.describe(source) for source in pair.images[:2])
+    more = f" and {len(pair.images) - 2} more" if len(pair.images) > 2 else ""
+    return f"pair {index}" + (f" (images {shown}{more})" if pair.images else "")
 
 
 def image_arrays(encoded: Any) -> dict[str, Any]:
