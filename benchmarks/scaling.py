@@ -88,6 +88,10 @@ def build_assets(root: Path, shape: dict, lengths: list[int], responses: list[in
         rows = [{"prompt": prompt, "chosen": answers[i], "rejected": answers[j]}
                 for i in range(count) for j in range(i + 1, count)]
         (root / f"responses-{count}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        # The same pairs as one ranked record for dpo (`--pairs all`): its pairs form one group, which the sampler
+        # keeps together and `dpo plan` counts as one prompt block, as the trainer forwards them.
+        ranked = {"prompt": prompt, "responses": answers, "scores": list(range(count, 0, -1))}
+        (root / f"responses-{count}.ranked.jsonl").write_text(json.dumps(ranked) + "\n")
 
 
 def pairs_in(data: Path) -> int:
@@ -101,7 +105,9 @@ def dpo_config(root: Path, data: Path, output: Path, steps: int, checkpointing: 
     from dpokit.config import Config
 
     length = 10**6
-    return Config(model=str(root / "model"), tokenizer=str(root / "tokenizer"), data=str(data),
+    ranked = data.with_suffix(".ranked.jsonl")
+    return Config(model=str(root / "model"), tokenizer=str(root / "tokenizer"),
+                  data=str(ranked if ranked.exists() else data), pairs="all",
                   batch_size=pairs_in(data), max_steps=steps, eval_fraction=0.0, lr=1e-6, cache=False,
                   output=str(output), progress=False,
                   max_length=length, max_prompt_length=length, gradient_checkpointing=checkpointing,
@@ -387,7 +393,7 @@ def main() -> None:
         vars(args).update(saved["settings"])
         finish(saved["rows"], args, saved["command"], saved.get("notes"))
         return
-    lengths = [16] if args.dry_run else [int(x) for x in args.lengths.split(",")]
+    lengths = [16] if args.dry_run else [int(x) for x in args.lengths.split(",") if x]
     responses = [3] if args.dry_run else [int(x) for x in args.responses.split(",") if x]
     response, group_prompt = (8, 16) if args.dry_run else (RESPONSE, args.group_prompt)
     if args.dry_run:
