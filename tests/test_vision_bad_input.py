@@ -130,3 +130,12 @@ def test_image_tokens_in_the_text_and_images_differ(models, folder, tmp_path, ca
 def test_image_column_with_a_text_only_model(models, folder, tmp_path, capsys):
     code, err, data = train(models["text"], [GOOD, GOOD], folder, tmp_path, capsys)
     assert_one_line(code, err, tmp_path, f"{data}: the data has images", "has no image processor (a text-only model)")
+
+
+def test_inspect_with_a_text_only_model_refuses_images_too(models, folder, tmp_path, capsys):
+    """`dpo data inspect --model TEXT_MODEL` on image data: the same line as training, not image parts as text."""
+    data = tmp_path / "pairs.jsonl"
+    (tmp_path / "img").symlink_to(folder / "img")
+    data.write_text(json.dumps(GOOD) + "\n", encoding="utf-8")
+    code, _, err = run_cli(["data", "inspect", str(data), "--model", str(models["text"])], capsys)
+    assert_one_line(code, err, tmp_path, f"{data}: the data has images", "has no image processor (a text-only model)")

@@ -54,6 +54,7 @@ def inspect(path: str, *, tokenizer: Any = None, format: str | None = None, colu
         lines += _percentile_table(lengths, sides, unit="characters; pass --model PATH to count tokens and truncation")
         lines += _examples_text(loaded, examples, kind)
         return lines
+    multimodal.check_model_takes_images(path, loaded, tokenizer)
     processor = multimodal.is_processor(tokenizer)
     tokenize = multimodal.tokenize_pairs if processor else tokenization.tokenize_pairs
     tokenized, untruncated = tokenize(loaded, tokenizer, max_length=10**9)

@@ -37,6 +37,14 @@ def text_tokenizer(tokenizer: Any) -> Any:
     return tokenizer.tokenizer if is_processor(tokenizer) else tokenizer
 
 
+def check_model_takes_images(data: str, pairs: Sequence[PreferencePair], tokenizer: Any) -> None:
+    """Refuse data with images for a text-only model's tokenizer (the images would be lost, or rendered as text)."""
+    if not is_processor(tokenizer) and (with_images := next((p for p in pairs if p.images), None)):
+        raise DPOError(f"{data}: the data has images (an images/image column, {len(with_images.images)} in its first "
+                       "such pair) but the model's tokenizer has no image processor (a text-only model); use a "
+                       "vision-language model, or drop the image column")
+
+
 def image_token_id(processor: Any) -> int:
     """The id of the token each image feature replaces."""
     token_id = getattr(processor, "image_token_id", None)

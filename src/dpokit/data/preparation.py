@@ -147,10 +147,7 @@ def _tokenized_splits(settings: DataSettings, tokenizer: Any, processor: bool, p
         train_pairs = formats.to_unpaired(train_pairs, seed)
         eval_pairs = formats.to_unpaired(eval_pairs, seed + 1) if eval_pairs else []
     limits = {**settings.limits(), "progress": progress}
-    if not processor and (with_images := next((p for p in train_pairs + eval_pairs if p.images), None)):
-        raise DPOError(f"{data}: the data has images (an images/image column, {len(with_images.images)} in its first "
-                       "such pair) but the model's tokenizer has no image processor (a text-only model); use a "
-                       "vision-language model, or drop the image column")
+    multimodal.check_model_takes_images(data, train_pairs + eval_pairs, tokenizer)
     tokenize = multimodal.tokenize_pairs if processor else tokenization.tokenize_pairs
     train, train_trunc = tokenize(train_pairs, tokenizer, **limits)
     held_out, eval_trunc = tokenize(eval_pairs, tokenizer, **limits)
