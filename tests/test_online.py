@@ -105,6 +105,22 @@ def test_win_rate_of_a_round_over_the_one_before(full_run, tiny_model_dir, promp
     metrics = _rows(full_run / "online_metrics.jsonl")
     assert "samples/win_rate" not in metrics[0] and "prompt_rewards" not in metrics[1]
     assert metrics[1]["samples/win_rate"] == pytest.approx(sum(wins) / len(wins))
+    assert metrics[1]["samples/win_rate_vs_start"] == metrics[1]["samples/win_rate"]  # round 1 is the start
+
+
+def test_round_three_wins_against_the_round_before_and_against_the_start(tmp_path):
+    """Per-prompt means written by hand for rounds 1 and 2: round 3 is scored against each on the prompts they
+    share (a tie counts half), and neither rate exists without a shared prompt."""
+    from dpokit.online import OnlineFiles, win_rate
+
+    files = OnlineFiles(tmp_path)
+    files.rounds.mkdir()
+    for n, means in ((1, {"0": 0.1, "1": 0.5, "2": 0.9}), (2, {"0": 0.6, "1": 0.6, "2": 0.2})):
+        files.stats(n).write_text(json.dumps({"prompt_rewards": means}), encoding="utf-8")
+    out = win_rate(files, 3, {"0": 0.6, "1": 0.7, "2": 0.3})
+    assert out["samples/win_rate"] == pytest.approx((0.5 + 1 + 1) / 3)          # against round 2
+    assert out["samples/win_rate_vs_start"] == pytest.approx((1 + 1 + 0) / 3)   # against round 1
+    assert set(win_rate(files, 3, {"7": 1.0})) == {"prompt_rewards"}
 
 
 def test_round_files_hold_best_versus_worst_of_the_policy_of_the_round(full_run, tiny_model_dir, prompts_file):

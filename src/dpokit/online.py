@@ -375,18 +375,29 @@ def prompt_rewards(prompt_indices: list[int], scores: torch.Tensor, k: int) -> d
 
 
 def win_rate(files: OnlineFiles, n: int, rewards: dict[str, float]) -> dict[str, Any]:
-    """Round n's per-prompt mean scores (kept in its statistics for round n + 1) and `samples/win_rate`: the share
+    """Round n's per-prompt mean scores (kept in its statistics for later rounds), `samples/win_rate`: the share
     of the prompts both rounds sampled where round n's mean beats round n - 1's (a tie counts half), i.e. the
-    policy after round n - 1's training against the one before it (round 1's: the starting policy). Absent for
-    round 1 and when the two rounds share no prompt (--prompts-per-round slices of one pass)."""
+    policy after round n - 1's training against the one before it; and `samples/win_rate_vs_start`, the same
+    against round 1's samples, which the starting policy (the default reference) drew. Absent for round 1 and
+    when the rounds share no prompt (--prompts-per-round slices of one pass)."""
     out: dict[str, Any] = {"prompt_rewards": rewards}
-    previous = (json.loads(files.stats(n - 1).read_text(encoding="utf-8")).get("prompt_rewards", {})
-                if n > 1 and files.stats(n - 1).is_file() else {})
-    shared = [i for i in rewards if i in previous]
-    if shared:
-        out["samples/win_rate"] = sum(1.0 if rewards[i] > previous[i] else 0.5 if rewards[i] == previous[i] else 0.0
-                                      for i in shared) / len(shared)
+    for key, earlier in (("samples/win_rate", n - 1), ("samples/win_rate_vs_start", 1)):
+        if 1 <= earlier < n and (rate := _wins(rewards, _prompt_rewards_of(files, earlier))) is not None:
+            out[key] = rate
     return out
+
+
+def _prompt_rewards_of(files: OnlineFiles, n: int) -> dict[str, float]:
+    path = files.stats(n)
+    return json.loads(path.read_text(encoding="utf-8")).get("prompt_rewards", {}) if path.is_file() else {}
+
+
+def _wins(rewards: dict[str, float], earlier: dict[str, float]) -> float | None:
+    """The share of the prompts in both where `rewards` beats `earlier` (ties half); None when none is shared."""
+    shared = [i for i in rewards if i in earlier]
+    if not shared:
+        return None
+    return sum(1.0 if rewards[i] > earlier[i] else 0.5 if rewards[i] == earlier[i] else 0.0 for i in shared) / len(shared)
 
 
 def write_metrics(files: OnlineFiles, rounds: int) -> None:
