@@ -141,7 +141,8 @@ class Config:
     lean_host_memory: bool = _opt(True, "on CPU, return freed memory to the OS during training (lower peak RSS; "
                                         "glibc only)")
     lean_layers: bool = _opt(True, "Llama, Mistral and Qwen2/3 norm, rotary and SwiGLU layers with fewer passes "
-                                   "over memory (same numbers; not with --compile)")
+                                   "over memory, and LoRA's product added in place (same numbers; not with "
+                                   "--compile)")
 
     # --- optimisation --------------------------------------------------------------------------------------
     lr: float | None = _opt(None, f"AdamW learning rate (default: {DEFAULT_LR}; {SFT_LR} with --loss sft; "

@@ -263,13 +263,14 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def apply_lora(model: torch.nn.Module, *, r: int, alpha: float, dropout: float, target_modules: str,
-               pattern: str | None = None) -> torch.nn.Module:
+               pattern: str | None = None, lean: bool = True) -> torch.nn.Module:
     """Wrap `model` in a PEFT `PeftModel` with a fresh LoRA adapter (Hu et al. 2021); the base is frozen.
 
     `target_modules` is PEFT's "all-linear" (every linear layer of attention and MLP, not the LM head) or
     comma-separated module names (`q_proj,v_proj`); `pattern`, a PEFT regex over full module names, replaces
     them (a vision-language model's language layers only: `vision.language_lora_targets`). The adapter starts
-    as a no-op (B = 0), so the wrapped model scores exactly like the base at step 0.
+    as a no-op (B = 0), so the wrapped model scores exactly like the base at step 0. `lean`: the adapter's
+    product added in place (`lean_layers.apply_lora`).
     """
     peft = import_extra("peft", "lora", "--lora-r")
     targets: str | list[str] = (pattern or target_modules if pattern or target_modules == "all-linear"
@@ -278,13 +279,17 @@ def apply_lora(model: torch.nn.Module, *, r: int, alpha: float, dropout: float, 
                         lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     try:
         with _peft_wraps_quietly():
-            return peft.get_peft_model(model, config)
+            wrapped = peft.get_peft_model(model, config)
     except ValueError as err:
         raise DPOError(f"--lora-target-modules {target_modules}: {_first_line(err)}") from None
+    if lean:
+        lean_layers.apply_lora(wrapped)
+    return wrapped
 
 
-def load_lora_adapter(model: torch.nn.Module, path: str, *, r: int = 0) -> torch.nn.Module:
-    """Wrap `model` with an existing PEFT LoRA adapter folder, trainable, to go on training it.
+def load_lora_adapter(model: torch.nn.Module, path: str, *, r: int = 0, lean: bool = True) -> torch.nn.Module:
+    """Wrap `model` with an existing PEFT LoRA adapter folder, trainable, to go on training it (`lean`: as in
+    `apply_lora`).
 
     The adapter's own config (rank, alpha, targets) wins; a `--lora-r` that disagrees with it is refused.
     """
@@ -299,9 +304,12 @@ def load_lora_adapter(model: torch.nn.Module, path: str, *, r: int = 0) -> torch
         raise DPOError(f"--lora-r {r} disagrees with the adapter in {path} (r={config.r}); drop --lora-r")
     try:
         with _peft_wraps_quietly():
-            return peft.PeftModel.from_pretrained(model, path, is_trainable=True)
+            wrapped = peft.PeftModel.from_pretrained(model, path, is_trainable=True)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise DPOError(f"--lora-adapter {path}: could not load the adapter ({_first_line(err)})") from None
+    if lean:
+        lean_layers.apply_lora(wrapped)
+    return wrapped
 
 
 @contextlib.contextmanager

@@ -115,12 +115,12 @@ def build_policy(cfg: Config, plan: Placement, dist: distributed.Dist) -> torch.
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_adapter:
-        return models.load_lora_adapter(policy, cfg.lora_adapter, r=cfg.lora_r)
+        return models.load_lora_adapter(policy, cfg.lora_adapter, r=cfg.lora_r, lean=plan.lean)
     if cfg.lora_r:
         language_only = (vision.language_lora_targets(policy, cfg.lora_target_modules)
                          if vision.is_vision_model(policy) else None)  # not the vision tower nor the projector
         return models.apply_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                 target_modules=cfg.lora_target_modules, pattern=language_only)
+                                 target_modules=cfg.lora_target_modules, pattern=language_only, lean=plan.lean)
     return policy
 
 
