@@ -109,3 +109,30 @@ def test_lean_lora_model_matches_peft_and_allocates_what_the_plain_model_does_pl
             model(input_ids=ids)
         counts.append(fresh.bytes)
     assert counts[1] == counts[0] + adapted * ids.numel() * 4 * 4
+
+
+def test_lean_lora_on_a_bf16_base_sums_in_float32_as_peft_does():
+    """PEFT keeps the adapter in float32 on a bf16 base and sums in float32 before rounding to bf16. The lean
+    forward does the same with two `[tokens, out]` tensors (the float32 sum, the bf16 result) besides the base's
+    output and the float32 copy of x that PEFT makes too; PEFT's forward, four."""
+    def layer(lean: bool) -> torch.nn.Module:
+        wrapped = lora_linear(lean=lean)
+        wrapped.base_model.model[0].base_layer.to(torch.bfloat16)
+        return wrapped
+
+    lean_layer, stock_layer = layer(True), layer(False)
+    x = torch.randn(2, 50, 16, dtype=torch.bfloat16, requires_grad=True)
+    outs = []
+    for wrapped in (lean_layer, stock_layer):
+        with FreshBytes() as fresh:
+            out = wrapped(x)
+        adapter = [p for n, p in wrapped.named_parameters() if "lora_" in n]
+        assert out.dtype == torch.bfloat16 and {p.dtype for p in adapter} == {torch.float32}
+        outs.append((out, torch.autograd.grad(out.float().square().sum(), [x, *adapter]), fresh.bytes))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    for got, want in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(got, want)
+    tokens = 100
+    base_output, x_float32, product = tokens * 24 * 2, tokens * 16 * 4, tokens * 4 * 4
+    assert outs[0][2] == base_output + x_float32 + product + tokens * 24 * 4 + tokens * 24 * 2
+    assert outs[1][2] >= base_output + x_float32 + product + 3 * tokens * 24 * 4 + tokens * 24 * 2

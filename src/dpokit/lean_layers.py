@@ -27,7 +27,8 @@ leaves them alone).
 output, its scaled copy, the sum), freed at once but interleaved on the heap with the activations autograd keeps:
 on CPU, glibc keeps those holes resident (a 1,024-token Llama batch of 6,144 tokens, 4 layers: ~0.6 GiB above
 full fine-tuning's peak). The lean forward adds the adapter's product into the base's output in place (one
-`addmm_`/`baddbmm_`): no temporary, the same tensors kept for the backward pass, the same numbers.
+`addmm_`/`baddbmm_`): no temporary, the same tensors kept for the backward pass, the same numbers. On a bf16 base
+with float32 adapters (PEFT's default) it sums into a float32 copy of the base's output, as PEFT does.
 """
 
 from __future__ import annotations
@@ -111,16 +112,18 @@ def _lora_forward(cls: type) -> Callable[..., torch.Tensor]:
     def forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = [name for name in self.active_adapters if name in self.lora_A]
         variants = getattr(self, "lora_variant", {})  # DoRA and other variants: PEFT's own forward
-        if (args or kwargs or self.disable_adapters or self.merged or any(name in variants for name in active)
-                or torch.is_autocast_enabled(x.device.type)
-                or any(self.lora_B[name].bias is not None or self.lora_A[name].weight.dtype != x.dtype
-                       or self.lora_B[name].weight.dtype != x.dtype for name in active)):
+        dtypes = {layer.weight.dtype for name in active for layer in (self.lora_A[name], self.lora_B[name])}
+        if (args or kwargs or self.disable_adapters or self.merged or len(dtypes) != 1
+                or any(name in variants or self.lora_B[name].bias is not None for name in active)
+                or torch.is_autocast_enabled(x.device.type)):
             return cls.forward(self, x, *args, **kwargs)
+        (adapter_dtype,) = dtypes   # float32 adapters on a bf16 base (PEFT's default): summed in float32, as PEFT
         result = self.base_layer(x)
         dtype = result.dtype
-        if dtype != x.dtype or result._is_view() or not result.is_contiguous():
+        if dtype != adapter_dtype or result._is_view() or not result.is_contiguous():
             # a fresh tensor to add into: autograd refuses in-place writes to some views
-            result = result.to(x.dtype, memory_format=torch.contiguous_format, copy=True)
+            result = result.to(adapter_dtype, memory_format=torch.contiguous_format, copy=True)
+        x = x.to(adapter_dtype)
         for name in active:
             h = self.lora_A[name](self.lora_dropout[name](x))
             weight, scaling = self.lora_B[name].weight.t(), self.scaling[name]
