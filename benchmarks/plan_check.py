@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_md import replace_section  # noqa: E402
+from word_tokenizer import save_word_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -86,21 +87,15 @@ GiB = 2**30
 def build_assets(root: Path) -> None:
     """The models (config + random weights), their tokenizers and one JSONL file per prompt length and model."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     for name, shape in MODELS.items():
         folder = root / name
         if (folder / "config.json").is_file():
             continue
         vocab = shape["vocab_size"]
-        words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(3, vocab)]
-        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
         # In its own folder: next to a Qwen2 config, AutoTokenizer would load Qwen2's byte-level tokenizer.
-        PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                pad_token="<pad>").save_pretrained(root / f"{name}-tokenizer")
+        save_word_tokenizer(vocab, root / f"{name}-tokenizer")
         config = AutoConfig.for_model(**shape, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2,
                                       pad_token_id=0)
         torch.manual_seed(0)

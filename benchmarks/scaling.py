@@ -38,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_md import replace_section  # noqa: E402
+from word_tokenizer import save_word_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -63,16 +64,10 @@ def build_assets(root: Path, shape: dict, lengths: list[int], responses: list[in
     """The model, its word-level tokenizer (own folder: next to a Qwen2 config AutoTokenizer would load Qwen2's),
     one JSONL file per prompt length and one per responses-per-prompt count."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     vocab = shape["vocab_size"]
-    words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(3, vocab)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            pad_token="<pad>").save_pretrained(root / "tokenizer")
+    save_word_tokenizer(vocab, root / "tokenizer")
     config = AutoConfig.for_model(**shape, max_position_embeddings=max(lengths + [group_prompt]) + 2 * response + 8,
                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
