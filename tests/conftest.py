@@ -125,6 +125,17 @@ def pairs_jsonl(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory) -> Path:
+    """Four prompts for `dpo online` (the `prompt` field of a JSONL file), worded as `pairs_jsonl`'s."""
+    import json
+
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Human: What is {i} plus {i}?\n\nAssistant:"}) + "\n"
+                            for i in range(4)), encoding="utf-8")
+    return path
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """`dpo ARGS` through `dpokit.cli.main`, as a user runs it: (exit status, stdout, stderr)."""
     from dpokit.cli import main

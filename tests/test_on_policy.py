@@ -45,14 +45,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Human: What is {i} plus {i}?\n\nAssistant:"}) + "\n"
-                            for i in range(4)), encoding="utf-8")
-    return path
-
-
 def _config(model: Path, prompts: Path, output: Path, **changes) -> Config:
     settings = dict(model=str(model), data=str(prompts), output=str(output), max_steps=3, batch_size=2, lr=1e-3,
                     lr_schedule="constant", eval_fraction=0.0, save_every=1, progress=False, cache=False)

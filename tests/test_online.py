@@ -35,14 +35,6 @@ def _reward(completion: str) -> float:
     return float(sum(map(ord, completion)) % 97)
 
 
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Human: What is {i} plus {i}?\n\nAssistant:"}) + "\n"
-                            for i in range(4)), encoding="utf-8")
-    return path
-
-
 def _config(model: Path, prompts: Path, output: Path, **changes) -> Config:
     return Config(model=str(model), data=str(prompts), output=str(output), max_steps=2, batch_size=2, lr=1e-3,
                   eval_fraction=0.0, save_every=1, progress=False, cache=False, **changes)
