@@ -27,7 +27,9 @@ import torch
 
 from .batching import Batch
 from .logprobs import (PairLogps, SoftmaxParts, chunk_logits, chunked_target_logps, head_dtype, head_gradients,
-                       image_inputs, pair_logps, rebuilt_softmax, select_pair_logps, softmax_parts)
+                       head_matrix, image_inputs, in_dtype, pair_logps, rebuilt_softmax, select_pair_logps,
+                       softmax_parts)
+from .quantized_tables import QuantizedTable
 
 # (policy log-probs of some pairs, the indices of those pairs in the batch) -> their losses `[those pairs]`.
 LossOfPairs = Callable[[PairLogps, torch.Tensor], torch.Tensor]
@@ -49,8 +51,9 @@ class FusedPairLoss:
 
     def __call__(self, hidden: torch.Tensor, head: torch.nn.Module, softcap: float | None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if type(head) is torch.nn.Linear and head.bias is None and torch.is_grad_enabled():
-            total, token_logps, token_wpo = _FusedHeadLoss.apply(hidden, head.weight, self, softcap)
+        matrix = head_matrix(head)
+        if matrix is not None and torch.is_grad_enabled():
+            total, token_logps, token_wpo = _FusedHeadLoss.apply(hidden, matrix, self, softcap)
             return total, token_logps, token_wpo if self.with_wpo else None
         # Another kind of head: log-probs through autograd (chunked, recomputed in backward), then the loss.
         token_logps, token_wpo, _ = chunked_target_logps(hidden, head, self.batch.target_ids, self.chunk_size,
@@ -135,8 +138,8 @@ class _FusedHeadLoss(torch.autograd.Function):
     module docstring. Gradients flow through the summed loss only."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, spec: FusedPairLoss,  # type: ignore[override]
-                softcap: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor | QuantizedTable,  # type: ignore[override]
+                spec: FusedPairLoss, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch = spec.batch
         order, chunks = chunk_plan(batch, spec.chunk_size)
         sequence, position, targets = batch.sequence_index, batch.token_position, batch.target_ids
@@ -147,10 +150,10 @@ class _FusedHeadLoss(torch.autograd.Function):
         token_wpo = torch.zeros_like(token_logps)
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None  # type: ignore[arg-type]
         total = hidden.new_zeros((), dtype=torch.float32)
         dtype = head_dtype(hidden)
-        w = weight.to(dtype)
+        w = in_dtype(weight, dtype)
 
         # Each chunk's [chunk, vocab] buffers live in one call (or one expression) below, so they are freed before
         # the next chunk's logits are made: one chunk's logits alive at a time.

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from . import vision
 from .batching import Batch, BlockLayout, ImageBatch
 from .block_attention import decoder_hidden_states
+from .quantized_tables import QuantizedLMHead, QuantizedTable
 
 
 @dataclass
@@ -108,15 +109,17 @@ def chunked_target_logps(hidden: torch.Tensor, head: torch.nn.Module, target_ids
     `with_wpo`, WPO's per-token terms; with `with_accuracy`, 1.0 where the logits' argmax is the target (else
     0.0), from the same chunks of logits; both without gradient (None when not asked for).
 
-    A plain bias-free `nn.Linear` head (every causal LM we know) goes through `_LinearTargetLogps`, which keeps
+    A plain bias-free `nn.Linear` head (every causal LM we know), or its 4-bit table (`--quantize-embeddings`),
+    goes through `_LinearTargetLogps`, which keeps
     only `hidden`, the weight and one float per token for the backward and rebuilds each chunk's softmax there;
     each chunk gives its log-probs and WPO terms in one pass (without a gradient to compute, as for the
     reference and evaluation, autograd keeps nothing of it). Any other head is checkpointed chunk by chunk (the backward
     recomputes that chunk's logits). Either way the peak memory of this part is O(chunk x vocab) rather than
     O(tokens x vocab).
     """
-    if type(head) is torch.nn.Linear and head.bias is None:
-        logps, wpo_terms, correct = _LinearTargetLogps.apply(hidden, head.weight, target_ids, chunk_size, softcap,
+    matrix = head_matrix(head)
+    if matrix is not None:
+        logps, wpo_terms, correct = _LinearTargetLogps.apply(hidden, matrix, target_ids, chunk_size, softcap,
                                                              with_wpo, with_accuracy)
         return logps, wpo_terms if with_wpo else None, correct if with_accuracy else None
     pieces, hits = [], []
@@ -159,7 +162,7 @@ class _LinearTargetLogps(torch.autograd.Function):
         wpo_terms = torch.zeros_like(logps) if with_wpo else logps.new_zeros(0)
         correct = torch.zeros_like(logps) if with_accuracy else logps.new_zeros(0)
         dtype = head_dtype(hidden)
-        w = weight.to(dtype)
+        w = in_dtype(weight, dtype)
 
         def score(start: int, stop: int) -> None:  # the chunk's logits die with this call, before the next's exist
             parts = softmax_parts(*chunk_logits(hidden[start:stop].to(dtype), w, softcap, with_tanh=False),
@@ -172,16 +175,22 @@ class _LinearTargetLogps(torch.autograd.Function):
 
         for start in range(0, hidden.shape[0], chunk_size):
             score(start, start + chunk_size)
-        ctx.save_for_backward(hidden, weight, targets, lse)
+        if isinstance(weight, QuantizedTable):  # a frozen buffer, not an autograd input
+            ctx.save_for_backward(hidden, targets, lse)
+            ctx.table = weight
+        else:
+            ctx.save_for_backward(hidden, targets, lse, weight)
+            ctx.table = None
         ctx.chunk_size, ctx.softcap, ctx.compute_dtype = chunk_size, softcap, dtype
         ctx.mark_non_differentiable(wpo_terms, correct)
         return logps, wpo_terms, correct
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, *_: torch.Tensor):  # type: ignore[override]
-        hidden, weight, targets, lse = ctx.saved_tensors
+        hidden, targets, lse, *saved_weight = ctx.saved_tensors
+        weight = saved_weight[0] if saved_weight else ctx.table
         dtype, softcap = ctx.compute_dtype, ctx.softcap
-        w = weight.to(dtype)
+        w = in_dtype(weight, dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
@@ -222,8 +231,22 @@ def head_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
 
-def chunk_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None, with_tanh: bool = True,
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def head_matrix(head: torch.nn.Module) -> torch.Tensor | QuantizedTable | None:
+    """What a bias-free linear LM head multiplies by: its weight `[vocab, hidden]`, or its 4-bit table
+    (`--quantize-embeddings`, dequantized a slice at a time); None for any other kind of head."""
+    if type(head) is torch.nn.Linear and head.bias is None:
+        return head.weight
+    return head.table if isinstance(head, QuantizedLMHead) else None
+
+
+def in_dtype(weight: torch.Tensor | QuantizedTable, dtype: torch.dtype) -> torch.Tensor | QuantizedTable:
+    """The head's matrix in the dtype it multiplies in (a table dequantizes each slice into the hidden states'
+    dtype as it goes)."""
+    return weight if isinstance(weight, QuantizedTable) else weight.to(dtype)
+
+
+def chunk_logits(h: torch.Tensor, weight: torch.Tensor | QuantizedTable, softcap: float | None,
+                 with_tanh: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One chunk's float32 logits `[chunk, vocab]` from its hidden states and the head's weight (both in the
     head's dtype), with Gemma-style soft-capping `softcap * tanh(raw / softcap)` when the model has it; and
     tanh(raw / softcap) when a gradient is to be taken here (`with_tanh`; else None).
@@ -232,7 +255,7 @@ def chunk_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None, w
     exists: a chunk holds one float32 `[chunk, vocab]` buffer (two when soft-capped with `with_tanh`). Nothing of
     it is kept for the backward pass, which multiplies again: keeping a bf16 chunk's float32 upcast would cost 4
     bytes per logit for every chunk of the batch, redoing it costs one chunk's matmul."""
-    logits = F.linear(h, weight).float()
+    logits = weight.logits(h) if isinstance(weight, QuantizedTable) else F.linear(h, weight).float()
     if not softcap:
         return logits, None
     if not with_tanh:
@@ -279,14 +302,16 @@ def logit_gradient(exps: torch.Tensor, g: torch.Tensor, targets: torch.Tensor, t
 
 
 def head_gradients(exps: torch.Tensor, tanh: torch.Tensor | None, g: torch.Tensor, targets: torch.Tensor,
-                   h: torch.Tensor, weight: torch.Tensor, grad_hidden: torch.Tensor | None,
+                   h: torch.Tensor, weight: torch.Tensor | QuantizedTable, grad_hidden: torch.Tensor | None,
                    grad_weight: torch.Tensor | None, scale: torch.Tensor | None = None) -> None:
     """One chunk's share of a linear head's gradients for upstream weights `g` `[chunk]`, from its softmax
     (`exps`, see `logit_gradient`, whose buffer it consumes): writes `grad_hidden` (the chunk's rows
     `[chunk, hidden]`) and adds into `grad_weight`. `h` and `weight` are in the head's dtype; so is the logits'
     gradient they are multiplied with (one more `[chunk, vocab]` buffer below float32)."""
-    grad_logits = logit_gradient(exps, g, targets, tanh, scale).to(weight.dtype)
-    if grad_hidden is not None:
+    grad_logits = logit_gradient(exps, g, targets, tanh, scale).to(h.dtype)
+    if grad_hidden is not None and isinstance(weight, QuantizedTable):
+        weight.hidden_gradient(grad_logits, out=grad_hidden)
+    elif grad_hidden is not None:
         grad_hidden.copy_(grad_logits @ weight)
     if grad_weight is not None:
         accumulate_weight_gradient(grad_weight, grad_logits, h)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from . import host_memory, lean_layers
+from . import host_memory, lean_layers, quantized_tables
 from .accelerator import choose_attention
 from .data import synthetic
 from .errors import DPOError, TrainingFailure, import_extra
@@ -50,19 +50,21 @@ class Quantization:
     of a data type (NF4, the NormalFloat quantiles of a normal distribution, or FP4) and one scale; with
     `double_quant` the scales are themselves quantized. 8 bits is LLM.int8() (arXiv 2208.07339). Either way each
     matmul dequantizes its weight to `compute_dtype` (`--dtype`) first. transformers leaves the LM head,
-    embeddings and norms unquantized, in `--dtype`: the log-probs' head reads its weight as a float matrix.
+    embeddings and norms unquantized, in `--dtype`; with `embeddings` (`--quantize-embeddings`, 4 bits only) the
+    input embeddings and LM head are 4-bit tables of the same data type too (`quantized_tables`).
     """
 
     bits: int                 # 4 or 8
     quant_type: str = "nf4"   # 4 bits: nf4 or fp4
     double_quant: bool = False
     compute_dtype: str = "float32"
+    embeddings: bool = False  # the input embeddings and LM head in 4 bits as well
 
     @classmethod
     def from_config(cls, cfg: Any) -> Quantization | None:
         """From `Config`'s --load-in-4bit / --load-in-8bit flags; None when the base is not quantized."""
         if cfg.load_in_4bit:
-            return cls(4, cfg.bnb_4bit_quant_type, cfg.bnb_4bit_double_quant, cfg.dtype)
+            return cls(4, cfg.bnb_4bit_quant_type, cfg.bnb_4bit_double_quant, cfg.dtype, cfg.quantize_embeddings)
         return cls(8, compute_dtype=cfg.dtype) if cfg.load_in_8bit else None
 
     @property
@@ -73,7 +75,8 @@ class Quantization:
         """E.g. "4-bit NF4, double quantization, compute float32 (bitsandbytes)"."""
         kind = (f"4-bit {self.quant_type.upper()}{', double quantization' if self.double_quant else ''}"
                 if self.bits == 4 else "8-bit LLM.int8()")
-        return f"{kind}, compute {self.compute_dtype} (bitsandbytes)"
+        tables = ", embeddings and LM head in 4 bits too" if self.embeddings else ""
+        return f"{kind}{tables}, compute {self.compute_dtype} (bitsandbytes)"
 
     def bnb_config(self) -> Any:
         """transformers' `BitsAndBytesConfig`; a missing bitsandbytes is one line naming the extra."""
@@ -189,6 +192,8 @@ def _load_quantized(name_or_path: str, *, dtype: str, seed: int, attn_implementa
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise DPOError(f"{name_or_path}: could not load a causal LM with {quantization.flag} "
                            f"({_first_line(err)})") from None
+    if quantization.embeddings:
+        quantized_tables.quantize_embeddings(model, quantization.quant_type, name_or_path)
     host_memory.release_free_memory()  # the quantizer's freed full-precision temporaries
     _own_float_weights(model)
     return model
@@ -412,11 +417,13 @@ def _write_policy(policy: torch.nn.Module, output: Path, *, merge_lora: bool, ba
 
 def _merge_dequantized(policy: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
     """The base without its adapter, dequantized in place (transformers' `dequantize`: each quantized linear
-    becomes an `nn.Linear` holding the weights the training forward used), with the saved adapter merged in."""
+    becomes an `nn.Linear` holding the weights the training forward used; so do 4-bit embeddings and head), with
+    the saved adapter merged in."""
     import peft
 
     base = policy.unload()
     base.dequantize()
+    quantized_tables.dequantize_embeddings(base)
     with _peft_wraps_quietly():
         return peft.PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
