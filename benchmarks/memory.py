@@ -47,8 +47,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_md import replace_section  # noqa: E402
 
-CONFIGS = ("full+copy", "full+precomputed", "lora", "simpo", "qlora")
-QLORA_CONFIGS = ("lora", "qlora")
+CONFIGS = ("full+copy", "full+precomputed", "lora", "simpo", "qlora", "qlora+embeddings")
+QLORA_CONFIGS = ("lora", "qlora", "qlora+embeddings")
 MODEL = dict(vocab_size=32000, hidden_size=768, num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=12,
              intermediate_size=2048, tie_word_embeddings=False)
 PAIRS, PROMPT, COMPLETION, STEPS, LORA_R = 4, 32, 32, 2, 16
@@ -100,7 +100,7 @@ def run_one(config: str, model_dir: str | None = None) -> dict[str, float | str 
     try:
         import bitsandbytes  # noqa: F401  (the same import cost for every config, when installed)
     except ImportError:
-        if config == "qlora":
+        if config.startswith("qlora"):
             raise SystemExit("qlora needs bitsandbytes: pip install 'dpokit[quantization]'")
 
     from dpokit import losses, models
@@ -112,9 +112,10 @@ def run_one(config: str, model_dir: str | None = None) -> dict[str, float | str 
     torch.set_num_threads(2)
     baseline = current_rss_mib()
     torch.manual_seed(0)
-    if config == "qlora":
+    if config.startswith("qlora"):
         assert model_dir is not None, "qlora reads the model from --model-dir"
-        policy = models.load_model(model_dir, lean=False, quantization=models.Quantization(4))
+        policy = models.load_model(model_dir, lean=False,
+                                   quantization=models.Quantization(4, embeddings=config == "qlora+embeddings"))
     else:
         policy = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MODEL))
     models.disable_dropout(policy)
@@ -127,7 +128,7 @@ def run_one(config: str, model_dir: str | None = None) -> dict[str, float | str 
     batch = make_batch(pairs, layout="packed", pair_ids=list(range(PAIRS)))
 
     loss_name = "simpo" if config == "simpo" else "sigmoid"
-    if config in ("lora", "qlora"):
+    if config in ("lora", "qlora", "qlora+embeddings"):
         policy = models.apply_lora(policy, r=LORA_R, alpha=2 * LORA_R, dropout=0.0, target_modules="all-linear")
         reference = AdapterReference(policy)
     elif config == "full+copy":
@@ -176,7 +177,7 @@ def run_all(jobs: int, configs: tuple[str, ...] = CONFIGS, env: dict[str, str] |
     order. The qlora config's model is saved first by a subprocess of its own, so no process holds it twice."""
     rows: dict[str, dict] = {}
     folder = tempfile.TemporaryDirectory(prefix="memory-bench-")
-    if "qlora" in configs:
+    if any(config.startswith("qlora") for config in configs):
         subprocess.run([sys.executable, __file__, "--save-model", folder.name], check=True, capture_output=True)
     for start in range(0, len(configs), jobs):
         running = {config: subprocess.Popen([sys.executable, __file__, "--one", config, "--model-dir", folder.name],

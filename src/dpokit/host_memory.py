@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import sys
 
 M_MMAP_THRESHOLD = -3          # mallopt parameter number in glibc's malloc.h
@@ -33,8 +34,11 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def lean_allocator() -> bool:
-    """Map allocations of 32 MiB and more on their own (returned to the OS when freed); True if it took effect."""
+    """Map allocations of 32 MiB and more on their own (returned to the OS when freed); True if it took effect.
+    A threshold set in the environment (glibc's `MALLOC_MMAP_THRESHOLD_`) is the user's choice and is kept."""
     libc = _glibc()
+    if libc is not None and "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return True
     return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, LEAN_MMAP_THRESHOLD))
 
 
