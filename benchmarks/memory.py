@@ -3,14 +3,15 @@
     python benchmarks/memory.py             # the four configs below, each in its own subprocess; writes RESULTS.md
     python benchmarks/memory.py --jobs 4    # the same, subprocesses side by side (RSS is per process; times suffer)
     python benchmarks/memory.py --one lora  # one config, prints one JSON line
-    python benchmarks/memory.py --qlora     # lora and qlora, as glibc runs them and without heap holes; writes
-                                            # its own section of RESULTS.md
+    python benchmarks/memory.py --qlora     # lora, qlora and qlora+embeddings, as glibc runs them and without heap
+                                            # holes; writes its own section of RESULTS.md
 
 Setup (issue 6): a ~106M-parameter random-init Llama (hidden 768, 8 layers, 12 heads, intermediate 2048, vocab
 32000, untied embeddings, sdpa, float32, CPU); one packed batch of 4 pairs (random 32-token prompt, 32-token
-chosen and rejected completions); two optimizer steps (AdamW allocates its state in the first, so the second
-is the steady state). Each step is the loop's: policy log-probs, reference log-probs, loss, backward, clip, AdamW
-step. Each config runs in a fresh subprocess, so `ru_maxrss` is that config's own peak. Configs:
+chosen and rejected completions); five optimizer steps (AdamW allocates its state in the first, so the later
+ones are the steady state; `step (s)` is the median of steps 2-5). Each step is the loop's: policy log-probs,
+reference log-probs, loss, backward, clip, AdamW step, the heap's free pages handed back (`host_memory`, with its
+mmap threshold, as `dpo train` runs on CPU). Each config runs in a fresh subprocess, so `ru_maxrss` is that config's own peak. Configs:
 
 - `full+copy`: full fine-tuning, the reference a frozen copy of the policy (`ModelReference`, the default);
 - `full+precomputed`: full fine-tuning, the reference log-probs precomputed (`PrecomputedReference`: a table
@@ -21,7 +22,8 @@ step. Each config runs in a fresh subprocess, so `ru_maxrss` is that config's ow
 - `simpo`: full fine-tuning with a reference-free loss (`NoReference`: nothing loaded or run);
 - `qlora`: `lora` on a 4-bit NF4 base (QLoRA, arXiv 2305.14314: `models.load_model(..., quantization=...)`,
   float32 compute), the same model saved to a temporary folder first and read back through bitsandbytes, as
-  `dpo train --load-in-4bit` reads it. The embeddings and LM head (49M of the 106M parameters) stay float32.
+  `dpo train --load-in-4bit` reads it. The embeddings and LM head (49M of the 106M parameters) stay float32;
+- `qlora+embeddings`: `qlora` with the input embeddings and LM head stored in 4 bits too (`--quantize-embeddings`).
 
 Reading a saved model maps its float32 file into memory while each layer is quantized, so the QLoRA process
 peaks while loading; `step peak` is the peak from the first training step on (the kernel's high-water mark is
@@ -38,6 +40,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,7 +54,7 @@ CONFIGS = ("full+copy", "full+precomputed", "lora", "simpo", "qlora", "qlora+emb
 QLORA_CONFIGS = ("lora", "qlora", "qlora+embeddings")
 MODEL = dict(vocab_size=32000, hidden_size=768, num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=12,
              intermediate_size=2048, tie_word_embeddings=False)
-PAIRS, PROMPT, COMPLETION, STEPS, LORA_R = 4, 32, 32, 2, 16
+PAIRS, PROMPT, COMPLETION, STEPS, LORA_R = 4, 32, 32, 5, 16
 RESULTS = Path(__file__).with_name("RESULTS.md")
 START, END = "<!-- memory:start -->", "<!-- memory:end -->"
 QLORA_MARKERS = ("<!-- memory-qlora:start -->", "<!-- memory-qlora:end -->")
@@ -103,13 +106,14 @@ def run_one(config: str, model_dir: str | None = None) -> dict[str, float | str 
         if config.startswith("qlora"):
             raise SystemExit("qlora needs bitsandbytes: pip install 'dpokit[quantization]'")
 
-    from dpokit import losses, models
+    from dpokit import host_memory, losses, models
     from dpokit.batching import make_batch
     from dpokit.logprobs import SequenceScorer, sequence_logps
     from dpokit.reference import AdapterReference, ModelReference, NoReference, PrecomputedReference
     from dpokit.data.tokenization import TokenizedPair
 
     torch.set_num_threads(2)
+    host_memory.lean_allocator()  # as `dpo train` runs on CPU (--lean-host-memory, the default)
     baseline = current_rss_mib()
     torch.manual_seed(0)
     if config.startswith("qlora"):
@@ -157,13 +161,23 @@ def run_one(config: str, model_dir: str | None = None) -> dict[str, float | str 
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        host_memory.release_free_memory()
         step_times.append(time.perf_counter() - began)
     step_peak = rss_mib()
     peak = max(load_peak, step_peak)
-    return {"config": config, "loss": loss_name, "params_m": sum(_numel(p) for p in policy.parameters()) / 1e6,
+    return {"config": config, "loss": loss_name, "params_m": _logical_params(policy) / 1e6,
             "trainable_m": sum(p.numel() for p in trainable) / 1e6, "baseline_mib": baseline, "peak_mib": peak,
             "above_baseline_mib": peak - baseline, "load_peak_mib": load_peak, "model_mib": model_mib,
-            "step_peak_mib": step_peak, "step_above_baseline_mib": step_peak - baseline, "step_s": step_times[-1]}
+            "step_peak_mib": step_peak, "step_above_baseline_mib": step_peak - baseline,
+            "step_s": statistics.median(step_times[1:])}
+
+
+def _logical_params(model) -> int:
+    """Parameters the model stands for, however they are stored (4-bit tables are buffers, not parameters)."""
+    from dpokit.quantized_tables import QuantizedTable
+
+    tables = sum(m.rows * m.width for m in model.modules() if isinstance(m, QuantizedTable))
+    return sum(_numel(p) for p in model.parameters()) + tables
 
 
 def _numel(param) -> int:
@@ -221,59 +235,75 @@ def qlora_table(rows: list[dict], heap: str) -> str:
 
 
 def qlora_section(rows: list[dict], unholed: list[dict]) -> str:
-    """`rows`: lora and qlora as glibc runs them; `unholed`: the same with every block of 1 MiB or more mapped
-    on its own (NO_HEAP_HOLES), which takes the heap's holes out of the peak."""
-    (lora, qlora), (lora_nh, qlora_nh) = ([next(r for r in group if r["config"] == name) for name in QLORA_CONFIGS]
-                                          for group in (rows, unholed))
-    ratio, ratio_nh = (q["step_above_baseline_mib"] / lo["step_above_baseline_mib"]
-                       for lo, q in ((lora, qlora), (lora_nh, qlora_nh)))
-    step_q, step_l = (r["step_above_baseline_mib"] - r["model_mib"] for r in (qlora_nh, lora_nh))
-    holes_q, holes_l = (r["step_above_baseline_mib"] - nh["step_above_baseline_mib"]
-                        for r, nh in ((qlora, qlora_nh), (lora, lora_nh)))
+    """`rows`: lora, qlora and qlora+embeddings as glibc runs them; `unholed`: the same with every block of 1 MiB
+    or more mapped on its own (NO_HEAP_HOLES), which takes the heap's holes out of the peak."""
+    (lora, qlora, tables), (lora_nh, qlora_nh, tables_nh) = (
+        [next(r for r in group if r["config"] == name) for name in QLORA_CONFIGS] for group in (rows, unholed))
+
+    def ratio(r: dict, base: dict) -> float:
+        return r["step_above_baseline_mib"] / base["step_above_baseline_mib"]
+
+    def step_only(r: dict) -> float:
+        return r["step_above_baseline_mib"] - r["model_mib"]
+
+    holes = {r["config"]: r["step_above_baseline_mib"] - nh["step_above_baseline_mib"]
+             for r, nh in zip(rows, unholed)}
     return "\n".join([
         "## Memory: QLoRA against LoRA (issue 24)",
         "",
         f"`python benchmarks/memory.py --qlora` on {platform.machine()} {platform.system()}, 2 threads, torch "
         f"{_version('torch')}, transformers {_version('transformers')}, peft {_version('peft')}, bitsandbytes "
         f"{_version('bitsandbytes')}; CPU, float32 compute. The model, batch and steps of the section above; LoRA "
-        f"r={LORA_R} on all attention and MLP linears, the reference the policy with its adapter off, the base "
-        "float32 (lora) or 4-bit NF4 (qlora). Model: RSS above baseline once the model and adapter are built. Load "
-        "peak: the process peak while building the model (qlora maps the float32 file while quantizing it); step "
-        "peak: the peak from the first training step on. Heap `glibc`: as glibc runs; `no holes`: the same run "
-        "with `MALLOC_MMAP_THRESHOLD_=1048576` (every block of 1 MiB or more mapped alone and unmapped when freed), "
-        "which measures how much of the peak is free memory glibc's heap keeps between blocks still in use.",
+        f"r={LORA_R} on all attention and MLP linears, the reference the policy with its adapter off. The base: "
+        "float32 (lora); its linears 4-bit NF4 (qlora, `--load-in-4bit`); its linears, input embeddings and LM head "
+        "4-bit NF4 (qlora+embeddings, `--load-in-4bit --quantize-embeddings`). Model: RSS above baseline once the "
+        "model and adapter are built. Load peak: the process peak while building the model (the 4-bit configs map "
+        "the float32 file while quantizing it); step peak: the peak from the first training step on. Heap `glibc`: "
+        "as glibc runs; `no holes`: the same run with `MALLOC_MMAP_THRESHOLD_=1048576` (every block of 1 MiB or "
+        "more mapped alone and unmapped when freed), which measures how much of the peak is free memory glibc's "
+        "heap keeps between blocks still in use.",
         "",
         qlora_table(rows, "glibc"),
         "",
         qlora_table(unholed, "no holes"),
         "",
-        f"QLoRA's training steps take {ratio:.2f}x LoRA's memory above the import baseline ({ratio_nh:.2f}x "
-        "without heap holes; target <= 0.6x, 1.14x before the fix below). Measured, not assumed:",
+        f"**With `--quantize-embeddings`, a QLoRA step takes {ratio(tables_nh, lora_nh):.2f}x LoRA's memory above "
+        f"the import baseline without heap holes (target <= 0.6x), {ratio(tables, lora):.2f}x as glibc runs by "
+        f"default.** QLoRA as transformers lays it out (embeddings and head in the compute dtype): "
+        f"{ratio(qlora_nh, lora_nh):.2f}x and {ratio(qlora, lora):.2f}x. Measured, not assumed:",
         "",
         "- Autograd keeps no dequantized weight. bitsandbytes 0.50's 4-bit matmul (`MatMul4Bit`) saves the packed "
         "weight and dequantizes it again in the backward pass; the tensors a QLoRA forward saves for backward are "
         "those of LoRA on the full-precision model, byte for byte (171.5 MiB on this batch, weights excluded; "
-        "`tests/test_qlora.py::test_backward_keeps_no_dequantized_weight`), so no autograd function of our own "
-        "is needed. The lean SwiGLU calls the projections as modules, and the LM head is not quantized.",
-        "- Most of the 1.14x was left over from loading. `from_pretrained` left the float weights (embeddings, "
-        "norms, LM head) as views on the memory-mapped float32 checkpoint, which kept the mapping, and resident "
-        "with it the 216 MiB of full-precision linears the quantizer had read (the whole 404 MiB file once the "
-        "step had touched the head); the quantizer's freed temporaries stayed in glibc's heap (about 160 MiB). "
-        "`models.load_model` now copies the float weights into memory of their own, so the mapping goes, and "
-        f"trims the heap after quantizing: the built QLoRA model takes {qlora['model_mib']:.0f} MiB against LoRA's "
-        f"{lora['model_mib']:.0f}. The copy is made while the file is still mapped, so it raises the load peak "
-        f"(to {qlora['load_peak_mib']:.0f} MiB, from 842), which stays under the step peak.",
-        "- What remains, and why <= 0.6x is out of reach for this model on CPU: (1) the embeddings and the untied "
-        "LM head, 49M of the 108M parameters (188 MiB), stay float32, as transformers leaves them (the log-probs' "
-        "head reads its weight as a float matrix); the 4-bit linears take about 30 MiB. (2) The step's own memory "
-        "(activations, a chunk of logits, the adapter's gradients and AdamW states, the reference pass) does not "
-        f"depend on how the base is stored: {step_q:.0f} MiB for qlora and {step_l:.0f} for lora without heap "
-        "holes. (3) glibc's heap holes, blocks under its mmap threshold freed between tensors still in use: "
-        f"{holes_q:.0f} MiB for qlora and {holes_l:.0f} for lora here. So even with no holes the ratio is "
-        f"(model + step) / (model + step) = ({qlora_nh['model_mib']:.0f} + {step_q:.0f}) / "
-        f"({lora_nh['model_mib']:.0f} + {step_l:.0f}) = {ratio_nh:.2f}x; it falls to 0.6x only where the 4-bit "
-        "layers dominate the weights (the layers are 53% of this model's parameters, 96% of a 7B Llama's) or "
-        "with a quantized embedding and head, which bitsandbytes' transformers integration does not do.",
+        "`tests/test_qlora.py::test_backward_keeps_no_dequantized_weight`). The lean SwiGLU calls the projections "
+        "as modules.",
+        "- Loading leaves nothing behind. `from_pretrained` left the float weights as views on the memory-mapped "
+        "float32 checkpoint, which kept resident the full-precision linears the quantizer had read; "
+        "`models.load_model` copies them into memory of their own and trims the heap after quantizing (the "
+        "QLoRA step was 1.14x LoRA's before).",
+        f"- The vocabulary tables. This model's input embeddings and untied LM head are 49M of its 108M "
+        f"parameters, 188 MiB in float32, which transformers' bitsandbytes integration leaves unquantized: the "
+        f"built qlora model takes {qlora['model_mib']:.0f} MiB against LoRA's {lora['model_mib']:.0f}. "
+        "`--quantize-embeddings` stores both as 4-bit tables (`quantized_tables`: NF4 codes, a float32 scale per "
+        "64 weights): a lookup dequantizes the rows it reads; the LM head multiplies 1,024 vocabulary rows at a "
+        "time, dequantized into a transient slice, in the forward pass and in the backward one, inside the "
+        f"chunked and fused heads' own loops. The model then takes {tables['model_mib']:.0f} MiB; the step's own "
+        f"memory (activations, a chunk of logits, the adapter's gradients and AdamW states, the reference pass; no "
+        f"holes) is {step_only(tables_nh):.0f} MiB against {step_only(lora_nh):.0f} for lora. Log-probs, "
+        "adapter gradients, logits and greedy generations equal transformers' forward with bitsandbytes' "
+        "round-tripped tables (`tests/test_quantized_tables.py`). Its cost: one dequantization of the head per "
+        f"head pass (step {tables['step_s']:.2f} s against {qlora['step_s']:.2f} s for qlora, medians of steps "
+        "2-5).",
+        f"- Heap holes. Every 4-bit matmul dequantizes its weight into a temporary (2.25 or 6 MiB here) in the "
+        f"forward pass, the reference pass and the backward pass; glibc serves these from its heap, between "
+        f"activations still alive, and keeps the holes they leave: {holes['qlora+embeddings']:.0f} MiB of the "
+        f"qlora+embeddings peak, {holes['qlora']:.0f} of qlora's, {holes['lora']:.0f} of lora's. "
+        "`MALLOC_MMAP_THRESHOLD_=1048576 dpo train ...` maps each such block alone, so the peak is the `no holes` "
+        "row, at the price of the kernel zeroing those pages again at every step (the step times above); `dpo "
+        "train` keeps a threshold set in the environment (`host_memory.lean_allocator`), and otherwise fixes it at "
+        "32 MiB. Where the holes fall varies from run to run: the glibc rows move by up to ~10% between runs, the "
+        "no-holes rows by a few MiB. On a GPU the caching allocator reuses the same blocks and none of this "
+        "applies.",
     ])
 
 

@@ -225,6 +225,7 @@ class RunSettings:
     lora_r: int = 0
     lora_targets: str = "all-linear"
     quantized_bits: int = 0              # 4 or 8 for a bitsandbytes base (QLoRA), 0 otherwise
+    quantized_tables: bool = False       # --quantize-embeddings: the embeddings and LM head in 4 bits too
     reference: str = "copy"              # copy, model (--ref-model), adapter (LoRA's disabled adapter), none
     precompute: bool = False             # --precompute-ref: the reference scores once, then only a table is kept
     ref_sync: bool = False               # TR-DPO: the reference moves with the policy
@@ -423,13 +424,17 @@ def estimate(shape: ModelShape, run: RunSettings, work: Workload) -> Plan:
         f"{work.data_tokens:,} token ids", host=True)
     in_bits = shape.matmul_params if run.quantized_bits else 0          # QLoRA: the layers' linears, + block scales
     frozen, quantized = params - in_bits, in_bits * run.quantized_bits / 8 * 1.07
+    if run.quantized_tables:  # 4-bit codes and a float32 scale per 64 weights (quantized_tables)
+        tables = shape.embedding_params * (1 if shape.tied else 2)
+        frozen, quantized = frozen - tables, quantized + tables * (0.5 + 4 / 64)
     if run.sharded:
         gathered = (_root_params(shape) + 2 * shape.layer_params) * b
         add("weights", params * 4 / n + gathered + adapter * 4,
             f"float32 shards of {params / 1e6:.1f}M parameters / {n} + the embeddings, head and two layers gathered")
     else:
+        stored = f" ({run.quantized_bits}-bit linears{' and tables' if run.quantized_tables else ''})"
         add("weights", frozen * b + quantized + adapter * 4,
-            f"{params / 1e6:.1f}M parameters x {b} B" + (f" ({run.quantized_bits}-bit linears)" if quantized else "")
+            f"{params / 1e6:.1f}M parameters x {b} B" + (stored if quantized else "")
             + (f" + {adapter / 1e6:.2f}M LoRA parameters x 4 B" if lora else ""))
     add("loading", 0 if cuda else (PRESET_LOADING_CPU if run.preset else LOADING_CPU)
         + TOKENIZER_BYTES_PER_TOKEN * shape.vocab,
@@ -781,7 +786,8 @@ def settings_from_config(cfg: Any, *, nproc: int = 1, device: str | None = None)
     bits = 4 if getattr(cfg, "load_in_4bit", False) else 8 if getattr(cfg, "load_in_8bit", False) else 0
     return RunSettings(
         dtype=cfg.dtype, device=device.split(":")[0], nproc=nproc, fsdp=cfg.fsdp, lora_r=lora_r, lora_targets=targets,
-        quantized_bits=bits, reference=objective.strategy, precompute=cfg.precompute_ref,
+        quantized_bits=bits, quantized_tables=bits == 4 and getattr(cfg, "quantize_embeddings", False),
+        reference=objective.strategy, precompute=cfg.precompute_ref,
         ref_sync=bool(cfg.ref_sync_every), preset=models.is_preset(cfg.model), lean_host_memory=cfg.lean_host_memory,
         ref_shape=read_shape(cfg.ref_model) if cfg.ref_model else None,
         gradient_checkpointing=cfg.gradient_checkpointing, lean_layers=cfg.lean_layers and not cfg.compile,

@@ -29,7 +29,10 @@ import torch.nn.functional as F
 from .errors import DPOError
 
 BLOCK = 64           # weights per scale, as bitsandbytes' Linear4bit
-SLICE_ROWS = 4096    # vocabulary rows dequantized at once by the LM head (a 4096 x 896 float32 slice is 14 MiB)
+# Vocabulary rows dequantized at once by the LM head: a 1024 x 896 float32 slice is 3.5 MiB. Larger slices
+# leave larger holes in glibc's heap on CPU (benchmarks/memory.py's qlora+embeddings step: ~620 MiB with 4096
+# rows, ~510 with 1024, at the same speed).
+SLICE_ROWS = 1024
 
 
 class QuantizedTable(torch.nn.Module):
@@ -41,10 +44,18 @@ class QuantizedTable(torch.nn.Module):
         from bitsandbytes.functional import quantize_4bit
 
         rows, width = weight.shape
-        packed, state = quantize_4bit(weight.detach(), blocksize=BLOCK, quant_type=quant_type,
-                                      compress_statistics=False)
-        self.register_buffer("packed", packed.view(rows, width // 2), persistent=False)   # [rows, width / 2] uint8
-        self.register_buffer("absmax", state.absmax.view(rows, width // BLOCK), persistent=False)  # [rows, blocks]
+        packed = torch.empty(rows, width // 2, dtype=torch.uint8, device=weight.device)
+        absmax = torch.empty(rows, width // BLOCK, dtype=torch.float32, device=weight.device)
+        # Slice by slice: bitsandbytes' CPU quantizer holds ~2.6x its input in temporaries (1.3 GiB for
+        # Qwen2.5's 151,936 x 896 float32 table). Blocks never straddle rows, so the codes are the same.
+        for start in range(0, rows, SLICE_ROWS):
+            stop = min(start + SLICE_ROWS, rows)
+            codes, state = quantize_4bit(weight[start:stop].detach(), blocksize=BLOCK, quant_type=quant_type,
+                                         compress_statistics=False)
+            packed[start:stop] = codes.view(stop - start, width // 2)
+            absmax[start:stop] = state.absmax.view(stop - start, width // BLOCK)
+        self.register_buffer("packed", packed, persistent=False)    # [rows, width / 2] uint8, two codes a byte
+        self.register_buffer("absmax", absmax, persistent=False)    # [rows, width / 64] float32
         self.rows, self.width, self.dtype = rows, width, weight.dtype
         self._state = state     # bitsandbytes' QuantState: code book, block size, data type
 
