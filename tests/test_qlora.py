@@ -338,3 +338,23 @@ def test_precomputed_and_4bit_ref_model_references_give_the_same_run(tiny_model_
         assert got.keys() == want.keys()
         for key in want:
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), key
+
+
+def _load_preset_in_4bit(rank: int, world_size: int, output) -> None:
+    model = models.load_model("tiny", quantization=models.Quantization(4, embeddings=True))
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 9, 2]])).logits
+    torch.save(logits, output / f"rank{rank}.pt")
+
+
+def test_every_torchrun_rank_loads_a_preset_in_4_bits(tmp_path):
+    """transformers' `save_pretrained` writes on rank 0 only once a process group exists; each rank quantizes a
+    preset from a folder of its own, so each must write it (rank 1 found an empty folder)."""
+    from distributed_helpers import fork_ranks
+
+    fork_ranks(_load_preset_in_4bit, 2, tmp_path)
+    one = models.load_model("tiny", quantization=models.Quantization(4, embeddings=True))
+    with torch.no_grad():
+        want = one(torch.tensor([[1, 5, 9, 2]])).logits
+    for rank in (0, 1):
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), want)

@@ -181,7 +181,7 @@ def _load_quantized(name_or_path: str, *, dtype: str, seed: int, attn_implementa
     quiet_progress_bars_without_terminal()
     with tempfile.TemporaryDirectory(prefix="dpokit-preset-") as folder:
         if is_preset(name_or_path):
-            build_preset(name_or_path, seed, attn_implementation).save_pretrained(folder)
+            _write_preset(build_preset(name_or_path, seed, attn_implementation), Path(folder))
             path, source = folder, {}
         else:
             path, source = name_or_path, _check_model_path(name_or_path)
@@ -197,6 +197,15 @@ def _load_quantized(name_or_path: str, *, dtype: str, seed: int, attn_implementa
     host_memory.release_free_memory()  # the quantizer's freed full-precision temporaries
     _own_float_weights(model)
     return model
+
+
+def _write_preset(model: torch.nn.Module, folder: Path) -> None:
+    """`model`'s config and weights as `save_pretrained` lays them out, written by every process: under torchrun,
+    transformers' `save_pretrained` writes on rank 0 only, and each rank quantizes from a folder of its own."""
+    from safetensors.torch import save_model
+
+    model.config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _own_float_weights(model: torch.nn.Module) -> None:
