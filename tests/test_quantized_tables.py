@@ -194,3 +194,17 @@ def test_dpo_train_quantize_embeddings_merges_into_a_model_that_scores_as_the_ad
     pairs = random_pairs(merged.config.vocab_size)
     for got, want in zip(naive_pair_logps(merged, pairs), naive_pair_logps(on_4bit, pairs)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_a_bfloat16_table_dequantizes_to_bfloat16_and_its_head_to_float32_logits():
+    torch.manual_seed(0)
+    weight = torch.randn(300, 128).bfloat16()
+    table, want = QuantizedTable(weight, "nf4"), round_trip(weight)
+    assert want.dtype == torch.bfloat16 and torch.equal(table.lookup(torch.tensor([3, 7])), want[[3, 7]])
+    hidden = torch.randn(5, 128).bfloat16().requires_grad_()
+    logits = QuantizedLMHead(table)(hidden)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, F.linear(hidden, want).float(), rtol=0, atol=0)
+    upstream = torch.randn(5, 300)
+    (grad,) = torch.autograd.grad(logits, hidden, upstream)
+    torch.testing.assert_close(grad, upstream.bfloat16() @ want, rtol=2e-2, atol=2e-2)  # bf16 rounding
