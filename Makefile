@@ -41,12 +41,13 @@ clean:
 # Wheels the lent GPU machine lacks (it reaches no package registry) for `benchmarks/device_check.py`'s TRL
 # comparison, fetched here into .whl/ (ignored by git, at most 64 MiB): carry it with the tree, `carry: [".whl"]`.
 WHEELS ?= .whl
-DEVICE_WHEELS = trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+DEVICE_WHEELS = trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 bitsandbytes==0.50.2
 .PHONY: device-wheels
 device-wheels:
 	grep -qxF '/$(WHEELS)/' .git/info/exclude || echo '/$(WHEELS)/' >> .git/info/exclude
 	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-	  --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+	  --platform manylinux_2_17_x86_64 \
 	  --platform manylinux2014_x86_64 -d $(WHEELS) $(DEVICE_WHEELS)
 	@size=$$(du -sm $(WHEELS) | cut -f1); echo "$(WHEELS): $$size MiB"; \
 	  test $$size -le 64 || { echo "$(WHEELS) is over the 64 MiB that travels with the tree"; exit 1; }

@@ -1,13 +1,15 @@
 """One prepared check for a lent GPU machine (issue 15): install offline, run `pytest -m gpu`, then measure
 `dpo train` against TRL 1.16 `DPOTrainer` in bfloat16 and write the GPU block of benchmarks/RESULTS.md.
 
-    make device-wheels                              # here, once: TRL + datasets wheels into .whl/ (2 MiB)
+    make device-wheels                              # here, once: TRL, datasets, bitsandbytes wheels into .whl/
     python3 benchmarks/device_check.py              # there, with `carry: [".whl"]`: about 8 minutes
+    python3 benchmarks/device_check.py --skip-tests --models qwen2.5-0.5b-shape \
+        --configs dpo-qlora,dpo-qlora-tables,trl-qlora --results benchmarks/RESULTS-qlora.md   # QLoRA (issue 24)
     python benchmarks/device_check.py --dry-run     # the whole path on CPU, tiny shapes and models (CI)
 
 The machine reaches no package registry: the project installs with `pip install --no-index --no-deps
---no-build-isolation -e .` on the torch it finds, and TRL, datasets, dill and multiprocess (all it lacks) come
-from .whl/ into a folder on PYTHONPATH. Each stage prints its seconds; a stage that fails is reported and the
+--no-build-isolation -e .` on the torch it finds, and TRL, datasets, dill, multiprocess and bitsandbytes (all it
+lacks) come from .whl/ (45 MiB) into a folder on PYTHONPATH. Each stage prints its seconds; a stage that fails is reported and the
 next one runs, so one call returns every number it can.
 
 Models (random init, saved once): a ~0.5B Llama (hidden 1024, 24 layers, 16 heads, vocab 32000, untied) and a
@@ -16,13 +18,17 @@ Shapes (tokens, BOS and EOS included): long, 8 pairs of a 384-token prompt and t
 pairs of 32 + 2 x ~128; many, one 512-token prompt with 8 responses of ~128 and all 28 pairs between them.
 Configs: `dpo` (the attention `accelerator.choose_attention` picks: flex_attention on CUDA), `dpo-sdpa`
 (block-by-block sdpa, the A/B of the kernel) and `trl` (bf16, sdpa, explicit reference copy; TRL 1.16 turns
-`padding_free` off with a warning, so padded batches are its best here). Each config runs in its own process
-over the three shapes, step 1 untimed (compilation), the fastest later step reported.
+`padding_free` off with a warning, so padded batches are its best here). QLoRA (issue 24): `dpo-qlora`
+(`--lora-r 16 --load-in-4bit`, NF4, bf16 compute), `dpo-qlora-tables` (and `--quantize-embeddings`) and
+`trl-qlora` (TRL with the same `BitsAndBytesConfig` and a `LoraConfig` of r 16, alpha 16, all linears, its
+reference the disabled adapter); their "x TRL" columns are against `trl-qlora`. Each config runs in its own
+process over the three shapes, step 1 untimed (compilation), the fastest later step reported.
 
 tokens/s counts each pair's prompt + chosen + rejected once (the same for every config). MFU counts the work a
 layout cannot avoid: 8 x (body params x distinct tokens + head params x distinct completion tokens), i.e. policy
 forward + backward and the reference's forward over each distinct prompt and response once, against the bf16
-matmul peak measured in this run.
+matmul peak measured in this run; for the QLoRA configs 6 x, as no weight gradient is taken (the 4-bit weights'
+dequantization is not counted as work).
 """
 
 from __future__ import annotations
@@ -41,7 +47,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 START, END = "<!-- device_check:start -->", "<!-- device_check:end -->"
-CONFIGS = ("dpo", "dpo-sdpa", "trl")
+CONFIGS = ("dpo", "dpo-sdpa", "trl", "dpo-qlora", "dpo-qlora-tables", "trl-qlora")
+DEFAULT_CONFIGS = ("dpo", "dpo-sdpa", "trl")
+LORA_R = 16
 
 # name: (prompt tokens, response tokens, responses per prompt, prompts); `many` pairs all responses of a prompt.
 SHAPES = {"long": (384, 64, 2, 8), "short": (32, 128, 2, 8), "many": (512, 128, 8, 1)}
@@ -54,9 +62,9 @@ MODELS = {
                                          tie_word_embeddings=True, rope_theta=1e6)),
 }
 DRY_MODELS = {
-    "llama-tiny": ("llama", dict(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    "llama-tiny": ("llama", dict(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)),
-    "qwen2-tiny": ("qwen2", dict(vocab_size=700, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    "qwen2-tiny": ("qwen2", dict(vocab_size=700, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
 }
 
@@ -170,29 +178,48 @@ def matmul_peak(cuda: bool) -> float:
 
 
 def run_dpo(model_dir: Path, data: Path, out: Path, pairs: int, steps: int, cuda: bool, attention: str,
-            ) -> dict[str, object]:
+            qlora: str | None = None) -> dict[str, object]:
+    """`qlora`: None, "linears" (`--lora-r 16 --load-in-4bit`) or "tables" (and `--quantize-embeddings`)."""
     from dpokit import loop
     from dpokit.config import Config
 
+    quantized = dict(lora_r=LORA_R, lora_alpha=float(LORA_R), load_in_4bit=True,
+                     quantize_embeddings=qlora == "tables") if qlora else {}
     cfg = Config(model=str(model_dir), tokenizer=str(model_dir.parent / "tokenizer"), data=str(data),
                  batch_size=pairs, max_steps=steps, eval_fraction=0.0, lr=1e-6, beta=0.1, lr_schedule="linear",
-                 max_grad_norm=1.0, cache=False, output=str(out), progress=False, dtype="bfloat16" if cuda else "float32", device="cuda" if cuda else "cpu",
-                 attn_implementation=attention)
+                 max_grad_norm=1.0, cache=False, output=str(out), progress=False,
+                 dtype="bfloat16" if cuda else "float32", device="cuda" if cuda else "cpu",
+                 attn_implementation=attention, **quantized)
     loop.train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "pairs_per_s" in r]
     return {"step_s": [pairs / r["pairs_per_s"] for r in rows], "logps_chosen": rows[0]["logps/chosen"]}
 
 
-def run_trl(model_dir: Path, data: Path, out: Path, pairs: int, steps: int, cuda: bool) -> dict[str, object]:
+def run_trl(model_dir: Path, data: Path, out: Path, pairs: int, steps: int, cuda: bool, qlora: bool = False,
+            ) -> dict[str, object]:
+    """`qlora`: TRL's QLoRA DPO, the base's linears in 4-bit NF4 (transformers' `BitsAndBytesConfig`), a LoRA
+    adapter (r=16, alpha 16, all linears) and the disabled adapter as the reference, as dpo's `dpo-qlora`."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     dtype = torch.bfloat16 if cuda else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
-    ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    if qlora:
+        from peft import LoraConfig
+
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa",
+                                                     quantization_config=bnb,
+                                                     device_map={"": "cuda" if cuda else "cpu"})
+        ref_model = None
+        peft = dict(peft_config=LoraConfig(r=LORA_R, lora_alpha=LORA_R, lora_dropout=0.0,
+                                           target_modules="all-linear", task_type="CAUSAL_LM"))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+        ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+        peft = {}
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     times: list[float] = []
 
@@ -211,7 +238,7 @@ def run_trl(model_dir: Path, data: Path, out: Path, pairs: int, steps: int, cuda
                      use_cpu=not cuda, max_length=2048, seed=0, dataloader_num_workers=0, disable_tqdm=True)
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=AutoTokenizer.from_pretrained(model_dir.parent / "tokenizer"),
-                         callbacks=[Timer()])
+                         callbacks=[Timer()], **peft)
     trainer.train()
     first = next(h for h in trainer.state.log_history if "logps/chosen" in h)
     return {"step_s": times, "logps_chosen": first["logps/chosen"]}
@@ -233,10 +260,11 @@ def worker(args: argparse.Namespace) -> None:
         data, out = root / f"{shape}.jsonl", root / f"out-{args.model}-{args.worker}-{shape}"
         pairs = work(root, shape)["pairs"]
         try:
-            if args.worker == "trl":
-                result = run_trl(root / args.model, data, out, pairs, args.steps, cuda)
+            if args.worker.startswith("trl"):
+                result = run_trl(root / args.model, data, out, pairs, args.steps, cuda, args.worker == "trl-qlora")
             else:
-                result = run_dpo(root / args.model, data, out, pairs, args.steps, cuda, attention)
+                qlora = {"dpo-qlora": "linears", "dpo-qlora-tables": "tables"}.get(args.worker)
+                result = run_dpo(root / args.model, data, out, pairs, args.steps, cuda, attention, qlora)
                 result["attention"] = attention
         except Exception as error:  # reported in the table; the other shapes still run
             result = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
@@ -280,9 +308,9 @@ def report(results: dict[str, dict[str, dict[str, dict]]], counts: dict[str, dic
     for model, by_config in results.items():
         body, head = params[model]
         for shape, c in counts.items():
-            trl = by_config.get("trl", {}).get(shape, {})
-            trl_ok = "error" not in trl and trl
             for config, by_shape in by_config.items():
+                trl = by_config.get("trl-qlora" if "qlora" in config else "trl", {}).get(shape, {})
+                trl_ok = "error" not in trl and trl
                 r = by_shape[shape]
                 if "error" in r:
                     lines.append(f"| {model} | {shape} | {config} | | {c['pairs']} | failed: {r['error'][:120]} "
@@ -290,7 +318,8 @@ def report(results: dict[str, dict[str, dict[str, dict]]], counts: dict[str, dic
                     continue
                 step = min(r["step_s"][1:] or r["step_s"])      # step 1 compiles; others only ever add time
                 tokens_s = c["pair_tokens"] / step
-                mfu = 8 * (body * c["distinct"] + head * c["distinct_completion"]) / step / peak
+                flops_per_param = 6 if "qlora" in config else 8
+                mfu = flops_per_param * (body * c["distinct"] + head * c["distinct_completion"]) / step / peak
                 memory = r.get("peak_gpu_mib")
                 trl_step = min(trl["step_s"][1:] or trl["step_s"]) if trl_ok else None
                 lines.append(" | ".join([
@@ -323,7 +352,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="the whole path on CPU, tiny shapes and models")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per shape (step 1 untimed)")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: dpo, dpo-sdpa, trl")
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                        help=f"comma-separated, of {', '.join(CONFIGS)} (default: {','.join(DEFAULT_CONFIGS)}); "
+                             "a qlora config's x TRL is against trl-qlora")
     parser.add_argument("--models", default=None, help="comma-separated model names (default: both)")
     parser.add_argument("--minutes", type=float, default=8.0, help="time budget: configs that would start later "
                         "than this are skipped, so the table is written in time")

@@ -127,3 +127,25 @@ def test_fused_head_in_bfloat16_is_no_worse_than_the_naive_head():
     for (name, _), g, s, w in zip(model.named_parameters(), got, stock, want):
         assert g.dtype == torch.float32
         _no_worse(g, s, w, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_table_on_the_gpu_equals_the_whole_dequantized_table(dtype, monkeypatch):
+    """On a GPU the head dequantizes each slice into one reused buffer (bitsandbytes' `out=` kernel)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from dpokit import quantized_tables
+
+    monkeypatch.setattr(quantized_tables, "SLICE_ROWS", 96)   # several slices, the last one short
+    weight = torch.randn(1000, 256, device="cuda", dtype=dtype)
+    table = quantized_tables.QuantizedTable(weight, "nf4")
+    packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=False)
+    want = bnb.functional.dequantize_4bit(packed, state)
+    ids = torch.tensor([0, 999, 17], device="cuda")
+    assert torch.equal(table.lookup(ids), want[ids])
+    hidden = torch.randn(7, 256, device="cuda", dtype=dtype, requires_grad=True)
+    logits = quantized_tables.QuantizedLMHead(table)(hidden)
+    tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, (hidden @ want.T).float(), **tolerance)
+    upstream = torch.randn(7, 1000, device="cuda")
+    (grad,) = torch.autograd.grad(logits, hidden, upstream)
+    torch.testing.assert_close(grad.float(), (upstream.to(dtype) @ want).float(), **tolerance)
