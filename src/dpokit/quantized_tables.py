@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -185,7 +184,3 @@ def dequantize_embeddings(model: torch.nn.Module) -> None:
         linear.weight = (weight if head.table is embedding.table
                          else torch.nn.Parameter(head.table.dequantize(), requires_grad=False))
         model.set_output_embeddings(linear)
-
-
-def has_quantized_embeddings(model: Any) -> bool:
-    return any(isinstance(module, QuantizedTable) for module in model.modules())
