@@ -175,26 +175,39 @@ def test_logps_and_adapter_gradients_equal_transformers_forward_in_every_layout(
         torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+class FixedReferenceDPO:
+    """DPO (beta 0.3) against fixed reference log-probs, as `fused_sequence_loss` takes a loss; `naive` gives its
+    summed loss, adapter gradients and chosen log-probs from `model`'s full-logits forward."""
+
+    def __init__(self, pairs) -> None:
+        self.pairs = pairs
+        self.reference = torch.linspace(-30.0, -10.0, 2 * len(pairs)).reshape(2, -1)
+
+    def __call__(self, policy, ids: torch.Tensor) -> torch.Tensor:
+        return self.losses(policy.chosen, policy.rejected, ids)
+
+    def losses(self, chosen: torch.Tensor, rejected: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return -F.logsigmoid(0.3 * ((chosen - self.reference[0, ids]) - (rejected - self.reference[1, ids])))
+
+    def naive(self, model) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+        chosen = torch.stack([naive_sequence_logps(model, p.prompt_ids, p.chosen_ids) for p in self.pairs])
+        rejected = torch.stack([naive_sequence_logps(model, p.prompt_ids, p.rejected_ids) for p in self.pairs])
+        total = self.losses(chosen, rejected, torch.arange(len(self.pairs))).sum()
+        return total.detach(), torch.autograd.grad(total, list(adapter_params(model).values())), chosen.detach()
+
+
 @pytest.mark.parametrize("layout,capacity", [("blocks", None), ("packed", 40)])
 def test_fused_head_loss_and_adapter_gradients_equal_full_logits(policy, plain, layout, capacity):
     pairs = make_pairs(policy.config.vocab_size)
-    reference = torch.linspace(-30.0, -10.0, 2 * len(pairs)).reshape(2, -1)
-
-    def dpo(chosen, rejected, ids):
-        return -F.logsigmoid(0.3 * ((chosen - reference[0, ids]) - (rejected - reference[1, ids])))
-
-    chosen = torch.stack([naive_sequence_logps(plain, p.prompt_ids, p.chosen_ids) for p in pairs])
-    rejected = torch.stack([naive_sequence_logps(plain, p.prompt_ids, p.rejected_ids) for p in pairs])
-    want_total = dpo(chosen, rejected, torch.arange(len(pairs))).sum()
-    want_grads = torch.autograd.grad(want_total, list(adapter_params(plain).values()))
+    loss = FixedReferenceDPO(pairs)
+    want_total, want_grads, chosen = loss.naive(plain)
 
     batch = make_batch(pairs, layout=layout, pad_id=0, row_capacity=capacity)
-    total, logps = fused_sequence_loss(SequenceScorer(policy, 3), batch,
-                                       lambda p, ids: dpo(p.chosen, p.rejected, ids), 3)
+    total, logps = fused_sequence_loss(SequenceScorer(policy, 3), batch, loss, 3)
     grads = torch.autograd.grad(total, list(adapter_params(policy).values()))
 
-    torch.testing.assert_close(total.detach(), want_total.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(logps.chosen, chosen.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(total.detach(), want_total, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logps.chosen, chosen, rtol=1e-5, atol=1e-4)
     for got, want in zip(grads, want_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 

@@ -23,10 +23,10 @@ from dpokit.cli import main
 from dpokit.config import Config
 from dpokit.errors import DPOError
 from dpokit.fused_head import fused_sequence_loss
-from dpokit.logprobs import SequenceScorer, naive_sequence_logps, sequence_logps
+from dpokit.logprobs import SequenceScorer, sequence_logps
 from dpokit.quantized_tables import QuantizedLMHead, QuantizedTable
 from test_batching import make_pairs
-from test_qlora import adapter_params, naive_logps_and_grads, run_args, saved_for_backward
+from test_qlora import FixedReferenceDPO, adapter_params, naive_logps_and_grads, run_args, saved_for_backward
 from test_reference import naive_pair_logps, random_pairs, randomize_lora
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -138,20 +138,12 @@ def test_logps_and_adapter_gradients_equal_transformers_forward(policy, plain, l
 def test_fused_head_loss_equals_full_logits(policy, plain, monkeypatch):
     monkeypatch.setattr(quantized_tables, "SLICE_ROWS", 100)
     pairs = make_pairs(policy.config.vocab_size)
-    reference = torch.linspace(-30.0, -10.0, 2 * len(pairs)).reshape(2, -1)
+    loss = FixedReferenceDPO(pairs)
+    want_total, want_grads, _ = loss.naive(plain)
 
-    def dpo(chosen, rejected, ids):
-        return -F.logsigmoid(0.3 * ((chosen - reference[0, ids]) - (rejected - reference[1, ids])))
-
-    chosen = torch.stack([naive_sequence_logps(plain, p.prompt_ids, p.chosen_ids) for p in pairs])
-    rejected = torch.stack([naive_sequence_logps(plain, p.prompt_ids, p.rejected_ids) for p in pairs])
-    want_total = dpo(chosen, rejected, torch.arange(len(pairs))).sum()
-    want_grads = torch.autograd.grad(want_total, list(adapter_params(plain).values()))
-
-    total, _ = fused_sequence_loss(SequenceScorer(policy, 3), make_batch(pairs, layout="packed", pad_id=0),
-                                   lambda p, ids: dpo(p.chosen, p.rejected, ids), 3)
+    total, _ = fused_sequence_loss(SequenceScorer(policy, 3), make_batch(pairs, layout="packed", pad_id=0), loss, 3)
     grads = torch.autograd.grad(total, list(adapter_params(policy).values()))
-    torch.testing.assert_close(total.detach(), want_total.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(total.detach(), want_total, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, want_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
