@@ -231,6 +231,9 @@ def head_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
 
+WEIGHT_GRADIENT_ROWS = 8192   # vocabulary rows of a low-precision head's weight gradient multiplied at once
+
+
 def head_matrix(head: torch.nn.Module) -> torch.Tensor | QuantizedTable | None:
     """What a bias-free linear LM head multiplies by: its weight `[vocab, hidden]`, or its 4-bit table
     (`--quantize-embeddings`, dequantized a slice at a time); None for any other kind of head."""
@@ -318,12 +321,16 @@ def head_gradients(exps: torch.Tensor, tanh: torch.Tensor | None, g: torch.Tenso
 
 
 def accumulate_weight_gradient(grad_weight: torch.Tensor, grad_logits: torch.Tensor, h: torch.Tensor) -> None:
-    """grad_W += grad_logits^T h, in place (no [vocab, hidden] temporary) in float32; low-precision chunks are
-    multiplied in their dtype and summed in float32."""
+    """grad_W += grad_logits^T h, in place in float32 (no [vocab, hidden] temporary). Low-precision chunks are
+    multiplied in their dtype, `WEIGHT_GRADIENT_ROWS` vocabulary rows at a time, and summed in float32: the whole
+    product would be a [vocab, hidden] temporary, 272 MiB in bf16 on Qwen2.5's 151,936 x 896 head, 816 MiB with
+    its float32 upcast, at every chunk."""
     if grad_logits.dtype == torch.float32:
         grad_weight.addmm_(grad_logits.T, h)
-    else:
-        grad_weight.add_((grad_logits.T @ h).float())
+        return
+    for start in range(0, grad_weight.shape[0], WEIGHT_GRADIENT_ROWS):
+        stop = start + WEIGHT_GRADIENT_ROWS
+        grad_weight[start:stop].add_(grad_logits[:, start:stop].T @ h)
 
 
 def _capped(raw: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
