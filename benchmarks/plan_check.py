@@ -78,8 +78,8 @@ NOTES = ("What the measurements taught the model (each a named part of `src/dpok
          "chunk of logits at a time (each freed before the next is made), with a float32 head "
          "gradient from the head's pass to the end of the backward pass; a tied embedding's gradient is a second "
          "vocab x hidden tensor at the end of the backward pass; `--precompute-ref` and reference-free losses free the "
-         "reference copy but keep a float32 copy of the starting weights for the end-of-run report (up to 200M "
-         "parameters), so on CPU they peak as high as a reference copy; with several micro-batches, glibc keeps the "
+         "reference copy, and the starting weights kept for the end-of-run report wait in a temporary file, outside "
+         "the process's memory; with several micro-batches, glibc keeps the "
          "previous micro-batch's freed activations until the step's `malloc_trim`; FSDP2's root group (embeddings, "
          "head) is gathered whole for the policy and stays gathered for the reference. Loading a tokenizer and a "
          "model leaves ~190 MiB resident whatever their size (imports of the modeling code, safetensors).")

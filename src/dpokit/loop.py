@@ -14,7 +14,7 @@ import math
 import random
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -504,7 +504,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def parameter_movement(weights: dict[str, torch.Tensor], initial: dict[str, torch.Tensor] | None,
+def parameter_movement(weights: dict[str, torch.Tensor], initial: Mapping[str, torch.Tensor] | None,
                        ) -> dict[str, float]:
     """Relative change ||w - w0|| / ||w0|| per group (embeddings, each layer, final norm, LM head)."""
     if initial is None:

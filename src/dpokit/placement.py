@@ -9,10 +9,13 @@ shards from rank 0.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import distributed, models, vision
@@ -66,7 +69,7 @@ class Models:
     policy: torch.nn.Module
     scorer: torch.nn.Module
     reference: Reference
-    initial: dict[str, torch.Tensor] | None
+    initial: Mapping[str, torch.Tensor] | None
 
 
 def build_models(cfg: Config, strategy: str, plan: Placement, dist: distributed.Dist,
@@ -175,9 +178,46 @@ def run_layout(cfg: Config) -> str:
                       max_tokens_per_batch=cfg.max_tokens_per_batch)
 
 
-def snapshot_parameters(model: torch.nn.Module, limit: int = 200_000_000) -> dict[str, torch.Tensor] | None:
-    """A CPU copy of the trainable weights, to report how far they moved (skipped for big models)."""
+def snapshot_parameters(model: torch.nn.Module, limit: int = 200_000_000) -> SpilledWeights | None:
+    """The trainable weights as they are now, in float32, to report how far they moved (skipped for big models,
+    or when the temporary folder cannot take them: the report then leaves the movement out)."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if sum(p.numel() for _, p in trainable) > limit:
         return None
-    return {n: p.detach().float().cpu().clone() for n, p in trainable}
+    try:
+        return SpilledWeights(trainable)
+    except OSError as err:
+        print(f"warning: could not keep the starting weights in a temporary file ({err}); the end-of-run report "
+              "leaves out how far the weights moved", file=sys.stderr, flush=True)
+        return None
+
+
+class SpilledWeights(Mapping[str, torch.Tensor]):
+    """Float32 CPU copies of tensors, kept in an unnamed temporary file rather than in memory; each is read back
+    when asked for.
+
+    The end-of-run report compares the trained weights with the starting ones. Held in memory, that float32 copy
+    is as large as the trainable weights for the whole run, which on CPU costs what a reference copy costs, the
+    memory `--precompute-ref` and reference-free losses exist to save. Written once at the start, the file's
+    pages belong to the OS page cache, which does not count against the process and is dropped under pressure.
+    """
+
+    def __init__(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self._file = tempfile.TemporaryFile(prefix="dpokit-start-weights-")
+        self._index: dict[str, tuple[int, torch.Size]] = {}   # name -> (byte offset, shape)
+        for name, tensor in tensors:
+            array = tensor.detach().float().cpu().contiguous().numpy()
+            self._index[name] = (self._file.tell(), tensor.shape)
+            array.tofile(self._file)
+        self._file.flush()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        offset, shape = self._index[name]
+        self._file.seek(offset)
+        return torch.from_numpy(np.fromfile(self._file, dtype=np.float32, count=shape.numel())).view(shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)

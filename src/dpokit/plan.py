@@ -15,8 +15,6 @@ config: no weights are loaded), the run's flags (`RunSettings`) and the largest 
     gradients      trainable parameters x bytes; FSDP2: / N
     ddp buckets    DDP's copy of the gradients it all-reduces (several processes, no --fsdp)
     AdamW states   2 x trainable x bytes; FSDP2: / N
-    start copy     the float32 copy of the starting weights for the end-of-run report (when the reference is not
-                   one; up to 200M trainable parameters; host memory)
     activations    what autograd keeps per layer for the micro-batch's tokens, x layers (one layer input per layer
                    with --gradient-checkpointing, and one layer recomputed at a time in the backward pass)
     LM head logits one chunk of float32 logits (--logprob-chunk-size x vocab), freed before the next is made
@@ -69,7 +67,6 @@ CUDA_CONTEXT = 600 * MiB         # CUDA context and kernels, outside PyTorch's a
 DATA_BYTES_PER_TOKEN = 36        # a token id in a Python list: an int object (28 B) and its slot (8 B)
 LAYER_BACKWARD_WIDTHS = 3        # transient [tokens, intermediate] tensors in one layer's backward pass
 MMAP_THRESHOLD = 32 * MiB         # host_memory's glibc mmap threshold: smaller blocks come from the heap
-SNAPSHOT_LIMIT = 200_000_000     # placement.snapshot_parameters copies at most this many trainable parameters
 
 
 # ---- the model ------------------------------------------------------------------------------------------------
@@ -340,7 +337,7 @@ class Part:
 
 
 # Which parts coexist in each phase of a run; the peak is the largest phase.
-_HELD = ("framework", "loading", "data", "weights", "reference", "AdamW states", "start copy", "ddp buckets")
+_HELD = ("framework", "loading", "data", "weights", "reference", "AdamW states", "ddp buckets")
 _STEP = _HELD + ("accumulated gradients", "micro-batch heap", "activations", "head gradient")
 PHASES = {
     "LM head pass": _STEP + ("LM head logits",),
@@ -460,12 +457,6 @@ def estimate(shape: ModelShape, run: RunSettings, work: Workload) -> Plan:
         f"kept across {work.micro_batches} micro-batches")
     add("ddp buckets", trainable * b_t if run.nproc > 1 and not run.fsdp else 0, "DDP's all-reduce copy")
     add("AdamW states", 2 * trainable * b_t / n, f"2 x {trainable / 1e6:.1f}M x {b_t} B" + (f" / {n}" if n > 1 else ""))
-    # placement.build_models: the starting weights for the end-of-run report are the reference copy's, unless that
-    # copy moves, is sharded or freed (or there is none); then rank 0 copies up to 200M trainable ones, whole
-    # (taken before sharding).
-    reference_is_start = run.reference == "copy" and not (run.precompute or run.ref_sync or run.sharded)
-    snapshot = 0 if reference_is_start or trainable > SNAPSHOT_LIMIT else trainable * 4
-    add("start copy", 0 if cuda else snapshot, "float32 copy of the starting weights for the report", host=True)
 
     # -- per micro-batch --
     per_layer, per_layer_heap = _layer_bytes(shape, run, tokens, rows, width, work.blocks) if shape.known else (0, 0)
