@@ -5,8 +5,8 @@ The independent computation throughout is bitsandbytes' own round trip of the wh
 that dequantized matrix; a QLoRA model with 4-bit tables gives the log-probs, adapter gradients, logits and
 greedy generations of transformers' own forward on the same 4-bit linears with the round-tripped tables in
 float32; nothing of the tables' full-precision size stays in the model or in autograd's saved tensors; `dpo
-train --quantize-embeddings` trains, records it in the model card and merges into a full-precision model that
-scores as the adapter on the 4-bit base.
+train --quantize-embeddings` trains, records it in the model card, merges into a full-precision model that
+scores as the adapter on the 4-bit base, resumes exactly and gives the same run with `--precompute-ref`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from dpokit import models, quantized_tables
 from dpokit.batching import make_batch
@@ -26,7 +27,8 @@ from dpokit.fused_head import fused_sequence_loss
 from dpokit.logprobs import SequenceScorer, sequence_logps
 from dpokit.quantized_tables import QuantizedLMHead, QuantizedTable
 from test_batching import make_pairs
-from test_qlora import FixedReferenceDPO, adapter_params, naive_logps_and_grads, run_args, saved_for_backward
+from test_qlora import (FixedReferenceDPO, adapter_params, metric_rows, naive_logps_and_grads, run_args,
+                        saved_for_backward)
 from test_reference import naive_pair_logps, random_pairs, randomize_lora
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -200,3 +202,22 @@ def test_a_bfloat16_table_dequantizes_to_bfloat16_and_its_head_to_float32_logits
     upstream = torch.randn(5, 300)
     (grad,) = torch.autograd.grad(logits, hidden, upstream)
     torch.testing.assert_close(grad, upstream.bfloat16() @ want, rtol=2e-2, atol=2e-2)  # bf16 rounding
+
+
+def test_resumed_and_precomputed_runs_with_4bit_tables_are_the_same_run(model_dir, pairs_jsonl, tmp_path):
+    def train(output, *extra):
+        main(run_args(model_dir, pairs_jsonl, output, "--quantize-embeddings", "--lora-r", "4", "--max-steps", "3",
+                      *extra))
+        return output
+
+    full = train(tmp_path / "full", "--save-every", "2")
+    resumed = train(tmp_path / "resumed", "--resume", str(full / "checkpoints" / "step-2"))
+    want, got = (load_file(out / "model" / "adapter_model.safetensors") for out in (full, resumed))
+    assert want.keys() == got.keys() and all(torch.equal(want[name], got[name]) for name in want)
+    assert metric_rows(resumed)[2:] == metric_rows(full)[2:]
+
+    precomputed = train(tmp_path / "precomputed", "--precompute-ref")
+    for row, want_row in zip(metric_rows(precomputed), metric_rows(full), strict=True):
+        assert row.keys() == want_row.keys()
+        for key in want_row:
+            assert row[key] == pytest.approx(want_row[key], rel=1e-4, abs=1e-5), key
