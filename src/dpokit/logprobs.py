@@ -110,12 +110,11 @@ def chunked_target_logps(hidden: torch.Tensor, head: torch.nn.Module, target_ids
     0.0), from the same chunks of logits; both without gradient (None when not asked for).
 
     A plain bias-free `nn.Linear` head (every causal LM we know), or its 4-bit table (`--quantize-embeddings`),
-    goes through `_LinearTargetLogps`, which keeps
-    only `hidden`, the weight and one float per token for the backward and rebuilds each chunk's softmax there;
-    each chunk gives its log-probs and WPO terms in one pass (without a gradient to compute, as for the
-    reference and evaluation, autograd keeps nothing of it). Any other head is checkpointed chunk by chunk (the backward
-    recomputes that chunk's logits). Either way the peak memory of this part is O(chunk x vocab) rather than
-    O(tokens x vocab).
+    goes through `_LinearTargetLogps`, which keeps only `hidden`, the weight and one float per token for the
+    backward and rebuilds each chunk's softmax there; each chunk gives its log-probs and WPO terms in one pass
+    (without a gradient to compute, as for the reference and evaluation, autograd keeps nothing of it). Any other
+    head is checkpointed chunk by chunk (the backward recomputes that chunk's logits). Either way the peak memory
+    of this part is O(chunk x vocab) rather than O(tokens x vocab).
     """
     matrix = head_matrix(head)
     if matrix is not None:
