@@ -55,8 +55,9 @@ class QuantizedTable(torch.nn.Module):
             absmax[start:stop] = state.absmax.view(stop - start, width // BLOCK)
         self.register_buffer("packed", packed, persistent=False)    # [rows, width / 2] uint8, two codes a byte
         self.register_buffer("absmax", absmax, persistent=False)    # [rows, width / 64] float32
+        self.register_buffer("code", state.code, persistent=False)  # [16] the data type's values
         self.rows, self.width, self.dtype = rows, width, weight.dtype
-        self._state = state     # bitsandbytes' QuantState: code book, block size, data type
+        self._state = state     # bitsandbytes' QuantState: block size and data type
 
     def _dequantize(self, packed: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor | None = None,
                     ) -> torch.Tensor:
@@ -66,7 +67,7 @@ class QuantizedTable(torch.nn.Module):
 
         state = copy.copy(self._state)
         state.absmax, state.shape = absmax.reshape(-1).float(), torch.Size((packed.shape[0], self.width))
-        state.code, state.dtype = self._state.code.to(packed.device), self.dtype
+        state.code, state.dtype = self.code.float(), self.dtype   # float32 even if the model was cast
         return dequantize_4bit(packed.reshape(-1, 1), state, out=out)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
