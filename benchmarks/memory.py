@@ -7,11 +7,12 @@
                                             # holes; writes its own section of RESULTS.md
 
 Setup (issue 6): a ~106M-parameter random-init Llama (hidden 768, 8 layers, 12 heads, intermediate 2048, vocab
-32000, untied embeddings, sdpa, float32, CPU); one packed batch of 4 pairs (random 32-token prompt, 32-token
-chosen and rejected completions); five optimizer steps (AdamW allocates its state in the first, so the later
-ones are the steady state; `step (s)` is the median of steps 2-5). Each step is the loop's: policy log-probs,
-reference log-probs, loss, backward, clip, AdamW step, the heap's free pages handed back (`host_memory`, with its
-mmap threshold, as `dpo train` runs on CPU). Each config runs in a fresh subprocess, so `ru_maxrss` is that config's own peak. Configs:
+32000, untied embeddings, sdpa, float32, CPU, lean layers as `dpo train` uses them); one packed batch of 4 pairs
+(random 32-token prompt, 32-token chosen and rejected completions); five optimizer steps (AdamW allocates its
+state in the first, so the later ones are the steady state; `step (s)` is the median of steps 2-5). Each step is
+the loop's (`Objective.batch_loss`): the reference's log-probs, then the policy's LM head and loss fused, backward,
+clip, AdamW step, the heap's free pages handed back (`host_memory`, with its mmap threshold, as `dpo train` runs on
+CPU). Each config runs in a fresh subprocess, so `ru_maxrss` is that config's own peak. Configs:
 
 - `full+copy`: full fine-tuning, the reference a frozen copy of the policy (`ModelReference`, the default);
 - `full+precomputed`: full fine-tuning, the reference log-probs precomputed (`PrecomputedReference`: a table
@@ -106,9 +107,11 @@ def run_one(config: str, model_dir: str | None = None) -> dict[str, float | str 
         if config.startswith("qlora"):
             raise SystemExit("qlora needs bitsandbytes: pip install 'dpokit[quantization]'")
 
-    from dpokit import host_memory, losses, models
+    from dpokit import host_memory, lean_layers, models
     from dpokit.batching import make_batch
+    from dpokit.config import Config
     from dpokit.logprobs import SequenceScorer, sequence_logps
+    from dpokit.objective import Objective
     from dpokit.reference import AdapterReference, ModelReference, NoReference, PrecomputedReference
     from dpokit.data.tokenization import TokenizedPair
 
@@ -118,10 +121,11 @@ def run_one(config: str, model_dir: str | None = None) -> dict[str, float | str 
     torch.manual_seed(0)
     if config.startswith("qlora"):
         assert model_dir is not None, "qlora reads the model from --model-dir"
-        policy = models.load_model(model_dir, lean=False,
-                                   quantization=models.Quantization(4, embeddings=config == "qlora+embeddings"))
+        quantization = models.Quantization(4, embeddings=config == "qlora+embeddings")
+        policy = models.load_model(model_dir, quantization=quantization)
     else:
         policy = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MODEL))
+        lean_layers.apply(policy)
     models.disable_dropout(policy)
     g = torch.Generator().manual_seed(1)
 
@@ -144,7 +148,7 @@ def run_one(config: str, model_dir: str | None = None) -> dict[str, float | str 
                                           ("chosen", "rejected", "chosen_lengths", "rejected_lengths")})
     else:
         reference = NoReference()
-    spec = losses.get(loss_name)
+    objective = Objective.from_config(Config(loss=loss_name))
     policy.train()
     scorer = SequenceScorer(policy)
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -154,10 +158,7 @@ def run_one(config: str, model_dir: str | None = None) -> dict[str, float | str 
     load_peak = reset_peak_rss()
     for _ in range(STEPS):
         began = time.perf_counter()
-        policy_logps = sequence_logps(scorer, batch)
-        reference_logps = reference.logps(batch)
-        out = spec.function(policy_logps, reference_logps, batch.extras)
-        out.losses.mean().backward()
+        objective.batch_loss(scorer, reference, batch, train=True).total.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -301,9 +302,9 @@ def qlora_section(rows: list[dict], unholed: list[dict]) -> str:
         "`MALLOC_MMAP_THRESHOLD_=1048576 dpo train ...` maps each such block alone, so the peak is the `no holes` "
         "row, at the price of the kernel zeroing those pages again at every step (the step times above); `dpo "
         "train` keeps a threshold set in the environment (`host_memory.lean_allocator`), and otherwise fixes it at "
-        "32 MiB. Where the holes fall varies from run to run: the glibc rows move by up to ~10% between runs, the "
-        "no-holes rows by a few MiB. On a GPU the caching allocator reuses the same blocks and none of this "
-        "applies.",
+        "32 MiB. Two runs of this script agreed within 10 MiB on every row (scored in another order than the "
+        "loop's, policy before reference, the glibc rows moved by up to ~10% between runs). On a GPU the caching "
+        "allocator reuses the same blocks and none of this applies.",
     ])
 
 
