@@ -275,7 +275,7 @@ def qlora_section(rows: list[dict], unholed: list[dict]) -> str:
         "",
         "- Autograd keeps no dequantized weight. bitsandbytes 0.50's 4-bit matmul (`MatMul4Bit`) saves the packed "
         "weight and dequantizes it again in the backward pass; the tensors a QLoRA forward saves for backward are "
-        "those of LoRA on the full-precision model, byte for byte (171.5 MiB on this batch, weights excluded; "
+        "those of LoRA on the full-precision model, byte for byte (weights excluded; "
         "`tests/test_qlora.py::test_backward_keeps_no_dequantized_weight`). The lean SwiGLU calls the projections "
         "as modules.",
         "- Loading leaves nothing behind. `from_pretrained` left the float weights as views on the memory-mapped "
@@ -302,7 +302,7 @@ def qlora_section(rows: list[dict], unholed: list[dict]) -> str:
         "`MALLOC_MMAP_THRESHOLD_=1048576 dpo train ...` maps each such block alone, so the peak is the `no holes` "
         "row, at the price of the kernel zeroing those pages again at every step (the step times above); `dpo "
         "train` keeps a threshold set in the environment (`host_memory.lean_allocator`), and otherwise fixes it at "
-        "32 MiB. Two runs of this script agreed within 10 MiB on every row (scored in another order than the "
+        "32 MiB. Three runs of this script agreed within 10 MiB on every row (scored in another order than the "
         "loop's, policy before reference, the glibc rows moved by up to ~10% between runs). On a GPU the caching "
         "allocator reuses the same blocks and none of this applies.",
     ])
