@@ -92,14 +92,13 @@ def assistant(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
 
-@pytest.fixture(scope="module")
-def image_data(tmp_path_factory) -> Path:
-    """Conversational pairs with images (paths relative to the data file): two prompts with two responses each
-    over the same image, one with another image, one with two images."""
-    folder = tmp_path_factory.mktemp("image-data")
+def write_image_pairs(folder: Path, sizes: list[tuple[int, int]], two_images: list[str]) -> Path:
+    """`folder/pairs.jsonl`: conversational pairs with images (paths relative to the file), the three images
+    `img/0.png`.. drawn at `sizes`: two prompts with two responses each over `img/0.png`, one over `img/1.png`,
+    one over `two_images`."""
     (folder / "img").mkdir()
-    for i in range(3):
-        write_image(folder / "img" / f"{i}.png", i)
+    for i, size in enumerate(sizes):
+        write_image(folder / "img" / f"{i}.png", i, size)
     rows = [
         {"prompt": user("What shape is this?"), "chosen": assistant("A red square."),
          "rejected": assistant("A blue fox."), "images": ["img/0.png"]},
@@ -108,11 +107,17 @@ def image_data(tmp_path_factory) -> Path:
         {"prompt": user("What shape is this?"), "chosen": assistant("A circle."),
          "rejected": assistant("A dog."), "images": ["img/1.png"]},
         {"prompt": user("Which is larger?", images=2), "chosen": assistant("The first."),
-         "rejected": assistant("Paris."), "images": ["img/1.png", "img/2.png"]},
+         "rejected": assistant("Paris."), "images": two_images},
     ]
     path = folder / "pairs.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory) -> Path:
+    """Two prompts with two responses each over the same image, one with another image, one with two images."""
+    return write_image_pairs(tmp_path_factory.mktemp("image-data"), [(40, 30)] * 3, ["img/1.png", "img/2.png"])
 
 
 def tokenized(image_data, processor):

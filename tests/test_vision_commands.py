@@ -15,16 +15,10 @@ import pytest
 import torch
 
 from conftest import run_cli
+from test_vision import llava_dir  # noqa: F401  (a fixture, shared)
 from test_vision import PIL, assistant, build_tiny_llava, user, write_image
 
 IMAGE_SIZES = [(40, 30), (30, 50), (28, 28), (64, 32)]  # (height, width) of img/0.png ... img/3.png
-
-
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llava")
-    build_tiny_llava(path)
-    return path
 
 
 @pytest.fixture(scope="module")

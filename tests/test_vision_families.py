@@ -8,10 +8,8 @@ and lets the model place everything itself (Qwen2-VL's positions from its own `g
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,6 +19,7 @@ from dpokit.data import formats, multimodal
 from dpokit.logprobs import SequenceScorer, sequence_logps
 
 from conftest import build_tokenizer
+from test_vision import write_image_pairs
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -125,41 +124,12 @@ def family(request, tmp_path_factory):
     return request.param, model, processor
 
 
-def write_image(path: Path, seed: int, size: tuple[int, int]) -> Path:
-    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
-    PIL.fromarray(pixels).save(path)
-    return path
-
-
-def user(text: str, images: int = 1) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
-
-
-def assistant(text: str) -> list[dict]:
-    return [{"role": "assistant", "content": text}]
-
-
 @pytest.fixture(scope="module")
 def image_data(tmp_path_factory) -> Path:
-    """Conversational pairs over images of several sizes and aspect ratios: two pairs with the same prompt and
-    image, one with a tall image, one with two images; paths relative to the data file."""
-    folder = tmp_path_factory.mktemp("image-data")
-    (folder / "img").mkdir()
-    for i, size in enumerate([(40, 60), (80, 30), (30, 30)]):
-        write_image(folder / "img" / f"{i}.png", i, size)
-    rows = [
-        {"prompt": user("What shape is this?"), "chosen": assistant("A red square."),
-         "rejected": assistant("A blue fox."), "images": ["img/0.png"]},
-        {"prompt": user("What shape is this?"), "chosen": assistant("A red square."),
-         "rejected": assistant("Of course!"), "images": ["img/0.png"]},
-        {"prompt": user("What shape is this?"), "chosen": assistant("A circle."),
-         "rejected": assistant("A dog."), "images": ["img/1.png"]},
-        {"prompt": user("Which is larger?", images=2), "chosen": assistant("The first."),
-         "rejected": assistant("Paris."), "images": ["img/2.png", "img/1.png"]},
-    ]
-    path = folder / "pairs.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
+    """Images of several sizes and aspect ratios: two pairs with the same prompt and image, one with a tall
+    image, one with two images."""
+    return write_image_pairs(tmp_path_factory.mktemp("image-data"), [(40, 60), (80, 30), (30, 30)],
+                             ["img/2.png", "img/1.png"])
 
 
 def tokenized(image_data, processor):
